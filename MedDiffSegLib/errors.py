@@ -1,0 +1,42 @@
+"""Error types. Every error a user can cause derives from :class:`MedDiffSegError`.
+
+The CLI turns these into one readable line on stderr and a non-zero exit code; the
+Slicer module shows the message in a dialog. Messages never contain patient data
+(names, IDs, dates): only paths the user gave, shapes and codes.
+"""
+
+
+class MedDiffSegError(Exception):
+    """Base class for errors caused by inputs, models or the environment (not bugs)."""
+
+    exit_code = 1
+
+
+class InputError(MedDiffSegError):
+    """The input image or folder cannot be used (missing, unreadable, wrong dimension...)."""
+
+    exit_code = 2
+
+
+class ModelError(MedDiffSegError):
+    """A model package is missing, malformed, does not match its hash, or does not know an organ."""
+
+    exit_code = 3
+
+
+class DeviceError(MedDiffSegError):
+    """The requested compute device is not available."""
+
+    exit_code = 4
+
+
+class OutputError(MedDiffSegError):
+    """The output location cannot be written."""
+
+    exit_code = 5
+
+
+class Cancelled(MedDiffSegError):
+    """The run was cancelled by the user (progress callback asked to stop)."""
+
+    exit_code = 130

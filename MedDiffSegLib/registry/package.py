@@ -1,0 +1,256 @@
+"""Model packages: a folder with ``model.json`` + ``weights.safetensors``.
+
+``model.json`` (format 1)::
+
+    {
+      "format": 1,
+      "name": "abdomen-ct-guided", "version": "0.1.0", "description": "...",
+      "method": "guided",                       # a registered Method name
+      "config": {...},                          # the Method's constructor config
+      "organs": [                               # organ id = position in this list
+        {"name": "liver", "display_name": "Liver", "color": [221, 130, 101],
+         "category": {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"},
+         "type": {"code": "10200004", "scheme": "SCT", "meaning": "Liver"}}
+      ],
+      "preprocessing": {...},                   # PreprocessSpec
+      "inference": {"roi_size": [256, 256], "overlap": 0.25, "threshold": 0.5,
+                    "steps": 1, "samples": 1, "scheduler": "ddim", "sw_batch_size": 8},
+      "provenance": {...}, "metrics": {...},
+      "weights_sha256": "<hex digest of weights.safetensors>"
+    }
+
+Weights are only ever read with ``safetensors`` (no pickle). The weights file's sha256 is
+checked against ``weights_sha256`` before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from ..preprocessing import PreprocessSpec
+
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.safetensors"
+FORMAT_VERSION = 1
+
+DEFAULT_INFERENCE = {
+    "roi_size": [256, 256],
+    "overlap": 0.25,
+    "threshold": 0.5,
+    "steps": 1,
+    "samples": 1,
+    "scheduler": "ddim",
+    "sw_batch_size": 8,
+}
+
+
+@dataclass(frozen=True)
+class Organ:
+    name: str
+    display_name: str
+    color: tuple[int, int, int]
+    category: dict[str, str]
+    type: dict[str, str]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Organ":
+        try:
+            return cls(
+                name=str(d["name"]),
+                display_name=str(d.get("display_name", d["name"])),
+                color=tuple(int(c) for c in d.get("color", (128, 174, 128))),  # type: ignore[arg-type]
+                category=dict(d["category"]),
+                type=dict(d["type"]),
+            )
+        except KeyError as exc:
+            raise ModelError(f"organ entry {d.get('name', '?')!r} lacks required key {exc}") from None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "display_name": self.display_name, "color": list(self.color),
+                "category": dict(self.category), "type": dict(self.type)}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelPackage:
+    """A model package's metadata; :meth:`load_method` builds the network with its weights."""
+
+    path: Path
+    name: str
+    version: str
+    method_name: str
+    config: dict[str, Any]
+    organs: list[Organ]
+    preprocessing: PreprocessSpec
+    inference: dict[str, Any]
+    weights_sha256: str
+    description: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    # -- reading -------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "ModelPackage":
+        folder = Path(folder)
+        meta_path = folder / MODEL_JSON
+        if not meta_path.is_file():
+            raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {meta_path}: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ModelError(f"{meta_path} must hold a JSON object")
+        if meta.get("format") != FORMAT_VERSION:
+            raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
+        missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]
+        if missing:
+            raise ModelError(f"{meta_path} lacks required keys: {', '.join(missing)}")
+        organs = [Organ.from_dict(o) for o in meta["organs"]]
+        if not organs:
+            raise ModelError(f"{meta_path} lists no organs")
+        names = [o.name for o in organs]
+        if len(set(names)) != len(names):
+            raise ModelError(f"{meta_path} lists an organ twice: {names}")
+        inference = dict(DEFAULT_INFERENCE)
+        inference.update(meta.get("inference", {}))
+        return cls(
+            path=folder,
+            name=str(meta["name"]),
+            version=str(meta["version"]),
+            method_name=str(meta["method"]),
+            config=dict(meta["config"]),
+            organs=organs,
+            preprocessing=PreprocessSpec.from_dict(meta["preprocessing"]),
+            inference=inference,
+            weights_sha256=str(meta["weights_sha256"]).lower(),
+            description=str(meta.get("description", "")),
+            provenance=dict(meta.get("provenance", {})),
+            metrics=dict(meta.get("metrics", {})),
+        )
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def organ_names(self) -> list[str]:
+        return [o.name for o in self.organs]
+
+    def organ_ids(self, organs: list[str]) -> list[int]:
+        """Map organ names (case-insensitive, also display names) to ids; unknown names are an error."""
+        lookup: dict[str, int] = {}
+        for i, o in enumerate(self.organs):
+            lookup[o.name.lower()] = i
+            lookup[o.display_name.lower()] = i
+        ids, unknown = [], []
+        for name in organs:
+            key = name.strip().lower()
+            if key in lookup:
+                ids.append(lookup[key])
+            else:
+                unknown.append(name)
+        if unknown:
+            raise ModelError(
+                f"model {self.name!r} does not know organ(s) {', '.join(map(repr, unknown))}; "
+                f"it segments: {', '.join(self.organ_names)}"
+            )
+        if len(set(ids)) != len(ids):
+            raise ModelError(f"an organ was given twice: {organs}")
+        return ids
+
+    def verify(self) -> None:
+        """Raise :class:`ModelError` unless the weights file exists and matches ``weights_sha256``."""
+        if not self.weights_path.is_file():
+            raise ModelError(f"model {self.name!r}: weights file {self.weights_path} not found")
+        digest = sha256_file(self.weights_path)
+        if digest != self.weights_sha256:
+            raise ModelError(
+                f"model {self.name!r}: {WEIGHTS} does not match its sha256 "
+                f"(expected {self.weights_sha256[:16]}…, found {digest[:16]}…); the package is corrupt or was modified"
+            )
+
+    def load_method(self, device: str = "cpu"):
+        """Verify the hash, build the Method from its config and load the safetensors weights."""
+        from safetensors.torch import load_file
+
+        from ..methods.base import build_method
+
+        self.verify()
+        method = build_method(self.method_name, self.config)
+        state = load_file(str(self.weights_path), device="cpu")
+        result = method.load_state_dict(state, strict=True)  # strict: a mismatch raises
+        del result
+        return method.to(device).eval()
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "method": self.method_name,
+            "config": self.config,
+            "organs": [o.to_dict() for o in self.organs],
+            "preprocessing": self.preprocessing.to_dict(),
+            "inference": self.inference,
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def save_package(
+    folder: str | os.PathLike,
+    method,
+    *,
+    name: str,
+    version: str,
+    organs: list[Organ],
+    preprocessing: PreprocessSpec,
+    inference: dict[str, Any] | None = None,
+    description: str = "",
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> ModelPackage:
+    """Write ``method`` (a Method module) as a package folder, atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ModelError(f"{folder} already exists; refusing to overwrite a model package")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"method": method.name, "name": name, "version": version})
+        inf = dict(DEFAULT_INFERENCE)
+        inf.update(inference or {})
+        pkg = ModelPackage(
+            path=folder, name=name, version=version, method_name=method.name, config=dict(method.config),
+            organs=list(organs), preprocessing=preprocessing, inference=inf,
+            weights_sha256=sha256_file(tmp / WEIGHTS), description=description,
+            provenance=dict(provenance or {}), metrics=dict(metrics or {}),
+        )
+        (tmp / MODEL_JSON).write_text(json.dumps(pkg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return pkg

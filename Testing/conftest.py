@@ -1,0 +1,34 @@
+"""Shared fixtures.
+
+Real data is read from ``$MEDDIFFSEG_DATA`` (default: ``../shared/data`` beside the checkout);
+tests that need it are skipped with a clear reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("MEDDIFFSEG_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = data_root()
+    if not (root / "totalsegmentator").is_dir():
+        pytest.skip(f"real data not found at {root} (set MEDDIFFSEG_DATA)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path_factory, monkeypatch):
+    """Never read or write the real ~/.meddiffseg during tests."""
+    home = tmp_path_factory.mktemp("meddiffseg_home")
+    monkeypatch.setenv("MEDDIFFSEG_HOME", str(home))
+    yield

@@ -1,0 +1,38 @@
+"""Tiny randomly initialised model packages for fast CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from MedDiffSegLib.methods.base import _METHODS, _import_builtin_methods, build_method
+from MedDiffSegLib.preprocessing import PreprocessSpec
+from MedDiffSegLib.registry import ModelPackage, Organ, save_package
+
+SCT = "SCT"
+ANATOMY = {"code": "123037004", "scheme": SCT, "meaning": "Anatomical Structure"}
+TINY_ORGANS = [
+    Organ("liver", "Liver", (221, 130, 101), ANATOMY, {"code": "10200004", "scheme": SCT, "meaning": "Liver"}),
+    Organ("spleen", "Spleen", (157, 108, 162), ANATOMY, {"code": "78961009", "scheme": SCT, "meaning": "Spleen"}),
+]
+
+
+def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0):
+    _import_builtin_methods()
+    torch.manual_seed(seed)
+    return build_method(method, _METHODS[method].tiny_config(num_organs))
+
+
+def make_tiny_package(folder: Path, method: str = "guided", *, roi: int = 32, spacing=(6.0, 6.0),
+                      modality: str = "CT", seed: int = 0, **inference) -> ModelPackage:
+    """Random-weight package whose windows are ``roi``×``roi`` pixels at ``spacing`` mm."""
+    m = tiny_method(method, len(TINY_ORGANS), seed)
+    inf = {"roi_size": [roi, roi], "overlap": 0.25, "steps": 2, "samples": 2, "sw_batch_size": 16}
+    inf.update(inference)
+    return save_package(
+        Path(folder), m, name=f"tiny-{method}", version="0.0.1", organs=TINY_ORGANS,
+        preprocessing=PreprocessSpec(modality=modality, spacing=tuple(spacing)),
+        inference=inf, description="tiny random-weight test model",
+        provenance={"trained": False},
+    )
