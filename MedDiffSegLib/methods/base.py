@@ -64,6 +64,8 @@ class Method(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     #: Scheduler used when the caller does not name one.
     default_scheduler: ClassVar[str] = "ddim"
+    #: Training stages in order (e.g. mask autoencoder first, then the denoiser).
+    stages: ClassVar[tuple[str, ...]] = ("denoiser",)
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -116,5 +118,15 @@ class Method(nn.Module, abc.ABC):
         masks: torch.Tensor,
         organ_ids: torch.Tensor,
         generator: torch.Generator | None = None,
+        stage: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch; ``"loss"`` is the total to back-propagate."""
+        """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total."""
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """Parameters trained in ``stage`` (the others are frozen during it)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @classmethod
+    def tiny_config(cls, num_organs: int) -> dict[str, Any]:
+        """A very small config for fast CPU tests (random weights, windows of 32×32)."""
+        raise NotImplementedError
