@@ -1,0 +1,349 @@
+"""SDSeg — Stable Diffusion Segmentation with a single-step reverse process (MICCAI 2024).
+
+Lin et al., "Stable Diffusion Segmentation for Biomedical Images with Single-step Reverse
+Process". The segmentation mask lives in the latent space of a (frozen) mask autoencoder; a
+trainable image encoder produces a latent of the same spatial size that is concatenated with
+the noisy mask latent ("concat latent fusion"); the denoiser predicts the noise ``ε``. Besides
+the usual noise MSE, a *latent-estimation* loss compares ``ẑ0 = (z_t − sqrt(1−ᾱ_t)·ε̂)/sqrt(ᾱ_t)``
+with ``z0``, which trains the model so that one reverse step from pure noise already gives
+the mask. Multi-step sampling with any scheduler remains available.
+
+Our extension: an organ prompt (a class embedding in the denoiser); with ``num_organs=1`` this
+is the paper's single-class model. The mask autoencoder here is a small binary-mask
+autoencoder trained in a first stage instead of the paper's frozen Stable Diffusion VAE.
+
+This module also holds :class:`LatentDiffusionSegmentation`, the latent-space machinery that
+``sdseg`` and ``guided`` share (image encoder, mask autoencoder, denoiser, sampling); the two
+methods differ in what the denoiser predicts and in the loss.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from ..networks import DOWNSAMPLE, ImageEncoder, LatentDenoiser, MaskAutoencoder
+from ..sampling import (
+    DEFAULT_BETA_END,
+    DEFAULT_BETA_SCHEDULE,
+    DEFAULT_BETA_START,
+    DEFAULT_NUM_TRAIN_TIMESTEPS,
+    SCHEDULERS,
+    add_noise,
+    alphas_cumprod,
+    eps_to_x0,
+    randint,
+    randn,
+    run_reverse,
+)
+from .base import Method, register_method
+
+#: Latents of the mask autoencoder are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE].
+LATENT_RANGE = 1.0
+
+_INT_LISTS = (
+    "image_encoder_channels", "image_encoder_blocks", "mask_encoder_channels", "mask_encoder_blocks",
+    "mask_decoder_channels", "mask_decoder_blocks", "unet_channels", "unet_res_blocks",
+)
+_INTS = (
+    "num_organs", "image_latent_channels", "mask_latent_channels", "norm_groups", "unet_norm_groups",
+    "unet_head_channels", "num_train_timesteps",
+)
+_FLOATS = ("beta_start", "beta_end")
+
+
+def _shared_default_config(num_organs: int) -> dict[str, Any]:
+    """The real-size architecture (windows of 224×224 at 2 mm → latents of 28×28 → 14 → 7)."""
+    return {
+        "num_organs": int(num_organs),
+        # image encoder: widths at full, /2, /4, /8 resolution; residual blocks at /2, /4, /8
+        "image_latent_channels": 32,
+        "image_encoder_channels": [16, 32, 64, 128],
+        "image_encoder_blocks": [0, 1, 1],
+        # mask autoencoder (decoder widths at /8, /4, /2, full resolution)
+        "mask_latent_channels": 4,
+        "mask_encoder_channels": [8, 16, 32, 64],
+        "mask_encoder_blocks": [0, 0, 1],
+        "mask_decoder_channels": [64, 32, 16, 8],
+        "mask_decoder_blocks": [1, 0, 0],
+        "norm_groups": 8,
+        # denoiser (MONAI DiffusionModelUNet on the latent grid)
+        "unet_channels": [64, 128, 128],
+        "unet_res_blocks": [1, 1, 1],
+        "unet_attention_levels": [False, False, True],
+        "unet_norm_groups": 32,
+        "unet_head_channels": 32,
+        # MONAI's zero init of the UNet's output and residual-branch layers (False: ordinary init)
+        "unet_zero_init": True,
+        # noise schedule (shared by training and every scheduler)
+        "num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS,
+        "beta_schedule": DEFAULT_BETA_SCHEDULE,
+        "beta_start": DEFAULT_BETA_START,
+        "beta_end": DEFAULT_BETA_END,
+    }
+
+
+def _shared_tiny_config(num_organs: int) -> dict[str, Any]:
+    """Milliseconds on a CPU: windows of 32×32 → latents of 4×4 → 2×2."""
+    cfg = _shared_default_config(num_organs)
+    cfg.update({
+        "image_latent_channels": 4,
+        "image_encoder_channels": [4, 8, 8, 16],
+        "image_encoder_blocks": [0, 0, 1],
+        "mask_latent_channels": 4,
+        "mask_encoder_channels": [4, 8, 8, 16],
+        "mask_encoder_blocks": [0, 0, 0],
+        "mask_decoder_channels": [16, 8, 8, 4],
+        "mask_decoder_blocks": [0, 0, 0],
+        "norm_groups": 4,
+        "unet_channels": [16, 16],
+        "unet_res_blocks": [1, 1],
+        "unet_attention_levels": [False, True],
+        "unet_norm_groups": 8,
+        "unet_head_channels": 8,
+        # random weights must still react to noise, timestep and organ prompt
+        "unet_zero_init": False,
+    })
+    return cfg
+
+
+class LatentDiffusionSegmentation(Method):
+    """Latent diffusion over a binary-mask autoencoder's latent, conditioned on an image latent.
+
+    Submodules: ``image_encoder`` (window → image latent, trained with the denoiser),
+    ``mask_autoencoder`` (mask ↔ bounded latent, trained first, then frozen) and ``denoiser``
+    (MONAI ``DiffusionModelUNet``; input = noisy mask latent ⊕ image latent, organ prompt as a
+    class embedding). Subclasses set :attr:`prediction_type` and implement the denoiser loss.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
+    #: What the denoiser predicts: "epsilon" (noise) or "sample" (z0).
+    prediction_type: ClassVar[str] = "epsilon"
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(self._normalise_config(config))
+        c = self.config
+        self.image_encoder = ImageEncoder(
+            c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"], c["norm_groups"]
+        )
+        self.mask_autoencoder = MaskAutoencoder(
+            c["mask_latent_channels"], c["mask_encoder_channels"], c["mask_encoder_blocks"],
+            c["mask_decoder_channels"], c["mask_decoder_blocks"], c["norm_groups"],
+        )
+        self.denoiser = LatentDenoiser(
+            c["mask_latent_channels"], c["image_latent_channels"], c["num_organs"], c["unet_channels"],
+            c["unet_res_blocks"], c["unet_attention_levels"], c["unet_norm_groups"], c["unet_head_channels"],
+            c["unet_zero_init"],
+        )
+        # ᾱ_t from the same diffusers code the schedulers use; a plain attribute (not a buffer) so
+        # that it stays float64 whatever dtype the module is cast to, and stays out of state_dict.
+        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
+
+    # -- configuration -------------------------------------------------------------------
+    @classmethod
+    def default_config(cls, num_organs: int) -> dict[str, Any]:
+        """A real configuration (random init) for training the shipped model on a CPU."""
+        cfg = _shared_default_config(num_organs)
+        cfg.update(cls._method_defaults())
+        return cfg
+
+    @classmethod
+    def tiny_config(cls, num_organs: int) -> dict[str, Any]:
+        cfg = _shared_tiny_config(num_organs)
+        cfg.update(cls._method_defaults())
+        return cfg
+
+    @classmethod
+    def _method_defaults(cls) -> dict[str, Any]:
+        """Method-specific hyperparameters (with their defaults)."""
+        return {}
+
+    @classmethod
+    def _normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Fill missing keys from :meth:`default_config`, reject unknown ones, use JSON-plain types."""
+        if "num_organs" not in config:
+            raise ModelError(f"{cls.name} config lacks 'num_organs'")
+        num_organs = int(config["num_organs"])
+        if num_organs < 1:
+            raise ModelError(f"{cls.name} config: num_organs must be >= 1, got {num_organs}")
+        cfg = cls.default_config(num_organs)
+        unknown = sorted(set(config) - set(cfg))
+        if unknown:
+            raise ModelError(f"{cls.name} config has unknown keys: {', '.join(unknown)}")
+        cfg.update(config)
+        try:
+            for k in _INT_LISTS:
+                cfg[k] = [int(v) for v in cfg[k]]
+            cfg["unet_attention_levels"] = [bool(v) for v in cfg["unet_attention_levels"]]
+            cfg["unet_zero_init"] = bool(cfg["unet_zero_init"])
+            for k in _INTS:
+                cfg[k] = int(cfg[k])
+            for k in _FLOATS:
+                cfg[k] = float(cfg[k])
+            cfg["beta_schedule"] = str(cfg["beta_schedule"])
+            for k, v in cls._method_defaults().items():
+                cfg[k] = type(v)(cfg[k])
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{cls.name} config: bad value ({exc})") from None
+        return cfg
+
+    def _schedule(self) -> dict[str, Any]:
+        c = self.config
+        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Window height and width must be multiples of this (8 × the UNet's downsampling)."""
+        return DOWNSAMPLE * self.denoiser.size_multiple
+
+    def _check_windows(self, x: torch.Tensor, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % DOWNSAMPLE or w % DOWNSAMPLE:
+            raise ValueError(f"{what}: height and width must be divisible by {DOWNSAMPLE}, got {h}×{w}")
+        m = self.size_multiple
+        if h % m or w % m:
+            raise ValueError(
+                f"{what}: height and width must be divisible by {m} for this model "
+                f"({DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet), got {h}×{w}"
+            )
+
+    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        organ_ids = torch.as_tensor(organ_ids)
+        if organ_ids.shape != (rows,):
+            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
+        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
+            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
+        return organ_ids.long()
+
+    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
+
+    # -- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_windows(images, "images")
+        return self.image_encoder(images)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        organ_ids: torch.Tensor,
+        num_samples: int,
+        steps: int,
+        generator: torch.Generator | None,
+        scheduler: str | None = None,
+    ) -> torch.Tensor:
+        scheduler = scheduler or self.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+        num_samples, steps = int(num_samples), int(steps)
+        if num_samples < 1 or steps < 1:
+            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        if cond.ndim != 4 or cond.shape[1] != self.config["image_latent_channels"]:
+            raise ValueError(
+                f"cond must have shape [B,{self.config['image_latent_channels']},h,w] (from condition()), got {list(cond.shape)}"
+            )
+        b, _, h, w = cond.shape
+        organs = self._check_organs(organ_ids, b).to(cond.device)
+        # N chains per row, batched together: row i, sample n sits at i*N + n.
+        cond_n = cond.repeat_interleave(num_samples, dim=0)
+        organs_n = organs.repeat_interleave(num_samples, dim=0)
+        z_T = randn((b * num_samples, self.config["mask_latent_channels"], h, w), generator, cond.device, cond.dtype)
+        if steps == 1:
+            z0 = self._single_step(z_T, cond_n, organs_n)
+        else:
+            z0 = run_reverse(
+                lambda z, t: self.denoiser(z, t, cond_n, organs_n),
+                z_T, scheduler, steps, generator,
+                prediction_type=self.prediction_type, clip=LATENT_RANGE, **self._schedule(),
+            )
+        logits = self.mask_autoencoder.decode(z0)
+        return torch.sigmoid(logits.to(torch.float32)).view(b, num_samples, h * DOWNSAMPLE, w * DOWNSAMPLE)
+
+    def _single_step(self, z_T: torch.Tensor, cond: torch.Tensor, organs: torch.Tensor) -> torch.Tensor:
+        """One reverse step from pure noise at the last training timestep, straight to z0."""
+        t = torch.full((z_T.shape[0],), self.config["num_train_timesteps"] - 1, device=z_T.device, dtype=torch.long)
+        pred = self.denoiser(z_T, t, cond, organs).to(torch.float32)
+        z0 = self.predicted_x0(z_T.to(torch.float32), pred, self._alpha_bar(t, z_T.device))
+        return z0.clamp(-LATENT_RANGE, LATENT_RANGE).to(z_T.dtype)
+
+    @abc.abstractmethod
+    def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The z0 estimate implied by the denoiser's ``prediction`` at ``z_t`` (``alpha_bar`` per row)."""
+
+    # -- training ------------------------------------------------------------------------
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        if stage == "autoencoder":
+            return list(self.mask_autoencoder.parameters())
+        if stage == "denoiser":
+            return list(self.image_encoder.parameters()) + list(self.denoiser.parameters())
+        raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        organ_ids: torch.Tensor,
+        generator: torch.Generator | None = None,
+        stage: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        stage = stage or self.stages[-1]
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        self._check_windows(masks, "masks")
+        if stage == "autoencoder":
+            return self.mask_autoencoder.loss(masks)
+        self._check_windows(images, "images")
+        if images.shape != masks.shape:
+            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+        b = images.shape[0]
+        organs = self._check_organs(organ_ids, b).to(images.device)
+        with torch.no_grad():  # the mask autoencoder is frozen in this stage: it only supplies z0
+            z0 = self.mask_autoencoder.encode(masks).to(torch.float32)
+        image_latent = self.image_encoder(images)
+        t = randint(self.config["num_train_timesteps"], (b,), generator, images.device)
+        noise = randn(z0.shape, generator, z0.device, z0.dtype)
+        alpha_bar = self._alpha_bar(t, z0.device)
+        z_t = add_noise(z0, noise, alpha_bar)
+        pred = self.denoiser(z_t.to(image_latent.dtype), t, image_latent, organs).to(torch.float32)
+        return self.denoiser_loss(z0, z_t, noise, pred, alpha_bar)
+
+    @abc.abstractmethod
+    def denoiser_loss(
+        self, z0: torch.Tensor, z_t: torch.Tensor, noise: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of the denoiser stage; ``"loss"`` is the total."""
+
+
+@register_method
+class SDSeg(LatentDiffusionSegmentation):
+    """SDSeg: ε-prediction with a latent-estimation loss, so one reverse step gives the mask.
+
+    Method-specific config: ``latent_loss_weight`` (λ in ``loss = MSE(ε̂, ε) + λ·MSE(ẑ0, z0)``).
+    """
+
+    name = "sdseg"
+    prediction_type = "epsilon"
+
+    @classmethod
+    def _method_defaults(cls) -> dict[str, Any]:
+        return {"latent_loss_weight": 1.0}
+
+    def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        return eps_to_x0(z_t, prediction, alpha_bar)
+
+    def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
+        noise_mse = F.mse_loss(prediction, noise)
+        z0_hat = eps_to_x0(z_t, prediction, alpha_bar)  # latent estimation from the predicted noise
+        latent_mse = F.mse_loss(z0_hat, z0)
+        loss = noise_mse + self.config["latent_loss_weight"] * latent_mse
+        return {"loss": loss, "noise_mse": noise_mse, "latent_mse": latent_mse}
