@@ -1,7 +1,535 @@
-"""The volume engine (method-agnostic). CONTRACT — implementation pending (helper C).
+"""The volume engine: method-agnostic segmentation of a whole CT/MR volume.
 
-segment_volume(image, package, organs, *, samples=None, steps=None, seed=0, device="cpu",
-               scheduler=None, staple=False, largest_component=False,
-               keep_probabilities=False, method=None, chunk_slices=None,
-               progress=None, should_cancel=None) -> SegmentationResult
+:func:`segment_volume` takes a SimpleITK image in any orientation and returns labels and an
+uncertainty map on exactly the input's voxel grid. The pipeline:
+
+1. **Canonical view.** The input array is transposed/flipped (never interpolated) to the
+   model's orientation (:class:`~MedDiffSegLib.io.geometry.CanonicalView`), giving axial
+   slices ``[K, J, I]``. Intensity clip bounds are computed once for the whole volume.
+2. **Streaming.** Slices are processed in chunks so memory is bounded by the chunk size, not
+   the volume: each chunk is converted to float32 ``[k, 1, J, I]``, normalised to [-1, 1],
+   resampled in-plane to the model spacing, and run through MONAI's
+   ``sliding_window_inference`` (2D windows of the model's ``roi_size``, Gaussian blending,
+   overlap at most 0.5, padding with -1 = normalised air). For each batch of windows the
+   predictor encodes the image **once** (``method.condition``), repeats the condition for
+   every requested organ, and draws all ``N`` samples for all organs in one ``method.sample``
+   call. The chunk's ``[k, O·N, h, w]`` probabilities give a mean and a population variance
+   over samples, which are resampled back to the canonical in-plane grid.
+3. **Labels.** A voxel takes the organ with the highest mean probability if that probability
+   reaches the model's threshold (ties go to the organ named first). With ``staple=True`` the
+   per-organ probability is instead SimpleITK's STAPLE fusion of the N thresholded samples.
+   ``largest_component=True`` keeps each organ's largest 3D connected component.
+4. **Back to the input grid** by the exact inverse transpose/flip, with the input's spacing,
+   origin and direction copied over.
+
+Randomness and chunking
+-----------------------
+One ``torch.Generator`` on the compute device, seeded with ``seed``, serves the whole run and
+is consumed window batch after window batch in slice order. MONAI groups the windows of a
+chunk into batches of ``sw_batch_size`` in (slice, window) order. The engine rounds every
+chunk to a whole number of window batches (a multiple of ``sw_batch_size / gcd(windows per
+slice, sw_batch_size)`` slices), so the sequence of batches - their exact contents and the
+order the generator serves them - is identical whatever the chunk size. Streaming therefore
+does not change a single bit of the result on CPU: the network sees the same batch tensors
+with the same noise as in a single-chunk run (this also keeps results independent of batch
+size effects inside convolution kernels, which per-slice generators would not).
+
+Memory
+------
+The per-chunk working set (the float32 input, MONAI's ``[k, O·N, h, w]`` blending buffer, the
+mean/variance maps) is kept under a budget (1 GiB, ``$MEDDIFFSEG_CHUNK_MB`` to change) by the
+chunk size. What outlives a chunk scales with the volume ``V`` only as much as the options
+need: always a uint8 label map and a float32 uncertainty map (labels are decided chunk by
+chunk); ``largest_component`` adds one float32 map (the max variance, for voxels it turns
+into background); ``keep_probabilities`` adds mean and variance per organ; ``staple`` adds the
+variance per organ and the N binarised samples per organ as packed bits (N·O·V/8 bytes), which
+STAPLE needs all at once because its EM estimates each sample's sensitivity and specificity
+over the whole volume.
 """
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import Cancelled, InputError, ModelError
+from ..preprocessing.spec import inplane_size, intensity_bounds, normalise_intensity, resample_inplane
+from ..uncertainty import binary_entropy, ensemble_mean_variance, keep_largest_component, staple_fuse
+from .device import resolve_device
+
+ProgressFn = Callable[[str, float, str], None]
+
+#: Default memory (bytes) the per-chunk working set may use; ``MEDDIFFSEG_CHUNK_MB`` overrides it.
+DEFAULT_CHUNK_MEMORY = 1 << 30
+#: Largest overlap between neighbouring windows the engine accepts (0.8 = 20x the work for nothing).
+MAX_OVERLAP = 0.5
+#: Progress fractions: preprocess up to 2 %, network up to 95 %, then post-processing.
+_P_NETWORK0, _P_NETWORK1 = 0.02, 0.95
+
+
+@dataclass
+class OrganStats:
+    """Per-organ numbers of one run (in the input's geometry)."""
+
+    name: str
+    display_name: str
+    label: int
+    voxel_count: int
+    volume_ml: float
+    #: Mean of the uncertainty map inside the organ's mask (None when the mask is empty).
+    mean_uncertainty: float | None
+    #: Index along the input image's slice axis (the input array axis that becomes the canonical
+    #: axial axis) of the axial slice where this organ's summed variance is highest; None when
+    #: the samples agree everywhere (no variance anywhere).
+    max_uncertainty_slice: int | None
+    #: Physical (LPS, mm) position of that slice's centre.
+    max_uncertainty_position: tuple[float, float, float] | None = None
+    #: numpy axis (0 = z, 1 = y, 2 = x) of the input array that ``max_uncertainty_slice`` indexes.
+    slice_axis: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "display_name": self.display_name, "label": self.label,
+            "voxel_count": self.voxel_count, "volume_ml": self.volume_ml,
+            "mean_uncertainty": self.mean_uncertainty,
+            "max_uncertainty_slice": self.max_uncertainty_slice,
+            "max_uncertainty_position_mm": list(self.max_uncertainty_position) if self.max_uncertainty_position else None,
+            "slice_axis": self.slice_axis,
+        }
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_volume` returns. Every image has the input's exact geometry."""
+
+    labels: sitk.Image  # uint8: 0 background, i = i-th organ requested
+    uncertainty: sitk.Image  # float32: variance of the assigned organ; background: max over organs
+    organs: list  # package Organ objects in the order requested
+    stats: list[OrganStats]
+    timings: dict[str, float]
+    samples: int
+    steps: int
+    scheduler: str | None
+    seed: int
+    device: str
+    threshold: float = 0.5
+    staple: bool = False
+    largest_component: bool = False
+    chunk_slices: int = 0
+    probabilities: dict[str, sitk.Image] | None = None  # mean foreground probability per organ
+    variances: dict[str, sitk.Image] | None = None  # population variance over samples per organ
+    entropy: dict[str, sitk.Image] | None = None  # binary entropy (bits) of the mean probability
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's numbers (no images), JSON-ready."""
+        return {
+            "organs": [s.to_dict() for s in self.stats],
+            "samples": self.samples, "steps": self.steps, "scheduler": self.scheduler, "seed": self.seed,
+            "device": self.device, "threshold": self.threshold, "staple": self.staple,
+            "largest_component": self.largest_component, "chunk_slices": self.chunk_slices,
+            "timings": dict(self.timings),
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{what} must be a whole number >= 1, got {value!r}")
+    if value < 1:
+        raise InputError(f"{what} must be at least 1, got {value}")
+    return int(value)
+
+
+def _inference_settings(package) -> tuple[tuple[int, int], float, int, float]:
+    inf = package.inference
+    name = getattr(package, "name", "?")
+    roi = inf.get("roi_size")
+    if isinstance(roi, (int, np.integer)):
+        roi = [roi, roi]
+    try:
+        roi_t = tuple(int(v) for v in roi)
+    except (TypeError, ValueError):
+        raise ModelError(f"model {name!r}: inference.roi_size must be two positive integers, got {roi!r}") from None
+    if len(roi_t) != 2 or min(roi_t) < 1:
+        raise ModelError(f"model {name!r}: inference.roi_size must be two positive integers, got {roi!r}")
+    overlap = inf.get("overlap", 0.25)
+    if not isinstance(overlap, (int, float)) or isinstance(overlap, bool) or not 0.0 <= float(overlap) <= MAX_OVERLAP:
+        raise ModelError(
+            f"model {name!r}: sliding-window overlap must be between 0 and {MAX_OVERLAP}, got {overlap!r} "
+            f"(more overlap multiplies the work without improving the blend)"
+        )
+    swb = inf.get("sw_batch_size", 8)
+    if isinstance(swb, bool) or not isinstance(swb, (int, np.integer)) or swb < 1:
+        raise ModelError(f"model {name!r}: inference.sw_batch_size must be an integer >= 1, got {swb!r}")
+    thr = inf.get("threshold", 0.5)
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < float(thr) <= 1.0:
+        raise ModelError(f"model {name!r}: inference.threshold must be in (0, 1], got {thr!r}")
+    return roi_t, float(overlap), int(swb), float(thr)  # type: ignore[return-value]
+
+
+def windows_per_slice(size_hw: tuple[int, int], roi: tuple[int, int], overlap: float) -> int:
+    """Number of sliding windows MONAI places on one ``size_hw`` slice (MONAI's own placement rule)."""
+    from monai.data.utils import dense_patch_slices
+
+    padded = tuple(max(s, r) for s, r in zip(size_hw, roi))
+    # MONAI's scan interval: the window size if it spans the image, else int(roi * (1 - overlap)) >= 1.
+    interval = tuple(r if r == s else max(1, int(r * (1 - overlap))) for s, r in zip(padded, roi))
+    return len(dense_patch_slices(padded, roi, interval))
+
+
+def _chunk_unit(num_win: int, sw_batch_size: int) -> int:
+    """Smallest slice count whose windows fill whole batches of ``sw_batch_size``."""
+    return sw_batch_size // math.gcd(num_win, sw_batch_size)
+
+
+def _memory_budget() -> int:
+    env = os.environ.get("MEDDIFFSEG_CHUNK_MB")
+    if env:
+        try:
+            return max(1, int(float(env) * (1 << 20)))
+        except ValueError:
+            pass
+    return DEFAULT_CHUNK_MEMORY
+
+
+def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, staple: bool) -> int:
+    """Rough float32 working set of one slice in a chunk (MONAI buffers, stats, resampled maps)."""
+    p = max(model_hw[0], roi[0]) * max(model_hw[1], roi[1])
+    q = canon_hw[0] * canon_hw[1]
+    on = n_organs * n_samples
+    model_side = p * (on * 2 + 2 * n_organs + 3)  # output buffer + in-place products, mean/var, input
+    canon_side = q * (2 + 2 * n_organs + 2 * n_organs + (on if staple else 0))
+    return 4 * (model_side + canon_side)
+
+
+def _choose_chunk(n_slices: int, unit: int, per_slice: int, chunk_slices: int | None) -> int:
+    if chunk_slices is not None:
+        requested = _positive_int(chunk_slices, "chunk_slices")
+        chunk = -(-requested // unit) * unit  # round up to whole window batches
+    else:
+        fit = max(1, _memory_budget() // max(1, per_slice))
+        chunk = max(unit, (fit // unit) * unit)
+    return max(1, min(chunk, n_slices))
+
+
+# ----------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------
+def segment_volume(
+    image: sitk.Image,
+    package,
+    organs: list[str],
+    *,
+    samples: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    scheduler: str | None = None,
+    staple: bool = False,
+    largest_component: bool = False,
+    keep_probabilities: bool = False,
+    method=None,
+    chunk_slices: int | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> SegmentationResult:
+    """Segment ``organs`` in ``image`` with ``package``'s method; see the module docstring.
+
+    ``samples``/``steps``/``scheduler`` default to the package's inference settings.
+    ``method`` is an already loaded Method (else ``package.load_method(device)``, which checks
+    the weights' sha256). ``progress(stage, fraction, message)`` receives the overall fraction
+    done (0..1) with stage ``"preprocess"``, ``"network"`` or ``"postprocess"``.
+    ``should_cancel()`` is polled before every window batch and between post-processing steps;
+    when it returns True, :class:`~MedDiffSegLib.errors.Cancelled` is raised.
+
+    ``chunk_slices`` sets how many axial slices are processed at once (default: as many as fit
+    the chunk memory budget, 1 GiB or ``$MEDDIFFSEG_CHUNK_MB``); it is rounded up to whole
+    window batches so that the result does not depend on it (see the module docstring). The
+    chunk size used is reported in ``result.chunk_slices``.
+    """
+    t_start = time.perf_counter()
+    timings = {"preprocess": 0.0, "network": 0.0, "postprocess": 0.0}
+
+    def report(stage: str, fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(stage, float(min(1.0, max(0.0, fraction))), message)
+
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("segmentation cancelled")
+
+    # ---- validate everything before any heavy work --------------------------------------
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"segment_volume needs a SimpleITK image, got {type(image).__name__}")
+    if image.GetDimension() != 3:
+        raise InputError(f"the input must be a 3D volume, got a {image.GetDimension()}D image of size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"the input must be a scalar (grey-level) volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+        )
+    if isinstance(organs, str):
+        organs = [organs]
+    organs = list(organs or [])
+    if not organs:
+        raise InputError(f"name at least one organ to segment; model {package.name!r} segments: {', '.join(package.organ_names)}")
+    if len(organs) > 255:
+        raise InputError(f"at most 255 organs fit a uint8 label map, got {len(organs)}")
+    organ_ids = package.organ_ids(organs)
+    organ_objs = [package.organs[i] for i in organ_ids]
+    n_org = len(organ_ids)
+
+    inf = package.inference
+    samples = _positive_int(inf.get("samples", 1) if samples is None else samples, "samples")
+    steps = _positive_int(inf.get("steps", 1) if steps is None else steps, "steps")
+    if scheduler is None:
+        scheduler = inf.get("scheduler")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise InputError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+    seed = int(seed)
+    if staple and samples < 2:
+        raise InputError(f"STAPLE fuses several samples and needs samples >= 2, got samples={samples}")
+    roi, overlap, swb, threshold = _inference_settings(package)
+    spec = package.preprocessing
+    dev = resolve_device(device)
+
+    if method is None:
+        method = package.load_method(str(dev))
+    was_training = bool(getattr(method, "training", False))
+    method.to(dev)
+    method.eval()
+    try:
+        with torch.inference_mode():
+            result = _run(
+                image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
+                dev=dev, scheduler=scheduler, staple=staple, largest_component=largest_component,
+                keep_probabilities=keep_probabilities, chunk_slices=chunk_slices, roi=roi, overlap=overlap,
+                swb=swb, threshold=threshold, spec=spec, n_org=n_org, timings=timings, report=report,
+                check_cancel=check_cancel,
+            )
+    finally:
+        if was_training:
+            method.train()
+    timings["total"] = time.perf_counter() - t_start
+    result.timings = timings
+    return result
+
+
+def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev, scheduler,
+         staple, largest_component, keep_probabilities, chunk_slices, roi, overlap, swb, threshold, spec,
+         n_org, timings, report, check_cancel) -> SegmentationResult:
+    from ..io.geometry import CanonicalView
+    from monai.inferers import sliding_window_inference
+
+    # ---- 1. canonical view, intensity bounds, sizes --------------------------------------
+    t0 = time.perf_counter()
+    report("preprocess", 0.0, "preparing the volume")
+    view = CanonicalView.from_image(image, spec.orientation)
+    source = sitk.GetArrayViewFromImage(image)  # no copy
+    canon = view.to_canonical(source)  # numpy view, no copy
+    n_k, n_j, n_i = (int(v) for v in canon.shape)
+    bounds = intensity_bounds(canon, spec)
+    sk, sj, si = view.spacing_kji
+    canon_hw = (n_j, n_i)
+    model_hw = inplane_size(canon_hw, (sj, si), spec.spacing)
+    num_win = windows_per_slice(model_hw, roi, overlap)
+    unit = _chunk_unit(num_win, swb)
+    per_slice = _bytes_per_slice(model_hw, canon_hw, roi, n_org, samples, staple)
+    chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices)
+    total_batches = -(-(n_k * num_win) // swb)
+
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    ids_row = torch.tensor(organ_ids, dtype=torch.long, device=dev)
+
+    # ---- canonical-space outputs -------------------------------------------------------
+    labels_c = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
+    unc_c = np.zeros((n_k, n_j, n_i), dtype=np.float32)
+    # Voxels that largest_component turns into background need "max variance over organs".
+    maxvar_c = np.zeros((n_k, n_j, n_i), dtype=np.float32) if (largest_component and not staple) else None
+    mean_c = np.zeros((n_org, n_k, n_j, n_i), dtype=np.float32) if keep_probabilities else None
+    var_c = np.zeros((n_org, n_k, n_j, n_i), dtype=np.float32) if (keep_probabilities or staple) else None
+    # STAPLE needs every binarised sample of the whole volume (its EM is global). They are kept
+    # as bits packed along the column axis: N·O·V/8 bytes instead of N·O·V as uint8 (and 32x
+    # less than float32), then unpacked to uint8 for one organ at a time just before fusion.
+    packed_i = (n_i + 7) // 8
+    bits_c = np.zeros((n_org, samples, n_k, n_j, packed_i), dtype=np.uint8) if staple else None
+    slice_var = np.zeros((n_org, n_k), dtype=np.float32)  # per-organ variance summed over each slice
+    timings["preprocess"] += time.perf_counter() - t0
+    report("preprocess", _P_NETWORK0, f"{n_k} slices in chunks of {chunk}, {num_win} window(s) per slice, "
+           f"{n_org} organ(s) x {samples} sample(s)")
+
+    state = {"batches": 0}
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        check_cancel()
+        b = int(x.shape[0])
+        cond = method.condition(x)
+        cond = method.expand_condition(cond, n_org)
+        ids = ids_row.repeat(b)  # window-major, organ-minor: matches repeat_interleave
+        probs = method.sample(cond, ids, samples, steps, generator, scheduler)
+        expected = (b * n_org, samples, x.shape[-2], x.shape[-1])
+        if tuple(probs.shape) != expected:
+            raise ModelError(
+                f"method {getattr(method, 'name', type(method).__name__)!r} returned probabilities of shape "
+                f"{tuple(probs.shape)}, expected {expected}"
+            )
+        if not bool(torch.isfinite(probs).all()):
+            raise ModelError(f"method {getattr(method, 'name', type(method).__name__)!r} produced non-finite probabilities")
+        state["batches"] += 1
+        done = state["batches"] / max(1, total_batches)
+        report("network", _P_NETWORK0 + (_P_NETWORK1 - _P_NETWORK0) * done,
+               f"window batch {state['batches']}/{total_batches}")
+        return probs.to(torch.float32).reshape(b, n_org * samples, x.shape[-2], x.shape[-1])
+
+    # ---- 2. stream chunks of slices ------------------------------------------------------
+    for k0 in range(0, n_k, chunk):
+        k1 = min(n_k, k0 + chunk)
+        kk = k1 - k0
+        check_cancel()
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(canon[k0:k1], dtype=np.float32)).unsqueeze(1)
+        x = normalise_intensity(x, bounds).to(dev)
+        x = resample_inplane(x, model_hw)
+        timings["preprocess"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out = sliding_window_inference(
+            x, roi_size=roi, sw_batch_size=swb, predictor=predictor, overlap=overlap, mode="gaussian",
+            padding_mode="constant", cval=-1.0,
+        )
+        del x
+        timings["network"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        h, w = out.shape[-2:]
+        per_sample = out.reshape(kk, n_org, samples, h, w)
+        mean, var = ensemble_mean_variance(per_sample, dim=2)  # [kk, O, h, w]
+        mean = resample_inplane(mean, canon_hw).clamp_(0.0, 1.0)
+        var = resample_inplane(var, canon_hw).clamp_(min=0.0)
+        if staple:
+            full = resample_inplane(out.reshape(kk, n_org * samples, h, w), canon_hw)
+            binary = (full >= threshold).reshape(kk, n_org, samples, n_j, n_i).permute(1, 2, 0, 3, 4)
+            bits_c[:, :, k0:k1] = np.packbits(binary.cpu().numpy(), axis=-1)
+            del full, binary
+        del out, per_sample
+        slice_var[:, k0:k1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
+        if not staple:
+            best_p, best_o = _best_organ(mean)
+            lab = torch.where(best_p >= threshold, best_o + 1, torch.zeros_like(best_o))
+            vmax = var.amax(dim=1)
+            unc = torch.where(lab > 0, var.gather(1, best_o.unsqueeze(1)).squeeze(1), vmax)
+            labels_c[k0:k1] = lab.to(torch.uint8).cpu().numpy()
+            unc_c[k0:k1] = unc.cpu().numpy()
+            if maxvar_c is not None:
+                maxvar_c[k0:k1] = vmax.cpu().numpy()
+        mean_np = mean.cpu().numpy()
+        var_np = var.cpu().numpy()
+        if mean_c is not None:
+            mean_c[:, k0:k1] = mean_np.transpose(1, 0, 2, 3)
+        if var_c is not None:
+            var_c[:, k0:k1] = var_np.transpose(1, 0, 2, 3)
+        del mean, var, mean_np, var_np
+        timings["postprocess"] += time.perf_counter() - t0
+
+    # ---- 3./4. labels: STAPLE, largest component -------------------------------------------
+    t0 = time.perf_counter()
+    if staple:
+        best = np.zeros((n_k, n_j, n_i), dtype=np.float32)
+        for o in range(n_org):
+            check_cancel()
+            report("postprocess", _P_NETWORK1 + 0.03 * o / n_org, f"STAPLE fusion of {organs[o]}")
+            binary = np.unpackbits(bits_c[o], axis=-1, count=n_i)  # [N, K, J, I] uint8
+            prob = staple_fuse(binary)
+            del binary
+            take = (prob >= threshold) & (prob > best)  # strict: the organ named first wins ties
+            labels_c[take] = o + 1
+            best[take] = prob[take]
+            del prob, take
+        del bits_c, best
+        vmax = var_c.max(axis=0)
+        unc_c[:] = vmax
+        for o in range(n_org):
+            sel = labels_c == o + 1
+            unc_c[sel] = var_c[o][sel]
+        maxvar_c = vmax if largest_component else None
+    if largest_component:
+        for o in range(n_org):
+            check_cancel()
+            report("postprocess", 0.98, f"largest connected component of {organs[o]}")
+            mask = labels_c == o + 1
+            if not mask.any():
+                continue
+            removed = mask & ~keep_largest_component(mask)
+            labels_c[removed] = 0
+            unc_c[removed] = maxvar_c[removed]
+    check_cancel()
+
+    # ---- stats ---------------------------------------------------------------------------
+    spacing = image.GetSpacing()
+    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
+    counts = np.bincount(labels_c.reshape(-1), minlength=n_org + 1)
+    stats: list[OrganStats] = []
+    for o in range(n_org):
+        label = o + 1
+        count = int(counts[label])
+        mean_unc = None
+        if count:
+            mean_unc = float(unc_c[labels_c == label].mean(dtype=np.float32))
+        axis, index, position = view.input_index_of_canonical_slice(0)[0], None, None
+        if slice_var[o].max() > 0:  # no slice stands out when the samples agree everywhere
+            k_best = int(np.argmax(slice_var[o]))
+            axis, index = view.input_index_of_canonical_slice(k_best)
+            z0, y0, x0 = view.input_index_of_canonical((k_best, 0, 0))
+            z1, y1, x1 = view.input_index_of_canonical((k_best, n_j - 1, n_i - 1))
+            centre = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (z0 + z1) / 2.0)
+            position = tuple(float(v) for v in image.TransformContinuousIndexToPhysicalPoint(centre))
+        org = organ_objs[o]
+        stats.append(OrganStats(
+            name=org.name, display_name=org.display_name, label=label, voxel_count=count,
+            volume_ml=count * voxel_ml, mean_uncertainty=mean_unc,
+            max_uncertainty_slice=None if index is None else int(index),
+            max_uncertainty_position=position, slice_axis=int(axis),  # type: ignore[arg-type]
+        ))
+
+    # ---- 5. back to the input's exact grid ------------------------------------------------
+    def to_image(array_kji: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(view.from_canonical(array_kji)))
+        img.CopyInformation(image)
+        return img
+
+    labels_img = to_image(labels_c)
+    unc_img = to_image(unc_c)
+    del labels_c, unc_c
+    probabilities = variances = entropy = None
+    if keep_probabilities:
+        names = [o.name for o in organ_objs]
+        probabilities = {n: to_image(mean_c[o]) for o, n in enumerate(names)}
+        variances = {n: to_image(var_c[o]) for o, n in enumerate(names)}
+        entropy = {n: to_image(binary_entropy(mean_c[o])) for o, n in enumerate(names)}
+    timings["postprocess"] += time.perf_counter() - t0
+    report("postprocess", 1.0, "done")
+
+    return SegmentationResult(
+        labels=labels_img, uncertainty=unc_img, organs=organ_objs, stats=stats, timings=timings,
+        samples=samples, steps=steps, scheduler=scheduler, seed=seed, device=str(dev), threshold=threshold,
+        staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
+        probabilities=probabilities, variances=variances, entropy=entropy,
+        extras={"windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds)},
+    )
+
+
+def _best_organ(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Highest mean probability over organs (dim 1) and its index; ties go to the lowest index."""
+    idx = mean.argmax(dim=1)  # torch documents: the first maximal value's index
+    best = mean.gather(1, idx.unsqueeze(1)).squeeze(1)
+    return best, idx

@@ -1,0 +1,544 @@
+"""The volume engine, end to end, with a deterministic test method and the real tiny packages.
+
+``ProfileMethod`` is a test-only Method whose per-sample foreground probability is a known
+function of the normalised intensity (a Gaussian bump per organ), optionally perturbed by
+generator noise inside an intensity band. Everything else - canonical view, chunking,
+normalisation, resampling, MONAI sliding windows, STAPLE, connected components, mapping back -
+is the real engine.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedDiffSegLib.errors import Cancelled, DeviceError, InputError, ModelError
+from MedDiffSegLib.inference import device_description, resolve_device, segment_volume
+from MedDiffSegLib.inference.engine import windows_per_slice
+from MedDiffSegLib.io.geometry import CanonicalView
+from MedDiffSegLib.methods.base import Method, register_method
+from MedDiffSegLib.preprocessing import PreprocessSpec
+from MedDiffSegLib.registry import DEFAULT_INFERENCE, ModelPackage
+
+from tinymodels import TINY_ORGANS, make_tiny_package
+
+# CT window (-200, 300) HU: normalised x = (HU + 200) / 250 - 1.
+BACKGROUND_HU, ORGAN_HU, OTHER_HU, BAND_HU = -100.0, 200.0, 100.0, -180.0
+
+
+def norm(hu: float) -> float:
+    return (hu + 200.0) / 250.0 - 1.0
+
+
+@register_method
+class ProfileMethod(Method):
+    """p_o(x) = peak_o * exp(-((x - mu_o) / width_o)^2), or sigmoid((x - mu_o) / width_o) for a "step" profile,
+    plus noise * eps (eps ~ N(0,1) from the run's generator) where band_lo <= x <= band_hi (there the
+    profile is replaced by ``band_base`` when the config gives one)."""
+
+    name = "test-profile"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("dummy", torch.zeros(1))
+        self.condition_rows = 0
+        self.sample_rows = 0
+        self.calls = 0
+
+    def condition(self, images):
+        self.condition_rows += images.shape[0]
+        self.calls += 1
+        return images.clone()
+
+    def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None):
+        self.sample_rows += cond.shape[0]
+        prof = self.config["profiles"]
+        mu = torch.tensor([prof[i]["mu"] for i in organ_ids.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+        width = torch.tensor([prof[i]["width"] for i in organ_ids.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+        peak = torch.tensor([prof[i].get("peak", 1.0) for i in organ_ids.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+        step = torch.tensor([prof[i].get("step", False) for i in organ_ids.tolist()]).view(-1, 1, 1, 1)
+        x = cond  # [B, 1, H, W]
+        p = torch.where(step, torch.sigmoid((x - mu) / width), peak * torch.exp(-(((x - mu) / width) ** 2)))
+        p = p.expand(-1, num_samples, -1, -1)
+        noise = float(self.config.get("noise", 0.0))
+        if noise:
+            eps = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=p.device)
+            lo, hi = self.config.get("band", (-2.0, 2.0))
+            band = (x >= lo) & (x <= hi)
+            base = self.config.get("band_base")
+            p = torch.where(band, (p if base is None else torch.full_like(p, base)) + noise * eps, p)
+        return p.clamp(0.0, 1.0).contiguous()
+
+    def training_loss(self, images, masks, organ_ids, generator=None, stage=None):  # pragma: no cover
+        raise NotImplementedError
+
+
+def profile_package(tmp_path: Path, *, profiles=None, noise=0.0, band=(-2.0, 2.0), band_base=None,
+                    spacing=(1.3, 0.9), orientation="LPS", **inference) -> tuple[ModelPackage, ProfileMethod]:
+    # liver: a step half-way between background and organ intensity; spleen: a narrow bump.
+    profiles = profiles or [{"mu": (norm(ORGAN_HU) + norm(BACKGROUND_HU)) / 2, "width": 0.03, "step": True},
+                            {"mu": norm(OTHER_HU), "width": 0.05}]
+    config = {"num_organs": 2, "profiles": profiles, "noise": noise, "band": list(band), "band_base": band_base}
+    inf = dict(DEFAULT_INFERENCE)
+    inf.update({"roi_size": [16, 16], "overlap": 0.25, "samples": 3, "steps": 1, "sw_batch_size": 3})
+    inf.update(inference)
+    pkg = ModelPackage(
+        path=tmp_path, name="test-profile-model", version="0", method_name="test-profile", config=config,
+        organs=list(TINY_ORGANS), preprocessing=PreprocessSpec(modality="CT", orientation=orientation, spacing=spacing),
+        inference=inf, weights_sha256="0" * 64,
+    )
+    return pkg, ProfileMethod(config)
+
+
+def rotation(axis, degrees):
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    if axis == 0:
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == 1:
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+# Input axes i, j, k run (nearly) to Anterior, Inferior, Left: a permuted, flipped, oblique grid.
+OBLIQUE_DIRECTION = (rotation(2, 9) @ rotation(0, -6) @ np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float)).reshape(-1)
+SPACING = (0.8, 2.5, 1.1)  # i, j, k (mm)
+ORIGIN = (-12.3, 45.6, 78.9)
+
+
+def make_image(array_zyx: np.ndarray, spacing=SPACING, direction=OBLIQUE_DIRECTION, origin=ORIGIN) -> sitk.Image:
+    img = sitk.GetImageFromArray(array_zyx.astype(np.int16))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple(float(d) for d in direction))
+    img.SetOrigin(origin)
+    return img
+
+
+def ellipsoid(shape_zyx, centre_zyx, radius_mm, spacing_xyz=SPACING) -> np.ndarray:
+    z, y, x = np.indices(shape_zyx, dtype=np.float32)
+    sx, sy, sz = spacing_xyz
+    cz, cy, cx = centre_zyx
+    return (((z - cz) * sz) ** 2 + ((y - cy) * sy) ** 2 + ((x - cx) * sx) ** 2) <= radius_mm**2
+
+
+def sphere_volume(shape=(30, 14, 36)):
+    mask = ellipsoid(shape, [s / 2 - 0.3 for s in shape], 12.0)
+    arr = np.where(mask, ORGAN_HU, BACKGROUND_HU)
+    return arr, mask
+
+
+def assert_same_geometry(out: sitk.Image, ref: sitk.Image):
+    assert out.GetSize() == ref.GetSize()
+    assert out.GetSpacing() == ref.GetSpacing()
+    assert out.GetOrigin() == ref.GetOrigin()
+    assert out.GetDirection() == ref.GetDirection()
+
+
+def arr(img: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(img)
+
+
+def boundary_band(mask: np.ndarray) -> np.ndarray:
+    """Voxels within one voxel (26-neighbourhood) of the mask's surface, on either side."""
+    m = sitk.GetImageFromArray(mask.astype(np.uint8))
+    dil = sitk.GetArrayFromImage(sitk.BinaryDilate(m, [1, 1, 1])).astype(bool)
+    ero = sitk.GetArrayFromImage(sitk.BinaryErode(m, [1, 1, 1])).astype(bool)
+    return dil & ~ero
+
+
+# ----------------------------------------------------------------------------------------
+def test_labels_match_sphere_with_exact_geometry(tmp_path):
+    volume, truth = sphere_volume()
+    image = make_image(volume)
+    pkg, method = profile_package(tmp_path)
+    view = CanonicalView.from_image(image, "LPS")
+    assert not view.is_identity and view.source_axis != (0, 1, 2)  # the test really permutes/flips
+    sk, sj, si = view.spacing_kji
+    assert (sj, si) != tuple(pkg.preprocessing.spacing)  # in-plane resampling happens
+
+    res = segment_volume(image, pkg, ["liver"], method=method, keep_probabilities=True)
+    for img in [res.labels, res.uncertainty, *res.probabilities.values(), *res.variances.values(), *res.entropy.values()]:
+        assert_same_geometry(img, image)
+    assert res.labels.GetPixelID() == sitk.sitkUInt8
+    assert res.uncertainty.GetPixelID() == sitk.sitkFloat32
+    assert res.probabilities["liver"].GetPixelID() == sitk.sitkFloat32
+    assert res.extras["windows_per_slice"] > 1  # several overlapping windows per slice
+
+    labels = arr(res.labels)
+    assert set(np.unique(labels)) == {0, 1}
+    wrong = (labels == 1) != truth
+    band = boundary_band(truth)
+    # Only a thin boundary shell may differ (in-plane resampling to the model grid and back) ...
+    assert not (wrong & ~band).any(), f"{int((wrong & ~band).sum())} mislabelled voxels away from the boundary"
+    # ... and only a small part of it.
+    assert wrong.sum() <= 0.15 * band.sum(), (int(wrong.sum()), int(band.sum()))
+    dice = 2 * ((labels == 1) & truth).sum() / ((labels == 1).sum() + truth.sum())
+    assert dice > 0.97
+    # Probabilities are near 1 deep inside, near 0 far outside.
+    prob = arr(res.probabilities["liver"])
+    inner = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(truth.astype(np.uint8)), [2, 2, 2])).astype(bool)
+    assert prob[inner].min() > 0.99
+    far = ~sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(truth.astype(np.uint8)), [2, 2, 2])).astype(bool)
+    assert prob[far].max() < 0.01
+
+
+def test_labels_identity_geometry_and_sagittal_input(tmp_path):
+    """Canonical input (no transposes) and a second, purely permuted orientation."""
+    volume, truth = sphere_volume((12, 30, 34))
+    for direction in (np.eye(3).reshape(-1), np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float).reshape(-1)):
+        image = make_image(volume, spacing=(1.0, 1.0, 2.0), direction=direction, origin=(5.0, -3.0, 2.0))
+        pkg, method = profile_package(tmp_path, spacing=(1.5, 1.5))
+        res = segment_volume(image, pkg, ["liver"], method=method)
+        assert_same_geometry(res.labels, image)
+        labels = arr(res.labels)
+        wrong = (labels == 1) != truth
+        assert not (wrong & ~boundary_band(truth)).any()
+
+
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [r, r, r])).astype(bool)
+
+
+def test_variance_zero_when_samples_agree_positive_where_they_differ(tmp_path):
+    volume, truth = sphere_volume()
+    box = np.zeros_like(truth)
+    box[0:9, 2:13, 0:10] = True
+    noisy_region = box & ~dilate(truth, 1)
+    volume = np.where(noisy_region, BAND_HU, volume)
+    image = make_image(volume)
+    band = (norm(BAND_HU) - 0.05, norm(BAND_HU) + 0.05)
+
+    pkg, method = profile_package(tmp_path, noise=0.0, band=band)
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method, keep_probabilities=True, samples=4)
+    for name in ("liver", "spleen"):
+        assert np.all(arr(res.variances[name]) == 0.0)
+    assert np.all(arr(res.uncertainty) == 0.0)
+
+    pkg, method = profile_package(tmp_path, noise=0.2, band=band, band_base=0.3)
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method, keep_probabilities=True, samples=4)
+    var = arr(res.variances["liver"])
+    core = noisy_region & ~dilate(~noisy_region, 2)
+    assert core.sum() > 50
+    assert (var[core] > 1e-4).all()
+    # Far from the noisy region the samples agree exactly.
+    far = ~dilate(noisy_region, 3)
+    assert far.sum() > 0.5 * far.size
+    assert np.all(var[far] == 0.0)
+    # Background voxels carry the max variance over organs.
+    unc = arr(res.uncertainty)
+    labels = arr(res.labels)
+    vmax = np.maximum(var, arr(res.variances["spleen"]))
+    np.testing.assert_array_equal(unc[labels == 0], vmax[labels == 0])
+    # Entropy (bits) of the mean probability: 0 where p is 0 or 1.
+    ent = arr(res.entropy["liver"])
+    assert ent.min() >= 0 and ent.max() <= 1
+    deep_inside = ~dilate(~truth, 2)
+    assert deep_inside.any()
+    assert np.all(ent[far & (~dilate(truth, 2) | deep_inside)] < 0.01)
+    assert ent[core].mean() > 0.5  # p near 0.3 +- noise: far from certain
+
+
+def test_overlap_resolved_by_highest_mean_and_labels_follow_argument_order(tmp_path):
+    # Organ "liver" (id 0) peaks at A_HU, organ "spleen" (id 1) at B_HU; each is >= 0.5 on both regions.
+    a_hu, b_hu = 200.0, 260.0
+    profiles = [{"mu": norm(a_hu), "width": 0.5, "peak": 0.95}, {"mu": norm(b_hu), "width": 0.5, "peak": 0.95}]
+    shape = (10, 24, 30)
+    volume = np.full(shape, BACKGROUND_HU)
+    region_a = np.zeros(shape, bool)
+    region_a[2:8, 4:20, 3:13] = True
+    region_b = np.zeros(shape, bool)
+    region_b[2:8, 4:20, 17:27] = True
+    volume[region_a] = a_hu
+    volume[region_b] = b_hu
+    image = make_image(volume, spacing=(1.0, 1.0, 3.0), direction=np.diag([1.0, -1.0, 1.0]).reshape(-1))
+    pkg, method = profile_package(tmp_path, profiles=profiles, spacing=(1.0, 1.0))
+    res = segment_volume(image, pkg, ["spleen", "liver"], method=method, keep_probabilities=True)
+    p_liver, p_spleen = arr(res.probabilities["liver"]), arr(res.probabilities["spleen"])
+    inner_a = np.zeros(shape, bool)
+    inner_a[3:7, 6:18, 5:11] = True
+    inner_b = np.zeros(shape, bool)
+    inner_b[3:7, 6:18, 19:25] = True
+    # both organs claim both regions ...
+    assert (p_liver[inner_a | inner_b] >= 0.5).all() and (p_spleen[inner_a | inner_b] >= 0.5).all()
+    labels = arr(res.labels)
+    # ... and each voxel goes to the higher mean; label 1 = spleen (named first), 2 = liver.
+    assert (labels[inner_a] == 2).all()
+    assert (labels[inner_b] == 1).all()
+    assert [o.name for o in res.organs] == ["spleen", "liver"]
+    assert [(s.name, s.label) for s in res.stats] == [("spleen", 1), ("liver", 2)]
+    both = (p_liver >= 0.5) | (p_spleen >= 0.5)
+    expect = np.where(both, np.where(p_liver > p_spleen, 2, 1), 0)
+    np.testing.assert_array_equal(labels, expect)
+
+
+def test_staple_samples_one_is_input_error(tmp_path):
+    image = make_image(sphere_volume((10, 12, 12))[0])
+    pkg, method = profile_package(tmp_path)
+    with pytest.raises(InputError, match="STAPLE"):
+        segment_volume(image, pkg, ["liver"], method=method, samples=1, staple=True)
+
+
+def test_staple_through_engine(tmp_path):
+    volume, truth = sphere_volume()
+    image = make_image(volume)
+    pkg, method = profile_package(tmp_path, noise=0.3, band=(norm(ORGAN_HU) - 0.01, norm(ORGAN_HU) + 0.01))
+    res = segment_volume(image, pkg, ["liver"], method=method, samples=4, staple=True, keep_probabilities=True)
+    assert res.staple
+    assert_same_geometry(res.labels, image)
+    labels = arr(res.labels)
+    dice = 2 * ((labels == 1) & truth).sum() / ((labels == 1).sum() + truth.sum())
+    assert dice > 0.9
+    assert (arr(res.uncertainty)[truth & ~boundary_band(truth)] > 0).any()
+
+
+def test_largest_component_removes_island(tmp_path):
+    volume, truth = sphere_volume()
+    island = np.zeros_like(truth)
+    island[3:6, 1:4, 2:5] = True
+    assert not (island & boundary_band(truth)).any()
+    volume = np.where(island, ORGAN_HU, volume)
+    image = make_image(volume)
+    pkg, method = profile_package(tmp_path)
+    plain = arr(segment_volume(image, pkg, ["liver"], method=method).labels)
+    assert (plain[island] == 1).sum() >= island.sum() // 2
+    res = segment_volume(image, pkg, ["liver"], method=method, largest_component=True)
+    kept = arr(res.labels)
+    assert not (kept[island] == 1).any()
+    np.testing.assert_array_equal(kept[~island], plain[~island])
+    assert res.stats[0].voxel_count == int((kept == 1).sum()) < int((plain == 1).sum())
+
+
+def test_cancel_and_progress(tmp_path):
+    image = make_image(sphere_volume()[0])
+    pkg, method = profile_package(tmp_path)
+    calls = {"n": 0}
+
+    def cancel_on_second_poll():
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    with pytest.raises(Cancelled):
+        segment_volume(image, pkg, ["liver"], method=method, should_cancel=cancel_on_second_poll)
+    assert method.calls <= 1  # stopped within a window batch of being asked
+
+    seen = []
+    segment_volume(image, pkg, ["liver"], method=method, progress=lambda s, f, m: seen.append((s, f, m)),
+                   should_cancel=lambda: False)
+    fractions = [f for _, f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {s for s, _, _ in seen} >= {"preprocess", "network", "postprocess"}
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"samples": 0}, InputError, "samples"),
+    ({"steps": 0}, InputError, "steps"),
+    ({"samples": -2}, InputError, "samples"),
+    ({"chunk_slices": 0}, InputError, "chunk_slices"),
+    ({"seed": -1}, InputError, "seed"),
+])
+def test_bad_arguments(tmp_path, kwargs, error, text):
+    image = make_image(sphere_volume((6, 10, 10))[0])
+    pkg, method = profile_package(tmp_path)
+    with pytest.raises(error, match=text):
+        segment_volume(image, pkg, ["liver"], method=method, **kwargs)
+
+
+def test_bad_package_overlap_and_unknown_organ(tmp_path):
+    image = make_image(sphere_volume((6, 10, 10))[0])
+    pkg, method = profile_package(tmp_path, overlap=0.8)
+    with pytest.raises(ModelError, match="overlap"):
+        segment_volume(image, pkg, ["liver"], method=method)
+    pkg, method = profile_package(tmp_path, overlap=0.5)
+    segment_volume(image, pkg, ["liver"], method=method)  # 0.5 is the largest allowed
+    with pytest.raises(ModelError) as exc:
+        segment_volume(image, pkg, ["liver", "pancreas"], method=method)
+    assert "pancreas" in str(exc.value) and "liver" in str(exc.value) and "spleen" in str(exc.value)
+
+
+def test_bad_images(tmp_path):
+    pkg, method = profile_package(tmp_path)
+    with pytest.raises(InputError, match="3D"):
+        segment_volume(sitk.Image(10, 10, sitk.sitkInt16), pkg, ["liver"], method=method)
+    with pytest.raises(InputError, match="scalar"):
+        segment_volume(sitk.Image([8, 8, 4], sitk.sitkVectorFloat32, 3), pkg, ["liver"], method=method)
+
+
+def test_stats_volume_and_max_uncertainty_slice(tmp_path):
+    shape = (16, 20, 22)
+    volume, truth = sphere_volume(shape)
+    image = make_image(volume)
+    view = CanonicalView.from_image(image, "LPS")
+    axis, _ = view.input_index_of_canonical_slice(0)
+    target = 4
+    patch = np.zeros(shape, bool)
+    sl = [slice(6, 12)] * 3
+    sl[axis] = slice(target, target + 1)
+    patch[tuple(sl)] = True
+    patch &= ~truth
+    assert patch.sum() >= 20
+    volume = np.where(patch, BAND_HU, volume)
+    image = make_image(volume)
+    band = (norm(BAND_HU) - 0.05, norm(BAND_HU) + 0.05)
+    pkg, method = profile_package(tmp_path, noise=0.3, band=band, band_base=0.3)
+    res = segment_volume(image, pkg, ["liver"], method=method, samples=4)
+    st = res.stats[0]
+    labels = arr(res.labels)
+    count = int((labels == 1).sum())
+    assert st.voxel_count == count > 0
+    assert st.volume_ml == pytest.approx(count * np.prod(SPACING) / 1000.0, rel=1e-12)
+    assert st.slice_axis == axis
+    assert st.max_uncertainty_slice == target
+    # Its position is the physical centre of that input slice.
+    idx = [(n - 1) / 2 for n in image.GetSize()]
+    idx[2 - axis] = target
+    np.testing.assert_allclose(st.max_uncertainty_position, image.TransformContinuousIndexToPhysicalPoint(idx), atol=1e-9)
+    unc = arr(res.uncertainty)
+    assert st.mean_uncertainty == pytest.approx(float(unc[labels == 1].mean()), rel=1e-5)
+    d = res.to_dict()
+    assert d["organs"][0]["max_uncertainty_slice"] == target and d["samples"] == 4
+
+
+def test_empty_organ_stats(tmp_path):
+    image = make_image(np.full((6, 12, 12), BACKGROUND_HU))
+    pkg, method = profile_package(tmp_path)
+    res = segment_volume(image, pkg, ["liver"], method=method)
+    assert res.stats[0].voxel_count == 0 and res.stats[0].mean_uncertainty is None
+    assert res.stats[0].max_uncertainty_slice is None  # no variance anywhere: no slice stands out
+    assert not arr(res.labels).any()
+
+
+def test_window_encoded_once_per_batch_and_all_organs_sampled(tmp_path):
+    shape = (7, 14, 36)
+    image = make_image(sphere_volume(shape)[0])
+    pkg, method = profile_package(tmp_path)
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method)
+    view = CanonicalView.from_image(image, "LPS")
+    n_win = res.extras["windows_per_slice"]
+    assert n_win == windows_per_slice(tuple(res.extras["model_inplane_size"]), (16, 16), 0.25)
+    windows = view.shape_kji[0] * n_win
+    assert method.condition_rows == windows  # each window encoded exactly once
+    assert method.sample_rows == 2 * windows  # ... and reused for both organs
+    assert method.calls == math.ceil(windows / 3)  # batches of sw_batch_size
+
+
+def test_streaming_chunks_do_not_change_results(tmp_path):
+    shape = (30, 14, 36)
+    volume, truth = sphere_volume(shape)
+    image = make_image(volume)
+    band = (norm(ORGAN_HU) - 0.01, norm(ORGAN_HU) + 0.01)
+    pkg, _ = profile_package(tmp_path, noise=0.25, band=band)
+
+    def run(chunk, method_seed=5):
+        m = ProfileMethod(pkg.config)
+        r = segment_volume(image, pkg, ["liver", "spleen"], method=m, seed=method_seed, chunk_slices=chunk,
+                           keep_probabilities=True)
+        return r
+
+    big = run(None)
+    n_k = CanonicalView.from_image(image, "LPS").shape_kji[0]
+    assert big.chunk_slices == n_k  # one chunk under the default budget
+    for chunk in (1, 2, 7):
+        small = run(chunk)
+        assert 1 < math.ceil(n_k / small.chunk_slices)
+        np.testing.assert_array_equal(arr(small.labels), arr(big.labels))
+        np.testing.assert_array_equal(arr(small.uncertainty), arr(big.uncertainty))
+        for name in ("liver", "spleen"):
+            np.testing.assert_array_equal(arr(small.probabilities[name]), arr(big.probabilities[name]))
+    assert arr(big.uncertainty).max() > 0  # the noise really is there
+    other = run(None, method_seed=6)
+    assert not np.array_equal(arr(other.uncertainty), arr(big.uncertainty))
+
+
+def test_staple_streaming_and_mr_normalisation(tmp_path):
+    """STAPLE path with chunks equals one chunk; an MR package uses volume percentiles."""
+    volume, truth = sphere_volume((20, 14, 30))
+    image = make_image(volume + 150)  # MR-like: positive intensities (50 and 350)
+    pkg, _ = profile_package(tmp_path, noise=0.3, band=(0.95, 1.0))
+    pkg.preprocessing = PreprocessSpec(modality="MR", spacing=(1.3, 0.9), mr_percentiles=(1.0, 99.0))
+    # MR: clip to the 1st/99th percentile (0 -> organ -> +1 after normalisation): a step at the middle.
+    pkg.config["profiles"][0] = {"mu": 0.0, "width": 0.03, "step": True}
+    runs = [segment_volume(image, pkg, ["liver"], method=ProfileMethod(pkg.config), samples=3, staple=True,
+                           chunk_slices=c, seed=3) for c in (None, 2)]
+    assert runs[0].extras["intensity_bounds"] == [50.0, 350.0]
+    np.testing.assert_array_equal(arr(runs[0].labels), arr(runs[1].labels))
+    np.testing.assert_array_equal(arr(runs[0].uncertainty), arr(runs[1].uncertainty))
+    assert runs[1].chunk_slices < runs[0].chunk_slices
+    assert arr(runs[0].uncertainty).max() > 0  # the samples really differ
+    labels = arr(runs[0].labels)
+    assert not (((labels == 1) != truth) & ~boundary_band(truth)).any()
+
+
+class BrokenMethod(ProfileMethod):
+    name = ""  # not registered
+
+    def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None):
+        p = super().sample(cond, organ_ids, num_samples, steps, generator, scheduler)
+        if self.config.get("break") == "shape":
+            return p[:, :1]
+        return p * float("nan")
+
+
+@pytest.mark.parametrize("how, text", [("shape", "shape"), ("nan", "non-finite")])
+def test_misbehaving_method_is_reported(tmp_path, how, text):
+    image = make_image(sphere_volume((6, 10, 10))[0])
+    pkg, _ = profile_package(tmp_path)
+    with pytest.raises(ModelError, match=text):
+        segment_volume(image, pkg, ["liver"], method=BrokenMethod({**pkg.config, "break": how}), samples=2)
+
+
+def test_memory_budget_bounds_chunk(tmp_path, monkeypatch):
+    image = make_image(sphere_volume((30, 14, 36))[0])
+    pkg, method = profile_package(tmp_path)
+    monkeypatch.setenv("MEDDIFFSEG_CHUNK_MB", "0.05")
+    res = segment_volume(image, pkg, ["liver"], method=method)
+    n_k = CanonicalView.from_image(image, "LPS").shape_kji[0]
+    assert res.chunk_slices < n_k
+
+
+# ---- device ------------------------------------------------------------------------------
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(DeviceError):
+        resolve_device("cuda:x")
+    assert "thread" in device_description(torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_cuda_without_cuda():
+    with pytest.raises(DeviceError, match="CUDA is not available") as exc:
+        resolve_device("cuda")
+    assert "CUDA support" in str(exc.value) or "GPU" in str(exc.value)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+# ---- real tiny packages --------------------------------------------------------------------
+@pytest.mark.parametrize("method_name", ["guided", "sdseg"])
+def test_tiny_package_seed_determinism_and_chunking(tmp_path, method_name):
+    pkg = make_tiny_package(tmp_path / "pkg", method_name, roi=32, spacing=(6.0, 6.0))
+    volume, _ = sphere_volume((9, 40, 50))
+    image = make_image(volume, spacing=(4.0, 5.0, 3.0))
+    kw = dict(samples=2, steps=2, keep_probabilities=True)
+    a = segment_volume(image, pkg, ["spleen", "liver"], seed=11, **kw)  # loads + verifies the package
+    method = pkg.load_method("cpu")
+    b = segment_volume(image, pkg, ["spleen", "liver"], seed=11, method=method, chunk_slices=1, **kw)
+    c = segment_volume(image, pkg, ["spleen", "liver"], seed=12, method=method, **kw)
+    for img in (a.labels, a.uncertainty, *a.probabilities.values()):
+        assert_same_geometry(img, image)
+    np.testing.assert_array_equal(arr(a.labels), arr(b.labels))
+    np.testing.assert_array_equal(arr(a.uncertainty), arr(b.uncertainty))
+    for name in ("spleen", "liver"):
+        np.testing.assert_array_equal(arr(a.probabilities[name]), arr(b.probabilities[name]))
+    assert not np.array_equal(arr(a.probabilities["liver"]), arr(c.probabilities["liver"]))
+    assert a.samples == 2 and a.steps == 2 and a.seed == 11 and a.device == "cpu"
+    assert set(a.timings) >= {"preprocess", "network", "postprocess"}

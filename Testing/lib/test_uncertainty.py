@@ -1,0 +1,154 @@
+"""Ensemble statistics, STAPLE fusion and connected-component post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedDiffSegLib.errors import InputError
+from MedDiffSegLib.uncertainty import binary_entropy, ensemble_mean_variance, keep_largest_component, staple_fuse
+
+
+def dilate(m, r):
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(m.astype(np.uint8)), [r] * m.ndim)).astype(bool)
+
+
+def erode(m, r):
+    return sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(m.astype(np.uint8)), [r] * m.ndim)).astype(bool)
+
+
+# ---- mean / variance / entropy ---------------------------------------------------------
+def test_mean_variance_matches_population_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 5, 8, 9, generator=g)
+    mean, var = ensemble_mean_variance(x, dim=1)
+    assert mean.shape == var.shape == (3, 8, 9) and mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean, x.mean(dim=1))
+    torch.testing.assert_close(var, x.var(dim=1, unbiased=False))  # population variance, not N-1
+    m_np, v_np = ensemble_mean_variance(x.numpy(), dim=1)
+    assert m_np.dtype == v_np.dtype == np.float32
+    np.testing.assert_allclose(m_np, mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(v_np, var.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1 / 3, 0.123456])
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_variance_exactly_zero_when_samples_agree(value, n):
+    x = torch.full((2, n, 4, 4), value, dtype=torch.float32)
+    x[1] = 0.9  # second row: a different constant
+    mean, var = ensemble_mean_variance(x, dim=1)
+    assert torch.equal(var, torch.zeros_like(var))
+    assert torch.equal(mean[0], x[0, 0]) and torch.equal(mean[1], x[1, 0])
+    m_np, v_np = ensemble_mean_variance(x.numpy(), dim=1)
+    assert not v_np.any() and np.array_equal(m_np, x[:, 0].numpy())
+
+
+def test_variance_positive_where_samples_differ():
+    x = torch.zeros(1, 4, 3, 3)
+    x[0, 1, 1, 1] = 1.0  # one sample disagrees at one pixel
+    _, var = ensemble_mean_variance(x, dim=1)
+    assert var[0, 1, 1] == pytest.approx(3 / 16)
+    var[0, 1, 1] = 0
+    assert not var.any()
+
+
+def test_binary_entropy():
+    p = torch.tensor([0.0, 1e-8, 0.1, 0.5, 0.9, 1.0])
+    h = binary_entropy(p)
+    assert h.dtype == torch.float32
+    assert h[0] == 0 and h[-1] == 0 and h[3] == pytest.approx(1.0)
+    assert h[2] == pytest.approx(h[4]) == pytest.approx(0.4689955935892812, rel=1e-5)
+    assert not torch.signbit(h).any()
+    h_np = binary_entropy(p.numpy())
+    assert h_np.dtype == np.float32
+    np.testing.assert_allclose(h_np, h.numpy(), atol=1e-6)
+
+
+# ---- STAPLE ------------------------------------------------------------------------------
+def raters(seed: int):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices((24, 48, 48))
+    truth = ((z - 12) ** 2 + (y - 24) ** 2 + (x - 24) ** 2) <= 81
+    shell = dilate(truth, 2) & ~erode(truth, 2)
+
+    def good(p):  # errors only near the boundary
+        return (truth ^ (shell & (rng.random(truth.shape) < p))).astype(np.uint8)
+
+    bad = (truth ^ (dilate(truth, 4) & (rng.random(truth.shape) < 0.35))).astype(np.uint8)  # noisy everywhere
+    return truth, np.stack([good(0.03), good(0.25), bad])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_staple_beats_majority_vote_with_a_bad_rater(seed):
+    truth, samples = raters(seed)
+    res = staple_fuse(samples, return_details=True)
+    prob = res.probability
+    assert prob.dtype == np.float32 and prob.shape == truth.shape
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    majority = samples.mean(axis=0, dtype=np.float32) >= 0.5
+    err_staple = int(((prob >= 0.5) != truth).sum())
+    err_majority = int((majority != truth).sum())
+    assert err_staple < 0.9 * err_majority, (err_staple, err_majority)
+    # STAPLE found out who is bad ...
+    assert np.argmin(res.sensitivity) == 2 and np.argmin(res.specificity) == 2
+    assert res.iterations > 1
+    # ... and is not a (reweighted) vote: voxels with the same vote count get different probabilities.
+    votes = samples.sum(axis=0)
+    one_vote = prob[votes == 1]
+    assert one_vote.max() - one_vote.min() > 0.5
+    # the reliable rater alone outweighs the two others
+    alone = (samples[0] == 1) & (votes == 1)
+    assert alone.any() and (prob[alone] >= 0.5).all()
+
+
+def test_staple_needs_two_samples():
+    with pytest.raises(InputError, match="at least 2"):
+        staple_fuse(np.ones((1, 4, 4, 4), np.uint8))
+    with pytest.raises(InputError):
+        staple_fuse(np.ones((4,), np.uint8))
+
+
+def test_staple_unanimous_samples():
+    empty = np.zeros((3, 5, 6, 7), np.uint8)
+    out = staple_fuse(empty)  # the EM is undefined here (the filter gives NaN); the answer is not
+    assert out.dtype == np.float32 and not out.any()
+    full = np.ones((2, 5, 6, 7), np.uint8)
+    assert np.all(staple_fuse(full) == 1.0)
+    same = np.zeros((3, 5, 6, 7), np.uint8)
+    same[:, 1:3, 2:4, 2:5] = 1
+    np.testing.assert_array_equal(staple_fuse(same), same[0].astype(np.float32))
+
+
+def test_staple_accepts_bool_and_2d():
+    truth, samples = raters(3)
+    a = staple_fuse(samples[:, 12])
+    b = staple_fuse(samples[:, 12].astype(bool))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == truth.shape[1:]
+
+
+# ---- largest component -------------------------------------------------------------------
+def test_keep_largest_component():
+    m = np.zeros((10, 20, 20), np.uint8)
+    m[2:8, 2:12, 2:12] = 1  # big
+    m[3:5, 15:18, 15:18] = 1  # island
+    m[8:10, 18:20, 0:2] = 1  # another island
+    out = keep_largest_component(m)
+    assert out.dtype == bool
+    expect = np.zeros_like(m, bool)
+    expect[2:8, 2:12, 2:12] = True
+    np.testing.assert_array_equal(out, expect)
+    assert not keep_largest_component(np.zeros((3, 4, 5))).any()
+
+
+def test_keep_largest_component_connectivity():
+    m = np.zeros((1, 6, 6), np.uint8)
+    m[0, 0, 0] = m[0, 1, 1] = m[0, 2, 2] = 1  # a diagonal: 3 components by faces, 1 fully connected
+    m[0, 4:6, 4:6] = 1  # a 2x2 block (4 voxels)
+    assert keep_largest_component(m).sum() == 4
+    assert keep_largest_component(m, fully_connected=True).sum() == 4
+    m[0, 3, 3] = 1  # now the diagonal joins the block when corners count
+    assert keep_largest_component(m, fully_connected=True).sum() == 8
+    assert keep_largest_component(m).sum() == 4
