@@ -1,0 +1,137 @@
+"""Labelled volumes as 2D slices at the model's spacing, and a window sampler over them.
+
+A labelled volume is an image (file or DICOM folder) plus a multi-label map and a name table
+``{organ name: label value}`` (TotalSegmentator's CT and MR code tables differ, so the table
+belongs to the dataset, not the model). The label map is brought onto the image grid
+physically (nearest neighbour; identical grids stored with other axis conventions map
+exactly), slices are taken in the model's canonical orientation and resampled in-plane to
+the model spacing exactly as the inference engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..io import CanonicalView, read_volume
+from ..preprocessing import PreprocessSpec, inplane_size, normalise_intensity, resample_inplane
+from ..preprocessing.spec import intensity_bounds
+
+
+@dataclass
+class LabelledVolume:
+    name: str
+    images: torch.Tensor  # [S, H, W] float32 normalised to [-1, 1], model spacing
+    labels: torch.Tensor  # [S, H, W] int16 organ index + 1 (0 = background), model spacing
+    organ_present: np.ndarray  # [S, O] bool: organ o has voxels on slice s
+    labelled: np.ndarray  # [O] bool: the name table labels organ o (else its absence means nothing)
+
+
+def _labels_on_image_grid(label: sitk.Image, image: sitk.Image) -> sitk.Image:
+    same = (label.GetSize() == image.GetSize()
+            and np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-4)
+            and np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3)
+            and np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-5))
+    if same:
+        return label
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+
+
+def load_labelled_volume(
+    image_path: str | Path,
+    label_path: str | Path,
+    name_table: dict[str, int],
+    organs: list[str],
+    spec: PreprocessSpec,
+    slices: tuple[int, int] | None = None,
+    name: str | None = None,
+) -> LabelledVolume:
+    """Load one labelled volume; ``slices=(start, stop)`` keeps a slab of canonical slices."""
+    image = read_volume(image_path)
+    label = _labels_on_image_grid(sitk.ReadImage(str(label_path)), image)
+    view = CanonicalView.from_image(image, spec.orientation)
+    img = view.to_canonical(sitk.GetArrayViewFromImage(image))
+    lab_src = view.to_canonical(sitk.GetArrayViewFromImage(label))
+    if slices is not None:
+        img, lab_src = img[slices[0]:slices[1]], lab_src[slices[0]:slices[1]]
+    bounds = intensity_bounds(np.asarray(img), spec)
+    # Organ index map: 0 background, i+1 for organs[i] (organs missing from the table stay 0).
+    lab = np.zeros(lab_src.shape, dtype=np.int16)
+    for i, organ in enumerate(organs):
+        if organ in name_table:
+            lab[lab_src == name_table[organ]] = i + 1
+    _, sj, si = view.spacing_kji
+    size = inplane_size(img.shape[1:], (sj, si), spec.spacing)
+    x = normalise_intensity(torch.from_numpy(np.array(img, dtype=np.float32)), bounds)[:, None]
+    x = resample_inplane(x, size)[:, 0].contiguous()
+    y = resample_inplane(torch.from_numpy(lab)[:, None].float(), size, mode="nearest")[:, 0].to(torch.int16)
+    present = np.stack([(y == i + 1).flatten(1).any(1).numpy() for i in range(len(organs))], axis=1)
+    labelled = np.array([organ in name_table for organ in organs])
+    return LabelledVolume(name or Path(image_path).name, x, y, present, labelled)
+
+
+class SliceWindowSampler:
+    """Random ``roi``×``roi`` windows with foreground oversampling.
+
+    Each draw picks a volume uniformly, then an organ prompt uniformly; with probability
+    ``foreground_fraction`` the window is centred near a random voxel of that organ (on a slice
+    where it is present), else it is a random window on a random slice, where the prompted
+    organ may be absent (the model must learn to answer "nothing here"). Windows beyond the
+    image are padded with -1 (normalised air) and background.
+    """
+
+    def __init__(self, volumes: list[LabelledVolume], num_organs: int, roi: int,
+                 foreground_fraction: float = 0.67, seed: int = 0):
+        self.volumes, self.num_organs, self.roi = volumes, num_organs, roi
+        self.fg = foreground_fraction
+        self.rng = np.random.default_rng(seed)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    def _window(self, vol: LabelledVolume, s: int, cy: int, cx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.roi
+        img = torch.full((r, r), -1.0)
+        lab = torch.zeros((r, r), dtype=torch.int16)
+        H, W = vol.images.shape[1:]
+        y0, x0 = cy - r // 2, cx - r // 2
+        ys, xs = max(0, y0), max(0, x0)
+        ye, xe = min(H, y0 + r), min(W, x0 + r)
+        img[ys - y0:ye - y0, xs - x0:xe - x0] = vol.images[s, ys:ye, xs:xe]
+        lab[ys - y0:ye - y0, xs - x0:xe - x0] = vol.labels[s, ys:ye, xs:xe]
+        return img, lab
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One window: image ``[1,r,r]``, binary mask ``[1,r,r]`` of the prompted organ, organ id."""
+        vol = self.volumes[self.rng.integers(len(self.volumes))]
+        organ = int(self.rng.choice(np.flatnonzero(vol.labelled)))
+        S, H, W = vol.images.shape
+        slices_with = np.flatnonzero(vol.organ_present[:, organ])
+        jitter = self.roi // 4
+        if slices_with.size and self.rng.random() < self.fg:
+            s = int(self.rng.choice(slices_with))
+            yy, xx = torch.nonzero(vol.labels[s] == organ + 1, as_tuple=True)
+            k = int(self.rng.integers(len(yy)))
+            cy = int(yy[k]) + int(self.rng.integers(-jitter, jitter + 1))
+            cx = int(xx[k]) + int(self.rng.integers(-jitter, jitter + 1))
+        else:
+            s = int(self.rng.integers(S))
+            cy = int(self.rng.integers(0, max(1, H)))
+            cx = int(self.rng.integers(0, max(1, W)))
+            if H <= self.roi and W <= self.roi:  # whole slice fits: centre it with jitter
+                cy = H // 2 + int(self.rng.integers(-jitter, jitter + 1))
+                cx = W // 2 + int(self.rng.integers(-jitter, jitter + 1))
+        img, lab = self._window(vol, s, cy, cx)
+        return img[None], (lab == organ + 1).float()[None], organ
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [self.draw() for _ in range(n)]
+        return (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]),
+                torch.tensor([i[2] for i in items], dtype=torch.long))
