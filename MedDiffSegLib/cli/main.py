@@ -1,0 +1,437 @@
+"""The ``meddiffseg`` command line (also ``python -m MedDiffSegLib``).
+
+Each subcommand is added by an ``_add_<name>(subparsers)`` function that sets ``func`` on its
+parser; ``func(args) -> int`` does the work. :func:`main` turns every
+:class:`~MedDiffSegLib.errors.MedDiffSegError` into one line ``meddiffseg: error: <message>``
+on stderr and returns the error's exit code; anything else is a bug and keeps its traceback.
+Heavy imports (torch, SimpleITK) happen inside the subcommands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Callable, Sequence
+
+from .. import __version__
+from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError
+
+PROG = "meddiffseg"
+DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm")
+
+EXIT_CODES_TEXT = f"""\
+exit codes:
+  0    success
+  1    invalid option value (e.g. --samples 0) or another user error
+  2    input problem: missing, unreadable, not 3D, empty or mixed DICOM folder
+       (also used by command-line syntax errors)
+  {ModelError.exit_code}    model problem: not installed, corrupt (sha256 mismatch), unknown organ
+  {DeviceError.exit_code}    device problem: e.g. --device cuda without a usable GPU
+  {OutputError.exit_code}    output folder cannot be created or written
+  {Cancelled.exit_code}  cancelled (Ctrl-C); no output files are left behind
+"""
+assert InputError.exit_code == 2  # the text above says so
+
+SEGMENT_DESCRIPTION = """\
+Segment one or more organs in a CT or MRI volume with a diffusion model and write
+the label map, a voxel-wise uncertainty map and a JSON summary.
+
+INPUT is a volume file (.nii/.nii.gz, .nrrd, .mha/.mhd) or a folder holding exactly
+one DICOM series. The input is only read, never modified.
+"""
+
+SEGMENT_EPILOG = f"""\
+how it works:
+  A diffusion model does not output one mask: it draws masks from a distribution,
+  starting from random noise conditioned on the image. --samples N draws N masks per
+  organ; their mean is the probability (thresholded into the segmentation) and their
+  disagreement is the uncertainty. More samples give a smoother probability and a more
+  reliable uncertainty map at N times the network time; 1 sample gives a segmentation
+  but an all-zero (uninformative) uncertainty. --steps K is the number of denoising
+  steps of each reverse run: more steps cost more time, and some models (trained for a
+  single-step reverse) do not improve with more. Defaults for both come from the model
+  ('meddiffseg models info MODEL'). --seed fixes the random noise: the same input,
+  model, options, seed and device give the same result on CPU.
+
+outputs (in --out DIR; all images have the input's exact voxel grid: size, spacing,
+origin and direction, so they overlay the input voxel for voxel in any viewer):
+  segmentation.nii.gz          uint8 labels: 0 background, 1..n the --organ values in
+                               the order given
+  uncertainty.nii.gz           float32 variance of the organ's probability over the
+                               samples (0 = all samples agree)
+  probability_<organ>.nii.gz   float32 mean foreground probability per organ
+                               (only with --save-probabilities)
+  summary.json                 per organ: label, volume in mL, mean uncertainty inside
+                               the mask, the axial slice with the highest uncertainty
+                               (index along the input axis given as slice_axis);
+                               timings; model name/version/sha256; settings; software
+                               versions; input size and spacing. No patient names, IDs,
+                               dates or DICOM tags are written.
+  Files are written under temporary names and renamed at the end: a failed or
+  cancelled run leaves no output (and removes DIR if the run created it). Existing
+  files of the same names in DIR are replaced.
+
+devices:
+  auto   a CUDA GPU when PyTorch sees one, otherwise the CPU (default)
+  cpu    always the CPU
+  cuda   the first CUDA GPU (cuda:N for another); an error if none is usable
+
+{EXIT_CODES_TEXT}
+example:
+  meddiffseg segment ct.nii.gz --organ liver --organ spleen --out results/ --samples 10
+"""
+
+MODELS_DESCRIPTION = f"""\
+List, inspect and install model packages. Without a subcommand: list.
+
+A model package is a folder with model.json (method, organs, preprocessing,
+provenance, metrics, weights sha256) and weights.safetensors. Packages are found in
+  - the built-in folder shipped with MedDiffSeg, and
+  - the user folder $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models).
+A user package with the same name as a built-in one takes precedence.
+Installing is offline, from a local zip: the zip is checked (optional sha256, no unsafe
+paths or links), the weights are verified against model.json, then it is moved into
+the user folder in one step.
+"""
+
+
+def _schedulers() -> tuple[str, ...]:
+    # A static list keeps '--help' free of the torch import; a test checks it matches
+    # MedDiffSegLib.sampling.schedulers.SCHEDULERS, and the pipeline validates again.
+    return DEFAULT_SCHEDULERS
+
+
+# -- output helpers ------------------------------------------------------------------------------
+
+
+def _one_line(msg: str) -> str:
+    """Fold a multi-line message (e.g. a list of DICOM series) into one line."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return lines[0] + " " + "; ".join(ln.lstrip("-* ").strip() for ln in lines[1:])
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {_one_line(msg)}", file=sys.stderr)
+
+
+class _StderrLogHandler(logging.Handler):
+    """Library warnings as ``meddiffseg: warning: ...`` lines (resolved against the current stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"{PROG}: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("MedDiffSegLib")
+    if not any(isinstance(h, _StderrLogHandler) for h in logger.handlers):
+        logger.addHandler(_StderrLogHandler(logging.WARNING))
+        logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
+class _Progress:
+    """A tqdm bar on stderr driven by the engine's ``progress(stage, fraction, message)`` callback."""
+
+    STAGE_TEXT = {"read": "reading", "load": "loading model", "preprocess": "preprocessing",
+                  "network": "sampling", "postprocess": "postprocessing", "write": "writing"}
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, file=sys.stderr, leave=False, dynamic_ncols=True,
+                            bar_format="{desc:<16}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if self.bar is None:
+            return
+        if stage != self.stage:
+            self.stage = stage
+            self.bar.set_description_str(self.STAGE_TEXT.get(stage, stage), refresh=False)
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.bar.n = int(round(fraction * 1000))
+        self.bar.set_postfix_str(message or "", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _CancelOnInterrupt:
+    """First Ctrl-C asks the run to stop cleanly (Cancelled); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{PROG}: cancelling (press Ctrl-C again to stop immediately)...", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# -- segment -------------------------------------------------------------------------------------
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser(
+        "segment", help="segment organs in a CT/MRI volume or DICOM series",
+        description=SEGMENT_DESCRIPTION, epilog=SEGMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="volume file (NIfTI, NRRD, MHA) or a folder with one DICOM series")
+    p.add_argument("--organ", action="append", required=True, metavar="ORGAN",
+                   help="organ to segment (repeat for several; label i = the i-th --organ). "
+                        "Names as listed by 'meddiffseg models info MODEL', e.g. liver")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--model", metavar="M",
+                   help="installed model name or path to a model package folder (default: the built-in default model)")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="diffusion samples per organ; uncertainty needs N >= 2 (default: the model's)")
+    p.add_argument("--steps", type=int, metavar="K", help="denoising steps per sample (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for reproducible results (default: 0)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help="compute device: auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--scheduler", choices=_schedulers(),
+                   help="reverse-diffusion scheduler (default: the model's)")
+    p.add_argument("--staple", action="store_true",
+                   help="fuse the samples with SimpleITK's STAPLE instead of thresholding their mean")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest connected component of each organ")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write probability_<organ>.nii.gz (float32 mean probability)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no result table")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _cmd_segment(args) -> int:
+    from ..inference.pipeline import run_segment
+
+    show_bar = not args.quiet and sys.stderr.isatty()
+    bar = _Progress(show_bar)
+    try:
+        with _CancelOnInterrupt() as cancel:
+            summary = run_segment(
+                args.input, args.out, args.organ, model=args.model, samples=args.samples, steps=args.steps,
+                seed=args.seed, device=args.device, scheduler=args.scheduler, staple=args.staple,
+                largest_component=args.largest_component, save_probabilities=args.save_probabilities,
+                progress=bar, should_cancel=cancel,
+            )
+    finally:
+        bar.close()
+    if not args.quiet:
+        _print_segment_result(summary, args.out)
+    return 0
+
+
+def _print_segment_result(summary: dict, out: str) -> None:
+    from pathlib import Path
+
+    out_dir = Path(out)
+    files = [summary["outputs"]["segmentation"], summary["outputs"]["uncertainty"],
+             *summary["outputs"]["probabilities"].values(), "summary.json"]
+    print(f"wrote {', '.join(str(out_dir / f) for f in files)}")
+    rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice")]
+    for o in summary["organs"]:
+        mu = "-" if o["mean_uncertainty"] is None else f"{o['mean_uncertainty']:.4f}"
+        sl = "-" if o["max_uncertainty_slice"] is None else str(o["max_uncertainty_slice"])
+        rows.append((str(o["label"]), o["display_name"], f"{o['volume_ml']:.1f}", mu, sl))
+    _print_table(rows)
+    s = summary["settings"]
+    print(f"model {summary['model']['name']} {summary['model']['version']}; {s['samples']} sample(s), "
+          f"{s['steps']} step(s), seed {s['seed']}; {s['device']}; {summary['timings_s']['total']:.1f} s")
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list, inspect and install model packages",
+                       description=MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=_cmd_models_list)
+    msub = p.add_subparsers(dest="models_command", metavar="{list,info,install}")
+
+    pl = msub.add_parser("list", help="list installed models (name, version, method, organs, where)")
+    pl.add_argument("--json", action="store_true", help="print the list as JSON")
+    pl.set_defaults(func=_cmd_models_list)
+
+    pi = msub.add_parser("info", help="show a model's card: organs, preprocessing, provenance, metrics",
+                         description="Show a model's card. NAME is an installed model name or a package folder.")
+    pi.add_argument("name", metavar="NAME")
+    pi.add_argument("--json", action="store_true", help="print model.json as JSON")
+    pi.set_defaults(func=_cmd_models_info)
+
+    pz = msub.add_parser(
+        "install", help="install a model package from a local zip (offline)",
+        description="Install a model package from a local zip into $MEDDIFFSEG_HOME/models "
+                    "(default ~/.meddiffseg/models). The zip holds model.json and weights.safetensors, "
+                    "at its root or in one top-level folder. Nothing is downloaded.",
+    )
+    pz.add_argument("zip", metavar="ZIP", help="path of the package zip")
+    pz.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip file (as published with it)")
+    pz.add_argument("--force", action="store_true", help="replace an installed user package of the same name")
+    pz.set_defaults(func=_cmd_models_install)
+
+
+def _organ_list(pkg) -> str:
+    return ", ".join(pkg.organ_names)
+
+
+def _cmd_models_list(args) -> int:
+    from ..registry.store import builtin_models_dir, package_origin, scan_packages, user_models_dir
+
+    scan = scan_packages()
+    for b in scan.broken:
+        print(f"{PROG}: warning: skipping model folder {b.path}: {b.reason}", file=sys.stderr)
+    shadowed = {p.name for p in scan.shadowed}
+    if getattr(args, "json", False):
+        print(json.dumps([
+            {"name": p.name, "version": p.version, "method": p.method_name, "organs": p.organ_names,
+             "origin": package_origin(p), "path": str(p.path), "shadows_builtin": p.name in shadowed}
+            for p in scan.packages
+        ], indent=2))
+        return 0
+    if not scan.packages:
+        print(f"no models installed (built-in folder: {builtin_models_dir()}; user folder: {user_models_dir()})")
+        print(f"install one with '{PROG} models install PACKAGE.zip'")
+        return 0
+    rows = [("NAME", "VERSION", "METHOD", "ORGANS", "WHERE")]
+    for p in scan.packages:
+        where = f"{package_origin(p)}: {p.path}"
+        if p.name in shadowed:
+            where += " (shadows the built-in)"
+        rows.append((p.name, p.version, p.method_name, _organ_list(p), where))
+    _print_table(rows)
+    return 0
+
+
+def _fmt_code(c: dict) -> str:
+    return f"{c.get('meaning', '?')} ({c.get('scheme', '?')} {c.get('code', '?')})"
+
+
+def _cmd_models_info(args) -> int:
+    from ..registry.store import package_origin, resolve_model
+
+    pkg = resolve_model(args.name)
+    if args.json:
+        print(json.dumps(pkg.to_dict(), indent=2))
+        return 0
+    print(f"{pkg.name} {pkg.version}  ({package_origin(pkg)}: {pkg.path})")
+    if pkg.description:
+        print(f"  {pkg.description}")
+    print(f"method: {pkg.method_name}")
+    print(f"weights sha256: {pkg.weights_sha256}")
+    print("organs (label = position of --organ on the command line):")
+    rows = [("  NAME", "DISPLAY NAME", "COLOUR", "CATEGORY", "TYPE")]
+    for o in pkg.organs:
+        rows.append((f"  {o.name}", o.display_name, "#%02x%02x%02x" % tuple(o.color),
+                     _fmt_code(o.category), _fmt_code(o.type)))
+    _print_table(rows)
+    pre = pkg.preprocessing.to_dict()
+    print("preprocessing:")
+    for k, v in pre.items():
+        if (k == "ct_window" and pre.get("modality") != "CT") or (k == "mr_percentiles" and pre.get("modality") != "MR"):
+            continue
+        print(f"  {k}: {v}")
+    print("inference defaults:")
+    for k, v in pkg.inference.items():
+        print(f"  {k}: {v}")
+    for title, block in (("provenance", pkg.provenance), ("metrics", pkg.metrics)):
+        print(f"{title}:" + ("" if block else " (none recorded)"))
+        for k, v in block.items():
+            print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    card = pkg.path / "MODEL_CARD.md"
+    if card.is_file():
+        print(f"model card: {card}")
+    return 0
+
+
+def _cmd_models_install(args) -> int:
+    from ..registry.store import builtin_models_dir, install_zip
+
+    pkg = install_zip(args.zip, sha256=args.sha256, force=args.force)
+    print(f"installed {pkg.name} {pkg.version} ({pkg.method_name}; organs: {_organ_list(pkg)}) to {pkg.path}")
+    if (builtin_models_dir() / pkg.name).is_dir():
+        print("note: it takes precedence over the built-in model of the same name")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+#: Subcommand builders, in help order. Other commands add themselves here.
+SUBCOMMANDS: list[Callable] = [_add_segment, _add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="MedDiffSeg: diffusion-model segmentation of CT and MRI with ensemble uncertainty.",
+        epilog=EXIT_CODES_TEXT + f"\nRun '{PROG} COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: keep argparse's code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        return int(args.func(args) or 0)
+    except MedDiffSegError as exc:
+        _err(str(exc) or type(exc).__name__)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return Cancelled.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""One segmentation run from files to files: what ``meddiffseg segment`` does.
+
+:func:`run_segment` validates everything it can *before* touching the output folder, runs the
+volume engine, then writes all outputs under temporary names inside the output folder and
+renames them into place at the very end. A failed or cancelled run removes its temporary
+files (and the output folder itself when the run created it), so it never leaves a partial
+result behind. The input is only ever read.
+
+Outputs (all in the input's exact voxel grid: size, spacing, origin and direction):
+
+- ``segmentation.nii.gz`` -- uint8 label map, 0 = background, label ``i`` = the ``i``-th organ
+  requested (1-based, in the order given);
+- ``uncertainty.nii.gz`` -- float32 voxel-wise disagreement between the diffusion samples;
+- ``probability_<organ>.nii.gz`` -- float32 mean foreground probability (only on request);
+- ``summary.json`` -- per-organ volumes and uncertainty, timings, model and software versions,
+  run settings and the input's size and spacing. It never contains patient names, IDs, dates
+  or any DICOM tag, nor the input's path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, MedDiffSegError, ModelError, OutputError
+from ..registry.package import ModelPackage
+from ..registry.store import package_origin, resolve_model
+
+SEGMENTATION = "segmentation.nii.gz"
+UNCERTAINTY = "uncertainty.nii.gz"
+SUMMARY = "summary.json"
+PROBABILITY_TEMPLATE = "probability_{organ}.nii.gz"
+SUMMARY_FORMAT = 1
+
+ProgressFn = Callable[[str, float, str], None]
+
+# Share of the whole run's progress bar per stage (the engine reports 0..1 over its three stages).
+_PROGRESS_SPAN = {"read": (0.0, 0.04), "load": (0.04, 0.06), "engine": (0.06, 0.96), "write": (0.96, 1.0)}
+_ENGINE_STAGES = ("preprocess", "network", "postprocess")
+
+
+def _schedulers() -> tuple[str, ...]:
+    try:
+        from ..sampling.schedulers import SCHEDULERS
+
+        return tuple(SCHEDULERS)
+    except ImportError:  # pragma: no cover - the sampling package is always shipped
+        return ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm")
+
+
+def probability_filename(organ: str) -> str:
+    return PROBABILITY_TEMPLATE.format(organ=re.sub(r"[^A-Za-z0-9_.-]+", "_", organ))
+
+
+# -- validation helpers ---------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise MedDiffSegError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise MedDiffSegError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _first_existing_ancestor(path: Path) -> tuple[Path, list[Path]]:
+    """The nearest existing ancestor of ``path`` and the missing folders below it (top first)."""
+    missing: list[Path] = []
+    current = path
+    while not (current.exists() or current.is_symlink()):
+        missing.append(current)
+        parent = current.parent
+        if parent == current:
+            break
+        current = parent
+    return current, list(reversed(missing))
+
+
+def _check_output_dir(out_dir: Path, input_path: Path) -> list[Path]:
+    """Raise OutputError unless ``out_dir`` can be created/written; returns the folders to create."""
+    existing, missing = _first_existing_ancestor(out_dir)
+    if not missing:
+        if not out_dir.is_dir():
+            raise OutputError(f"output folder {out_dir} exists and is not a folder")
+    elif not existing.is_dir():
+        raise OutputError(f"cannot create output folder {out_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out_dir} is not writable (no write permission on {existing})")
+    try:
+        same = input_path.is_dir() and out_dir.exists() and os.path.samefile(out_dir, input_path)
+    except OSError:
+        same = False
+    if same:
+        raise OutputError(f"output folder {out_dir} is the input DICOM folder; choose another folder "
+                          "(the input is never modified)")
+    return missing
+
+
+def _check_geometry(result_image, reference, what: str) -> None:
+    """The engine promises the input's grid; refuse to write anything else (that would be a bug)."""
+    if tuple(result_image.GetSize()) != tuple(reference.GetSize()):
+        raise RuntimeError(f"engine returned {what} of size {result_image.GetSize()} for an input of size {reference.GetSize()}")
+    for got, want, label in (
+        (result_image.GetSpacing(), reference.GetSpacing(), "spacing"),
+        (result_image.GetOrigin(), reference.GetOrigin(), "origin"),
+        (result_image.GetDirection(), reference.GetDirection(), "direction"),
+    ):
+        if not np.allclose(got, want, rtol=1e-5, atol=1e-4):
+            raise RuntimeError(f"engine returned {what} with {label} {got}, input has {want}")
+    result_image.CopyInformation(reference)  # exact, not merely close
+
+
+def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def run_segment(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    organs: Sequence[str],
+    *,
+    model: str | os.PathLike | ModelPackage | None = None,
+    samples: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    scheduler: str | None = None,
+    staple: bool = False,
+    largest_component: bool = False,
+    save_probabilities: bool = False,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
+
+    ``model``: an installed package name, a package folder, a :class:`ModelPackage`, or ``None``
+    for the default model. ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults.
+    Returns the summary (the content of ``summary.json``).
+
+    ``progress(stage, fraction, message)`` is called with ``stage`` one of ``read``, ``load``,
+    ``preprocess``, ``network``, ``postprocess``, ``write`` and ``fraction`` the share of the
+    whole run done so far (0..1, never decreasing). ``should_cancel()`` is polled between
+    stages and by the engine before every window batch.
+
+    Raises :class:`MedDiffSegError` subclasses for anything the user can fix -- all of them
+    before the output folder is touched -- and :class:`Cancelled` when ``should_cancel()``
+    becomes true or the run is interrupted; no output file is left behind in either case.
+    """
+    t_start = time.perf_counter()
+
+    def report(stage: str, fraction: float, message: str) -> None:
+        """Forward progress as the fraction of the whole run (the engine's share is scaled in)."""
+        if progress is not None:
+            lo, hi = _PROGRESS_SPAN["engine" if stage in _ENGINE_STAGES else stage]
+            progress(stage, lo + (hi - lo) * min(max(float(fraction), 0.0), 1.0), message)
+
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("segmentation cancelled; no output was written")
+
+    # 1. cheap argument checks
+    samples = _check_int("samples", samples, 1)
+    steps = _check_int("steps", steps, 1)
+    seed_int = _check_int("seed", seed, 0)
+    seed = 0 if seed_int is None else seed_int
+    if seed >= 2**63:
+        raise MedDiffSegError(f"seed must be below 2**63, got {seed}")
+    if scheduler is not None and scheduler not in _schedulers():
+        raise MedDiffSegError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(_schedulers())}")
+    if isinstance(organs, str):
+        organs = [organs]
+    organs = list(organs)
+
+    # 2. device
+    from .device import device_description, resolve_device
+
+    torch_device = resolve_device(device)
+    device_text = device_description(torch_device)
+
+    # 3. model + weights hash
+    package = model if isinstance(model, ModelPackage) else resolve_model(model)
+    package.verify()
+
+    # 4. organs known to the model
+    if not organs:
+        raise ModelError(f"no organ requested; model {package.name!r} segments: {', '.join(package.organ_names)}")
+    organ_ids = package.organ_ids(organs)
+    organ_names = [package.organs[i].name for i in organ_ids]
+    if len(organ_names) > 255:
+        raise MedDiffSegError(f"at most 255 organs fit a uint8 label map, got {len(organ_names)}")
+    effective_samples = samples if samples is not None else int(package.inference.get("samples", 1))
+    if staple and effective_samples < 2:
+        raise MedDiffSegError(f"STAPLE fuses several samples and needs samples >= 2 (got {effective_samples})")
+
+    # 5. output folder (checked, not created)
+    input_path = Path(input_path).expanduser()
+    out_dir = Path(out_dir).expanduser().absolute()
+    to_create = _check_output_dir(out_dir, input_path)
+
+    # 6. input
+    from ..io.volume import read_volume
+
+    check_cancel()
+    report("read", 0.0, "reading input")
+    t0 = time.perf_counter()
+    image = read_volume(input_path)
+    t_read = time.perf_counter() - t0
+    report("read", 1.0, "input read")
+
+    # 7. network (a weights/config mismatch is a model problem, reported before any output)
+    check_cancel()
+    report("load", 0.0, f"loading model {package.name}")
+    t0 = time.perf_counter()
+    try:
+        method = package.load_method(str(torch_device))
+    except MedDiffSegError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"model {package.name!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    t_load = time.perf_counter() - t0
+    report("load", 1.0, "model loaded")
+
+    # 8. segment
+    from .engine import segment_volume
+
+    check_cancel()
+    result = segment_volume(
+        image, package, organ_names,
+        samples=samples, steps=steps, seed=seed, device=str(torch_device), scheduler=scheduler,
+        staple=staple, largest_component=largest_component, keep_probabilities=save_probabilities,
+        method=method, progress=report, should_cancel=should_cancel,
+    )
+    del method
+    check_cancel()
+
+    # 9. write everything under temporary names, then rename
+    report("write", 0.0, "writing outputs")
+    t0 = time.perf_counter()
+    import SimpleITK as sitk
+
+    from ..io.volume import write_image_atomic
+
+    labels = result.labels
+    if labels.GetPixelID() != sitk.sitkUInt8:
+        labels = sitk.Cast(labels, sitk.sitkUInt8)
+    uncertainty = result.uncertainty
+    if uncertainty.GetPixelID() != sitk.sitkFloat32:
+        uncertainty = sitk.Cast(uncertainty, sitk.sitkFloat32)
+    _check_geometry(labels, image, "the segmentation")
+    _check_geometry(uncertainty, image, "the uncertainty map")
+    images: list[tuple[str, Any]] = [(SEGMENTATION, labels), (UNCERTAINTY, uncertainty)]
+    prob_files: dict[str, str] = {}
+    if save_probabilities:
+        probs = getattr(result, "probabilities", None) or {}
+        for name in organ_names:
+            if probs.get(name) is None:
+                raise RuntimeError(f"engine returned no probability map for {name!r} although it was requested")
+            prob = probs[name]
+            if prob.GetPixelID() != sitk.sitkFloat32:
+                prob = sitk.Cast(prob, sitk.sitkFloat32)
+            _check_geometry(prob, image, f"the probability map of {name}")
+            fname = probability_filename(name)
+            prob_files[name] = fname
+            images.append((fname, prob))
+
+    created: list[Path] = []
+    staging: Path | None = None
+    placed: list[Path] = []
+    try:
+        try:
+            for folder in to_create:
+                folder.mkdir()
+                created.append(folder)
+            staging = Path(tempfile.mkdtemp(prefix=".meddiffseg-partial-", dir=out_dir))
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
+        for i, (fname, img) in enumerate(images):
+            check_cancel()
+            write_image_atomic(img, staging / fname)
+            report("write", (i + 1) / (len(images) + 1), f"wrote {fname}")
+        t_write = time.perf_counter() - t0
+        summary = _summary(
+            image=image, labels=labels, result=result, package=package, organ_names=organ_names,
+            samples=samples, steps=steps, seed=seed, scheduler=scheduler, staple=staple,
+            largest_component=largest_component, device_text=device_text,
+            prob_files=prob_files,
+            timings={"read": t_read, "load_model": t_load, "write": t_write, "total": time.perf_counter() - t_start},
+            engine_timings=dict(getattr(result, "timings", {}) or {}),
+            input_kind="dicom-series" if input_path.is_dir() else "file",
+        )
+        try:
+            (staging / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {out_dir / SUMMARY}: {exc.strerror or exc}") from None
+        check_cancel()
+        # summary.json last: its presence marks a complete set of outputs.
+        try:
+            for fname, _ in images:
+                os.replace(staging / fname, out_dir / fname)
+                placed.append(out_dir / fname)
+            os.replace(staging / SUMMARY, out_dir / SUMMARY)
+            placed.append(out_dir / SUMMARY)
+        except OSError as exc:
+            raise OutputError(f"cannot move outputs into {out_dir}: {exc.strerror or exc}") from None
+        done_staging, staging = staging, None
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        else:
+            for p in placed:  # only files this run renamed into an existing folder
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        raise
+    try:
+        done_staging.rmdir()  # empty by now; the outputs are already in place
+    except OSError:
+        pass
+    report("write", 1.0, f"outputs written to {out_dir}")
+    return summary
+
+
+def _summary(*, image, labels, result, package: ModelPackage, organ_names, samples, steps, seed,
+             scheduler, staple, largest_component, device_text, prob_files, timings, engine_timings,
+             input_kind) -> dict:
+    import SimpleITK as sitk
+    import torch
+
+    from .. import __version__
+
+    spacing = [float(s) for s in image.GetSpacing()]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    label_arr = sitk.GetArrayViewFromImage(labels)
+    counts = np.bincount(label_arr.reshape(-1), minlength=len(organ_names) + 1)
+    engine_stats = {getattr(s, "name", None): s for s in (getattr(result, "stats", None) or [])}
+    unc_arr = None
+    organs_out = []
+    for label, name in enumerate(organ_names, start=1):
+        organ = package.organs[package.organ_names.index(name)]
+        count = int(counts[label])  # from the label map actually written, so volume_ml matches it
+        entry = {"name": name, "display_name": organ.display_name, "label": label, "voxel_count": count,
+                 "volume_ml": count * voxel_ml, "mean_uncertainty": None, "max_uncertainty_slice": None,
+                 "slice_axis": None, "max_uncertainty_position_mm": None}
+        st = engine_stats.get(name)
+        if count and st is not None and getattr(st, "mean_uncertainty", None) is not None:
+            entry["mean_uncertainty"] = _finite_or_none(st.mean_uncertainty)
+            if getattr(st, "max_uncertainty_slice", None) is not None:
+                entry["max_uncertainty_slice"] = int(st.max_uncertainty_slice)
+                axis = getattr(st, "slice_axis", None)
+                entry["slice_axis"] = None if axis is None else int(axis)
+                pos = getattr(st, "max_uncertainty_position", None)
+                entry["max_uncertainty_position_mm"] = None if pos is None else [float(v) for v in pos]
+        elif count:  # engine gave no statistics: compute them here (slices along numpy axis 0)
+            if unc_arr is None:
+                unc_arr = sitk.GetArrayViewFromImage(result.uncertainty)
+            mask = label_arr == label
+            entry["mean_uncertainty"] = _finite_or_none(unc_arr[mask].mean(dtype=np.float64))
+            per_slice = np.where(mask, unc_arr, 0.0).sum(axis=(1, 2), dtype=np.float64)
+            entry["max_uncertainty_slice"] = int(np.argmax(per_slice))
+            entry["slice_axis"] = 0
+        organs_out.append(entry)
+    t = {
+        "read": timings["read"],
+        "load_model": timings["load_model"],
+        "preprocess": float(engine_timings.get("preprocess", 0.0)),
+        "network": float(engine_timings.get("network", 0.0)),
+        "postprocess": float(engine_timings.get("postprocess", 0.0)),
+        "write": timings["write"],
+        "total": timings["total"],
+    }
+    return {
+        "format": SUMMARY_FORMAT,
+        "outputs": {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY, "probabilities": prob_files},
+        "uncertainty": ("per voxel: variance over the samples of the assigned organ's foreground probability; "
+                        "background voxels: the largest variance over the requested organs"),
+        "organs": organs_out,
+        "model": {
+            "name": package.name, "version": package.version, "method": package.method_name,
+            "weights_sha256": package.weights_sha256, "origin": package_origin(package),
+        },
+        "settings": {
+            "samples": int(getattr(result, "samples", None) or samples or package.inference["samples"]),
+            "steps": int(getattr(result, "steps", None) or steps or package.inference["steps"]),
+            "scheduler": getattr(result, "scheduler", None) or scheduler or package.inference.get("scheduler"),
+            "seed": int(seed),
+            "threshold": float(getattr(result, "threshold", package.inference.get("threshold", 0.5))),
+            "staple": bool(staple),
+            "largest_component": bool(largest_component),
+            "device": device_text,
+        },
+        "timings_s": {k: round(float(v), 4) for k, v in t.items()},
+        "input": {
+            "kind": input_kind,
+            "size": [int(s) for s in image.GetSize()],
+            "spacing_mm": spacing,
+            "voxel_volume_ml": voxel_ml,
+            "pixel_type": image.GetPixelIDTypeAsString(),
+        },
+        "software": {
+            "meddiffseg": __version__,
+            "torch": torch.__version__,
+            "python": ".".join(map(str, sys.version_info[:3])),
+        },
+    }

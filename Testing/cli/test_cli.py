@@ -1,0 +1,514 @@
+"""``meddiffseg segment`` and the pipeline behind it: validation, atomic outputs, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedDiffSegLib.cli.main import DEFAULT_SCHEDULERS, main
+from MedDiffSegLib.errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError
+from MedDiffSegLib.inference import engine as engine_module
+from MedDiffSegLib.inference.pipeline import run_segment
+from MedDiffSegLib.io import volume as volume_module
+from MedDiffSegLib.registry import DEFAULT_MODEL, export_zip, install_zip, sha256_file
+from MedDiffSegLib.registry import store
+from tinymodels import make_tiny_package
+
+OUTPUTS = {"segmentation.nii.gz", "uncertainty.nii.gz", "summary.json"}
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_cli_pkgs")
+
+
+@pytest.fixture(scope="session")
+def tiny_guided(tiny_root) -> Path:
+    return make_tiny_package(tiny_root / "tiny-guided", "guided").path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdseg(tiny_root) -> Path:
+    return make_tiny_package(tiny_root / "tiny-sdseg", "sdseg").path
+
+
+@pytest.fixture(scope="session")
+def small_volume(tmp_path_factory) -> Path:
+    """A small synthetic CT-like volume (a bright ellipsoid in air) with a non-trivial geometry."""
+    z, y, x = np.mgrid[0:6, 0:40, 0:48].astype(np.float32)
+    arr = np.where(((x - 24) / 18) ** 2 + ((y - 20) / 14) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.5, 5.0))
+    img.SetOrigin((-90.0, 12.5, 300.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path_factory.mktemp("small_volume") / "small.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture
+def empty_builtin(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "builtin_models"
+    d.mkdir()
+    monkeypatch.setattr(store, "BUILTIN_MODELS_DIR", d)
+    return d
+
+
+def _segment_argv(inp, out, model, *extra, organs=("liver",)) -> list[str]:
+    argv = ["segment", str(inp), "--out", str(out), "--model", str(model), "--quiet"]
+    for o in organs:
+        argv += ["--organ", o]
+    return argv + list(extra)
+
+
+def _assert_no_outputs(out: Path, existed_before: bool = False, previous: set[str] | None = None) -> None:
+    if existed_before:
+        assert out.is_dir()
+        assert {p.name for p in out.iterdir()} == (previous or set())
+    else:
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+def _assert_one_error_line(err: str, *fragments: str) -> None:
+    assert err.startswith("meddiffseg: error: "), err
+    assert err.count("\n") == 1, err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+# -- bad inputs: message, exit code, no files ------------------------------------------------------
+
+
+def _text_file_named_nifti(tmp: Path) -> Path:
+    p = tmp / "notes.nii.gz"
+    p.write_text("this is not an image\n", encoding="utf-8")
+    return p
+
+
+def _image_2d(tmp: Path) -> Path:
+    p = tmp / "slice2d.nii.gz"
+    sitk.WriteImage(sitk.Image([32, 32], sitk.sitkInt16), str(p))
+    return p
+
+
+def _image_4d(tmp: Path) -> Path:
+    p = tmp / "series4d.nii.gz"
+    sitk.WriteImage(sitk.Image([7, 6, 5, 2], sitk.sitkInt16), str(p))
+    return p
+
+
+def _empty_folder(tmp: Path) -> Path:
+    p = tmp / "empty_dicom"
+    p.mkdir()
+    return p
+
+
+def _mixed_dicom_folder(tmp: Path, data: Path) -> Path:
+    p = tmp / "mixed_dicom"
+    p.mkdir()
+    for src_dir, prefix in ((data / "totalsegmentator" / "example_ct_dicom", "a"), (data / "dcmqi" / "ct-3slice", "b")):
+        for f in sorted(src_dir.iterdir()):
+            (p / f"{prefix}_{f.name}").symlink_to(f)
+    return p
+
+
+BAD_INPUTS = {
+    "missing": (lambda tmp, data: tmp / "no_such_scan.nii.gz", "does not exist"),
+    "not-an-image": (lambda tmp, data: _text_file_named_nifti(tmp), "notes.nii.gz"),
+    "2d": (lambda tmp, data: _image_2d(tmp), "is 2D"),
+    "4d": (lambda tmp, data: _image_4d(tmp), "is 4D"),
+    "empty-dicom-folder": (lambda tmp, data: _empty_folder(tmp), "empty folder"),
+    "mixed-dicom-folder": (lambda tmp, data: _mixed_dicom_folder(tmp, data), "2 DICOM series"),
+}
+
+
+@pytest.mark.parametrize("existed_before", [False, True], ids=["new-dir", "existing-dir"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input(case, existed_before, tmp_path, tiny_guided, data_dir, capsys):
+    make, fragment = BAD_INPUTS[case]
+    inp = make(tmp_path, data_dir)
+    out = tmp_path / "out"
+    if existed_before:
+        out.mkdir()
+    assert main(_segment_argv(inp, out, tiny_guided)) == InputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, fragment)
+    _assert_no_outputs(out, existed_before)
+
+
+def test_unknown_organ_lists_known_ones(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, organs=("liver", "pancreas"))) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "'pancreas'", "liver, spleen")
+    _assert_no_outputs(out)
+
+
+def test_organ_given_twice(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, organs=("liver", "Liver"))) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "twice")
+    _assert_no_outputs(out)
+
+
+def test_corrupt_weights(tmp_path, tiny_guided, small_volume, capsys):
+    bad = shutil.copytree(tiny_guided, tmp_path / "corrupt-model")
+    with open(bad / "weights.safetensors", "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        tail = f.read(3)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes(b ^ 0x5A for b in tail))
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, bad)) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "does not match its sha256")
+    _assert_no_outputs(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "cuda")) == DeviceError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "'cuda'", "CUDA is not available")
+    _assert_no_outputs(out)
+
+
+def test_unknown_device(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "tpu")) == DeviceError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "unknown device 'tpu'")
+    _assert_no_outputs(out)
+
+
+def test_output_under_a_regular_file(tmp_path, tiny_guided, small_volume, capsys):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("keep me\n", encoding="utf-8")
+    out = blocker / "results"
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "report.txt is not a folder")
+    assert blocker.read_text(encoding="utf-8") == "keep me\n"
+
+
+def test_output_is_an_existing_file(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "results"
+    out.write_text("x", encoding="utf-8")
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "is not a folder")
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--samples", "0", "samples must be at least 1"),
+    ("--steps", "0", "steps must be at least 1"),
+    ("--seed", "-1", "seed must be at least 0"),
+])
+def test_bad_option_values(option, value, fragment, tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, option, value)) == MedDiffSegError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, fragment)
+    _assert_no_outputs(out)
+
+
+def test_staple_needs_two_samples(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    rc = main(_segment_argv(small_volume, out, tiny_guided, "--staple", "--samples", "1"))
+    assert rc == MedDiffSegError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "STAPLE", "samples >= 2")
+    _assert_no_outputs(out)
+
+
+def test_samples_checked_before_everything(tmp_path, capsys):
+    # Cheap checks come first: a bad --samples is reported even when the input and model are bad too.
+    out = tmp_path / "out"
+    rc = main(["segment", str(tmp_path / "missing.nii.gz"), "--organ", "liver", "--out", str(out),
+               "--model", str(tmp_path / "no-model"), "--samples", "0"])
+    assert rc == MedDiffSegError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "samples must be at least 1")
+
+
+def test_usage_errors_keep_argparse_code(capsys):
+    assert main(["segment", "x.nii.gz", "--out", "o"]) == 2  # --organ missing
+    assert "--organ" in capsys.readouterr().err
+    assert main(["segment", "x.nii.gz", "--organ", "liver", "--out", "o", "--scheduler", "magic"]) == 2
+    assert main([]) == 2
+
+
+def test_default_model_not_installed(tmp_path, empty_builtin, small_volume, capsys):
+    out = tmp_path / "out"
+    rc = main(["segment", str(small_volume), "--organ", "liver", "--out", str(out), "--quiet"])
+    assert rc == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, f"default model '{DEFAULT_MODEL}' is not installed",
+                           "meddiffseg models install")
+    _assert_no_outputs(out)
+
+
+def test_installed_model_by_name(tmp_path, empty_builtin, tiny_guided, small_volume, capsys):
+    install_zip(export_zip(tiny_guided, tmp_path / "tiny.zip"))
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, "tiny-guided")) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert json.loads((out / "summary.json").read_text())["model"]["origin"] == "user"
+
+
+def test_schedulers_match_the_sampling_module():
+    from MedDiffSegLib.sampling.schedulers import SCHEDULERS
+
+    assert tuple(DEFAULT_SCHEDULERS) == tuple(SCHEDULERS)
+
+
+# -- atomicity: failures and cancellation leave nothing ------------------------------------------
+
+
+@pytest.mark.parametrize("existed_before", [False, True], ids=["new-dir", "existing-dir"])
+def test_failure_while_writing_leaves_nothing(existed_before, tmp_path, tiny_guided, small_volume, monkeypatch, capsys):
+    out = tmp_path / "deep" / "out"
+    previous: set[str] = set()
+    if existed_before:
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine", encoding="utf-8")
+        previous = {"notes.txt"}
+    real_write = volume_module.write_image_atomic
+    calls = []
+
+    def failing_write(image, path, *a, **kw):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise OutputError(f"cannot write {path}: disk full (simulated)")
+        return real_write(image, path, *a, **kw)
+
+    monkeypatch.setattr(volume_module, "write_image_atomic", failing_write)
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "disk full")
+    assert calls == ["segmentation.nii.gz", "uncertainty.nii.gz"]
+    _assert_no_outputs(out, existed_before, previous)
+    if not existed_before:
+        assert not (tmp_path / "deep").exists()  # every folder the run created is gone
+
+
+def test_cancel_during_network_leaves_nothing(tmp_path, tiny_guided, small_volume):
+    out = tmp_path / "out"
+    seen = []
+
+    def progress(stage, fraction, message):
+        seen.append(stage)
+
+    with pytest.raises(Cancelled):
+        run_segment(small_volume, out, ["liver"], model=tiny_guided, device="cpu", progress=progress,
+                    should_cancel=lambda: "network" in seen)
+    assert "network" in seen
+    _assert_no_outputs(out)
+
+
+def test_cancel_while_writing_leaves_nothing(tmp_path, tiny_guided, small_volume):
+    out = tmp_path / "out"
+    seen = []
+    with pytest.raises(Cancelled):
+        run_segment(small_volume, out, ["liver"], model=tiny_guided, device="cpu",
+                    progress=lambda s, f, m: seen.append((s, m)),
+                    should_cancel=lambda: any(m.startswith("wrote") for _, m in seen))
+    _assert_no_outputs(out)
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, tiny_guided, small_volume, monkeypatch, capsys):
+    """A real SIGINT during sampling: the CLI's handler asks the engine to stop; exit 130, no files."""
+    real_segment = engine_module.segment_volume
+
+    def segment_with_interrupt(*args, progress=None, **kw):
+        sent = []
+
+        def progress_and_interrupt(stage, fraction, message):
+            if stage == "network" and not sent:
+                sent.append(True)
+                signal.raise_signal(signal.SIGINT)
+            if progress is not None:
+                progress(stage, fraction, message)
+
+        return real_segment(*args, progress=progress_and_interrupt, **kw)
+
+    monkeypatch.setattr(engine_module, "segment_volume", segment_with_interrupt)
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == Cancelled.exit_code
+    err = capsys.readouterr().err
+    assert "cancelling" in err and "meddiffseg: error: segmentation cancelled" in err
+    _assert_no_outputs(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_keyboard_interrupt_exits_130(tmp_path, tiny_guided, small_volume, monkeypatch, capsys):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module, "segment_volume", interrupted)
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == Cancelled.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "interrupted")
+    _assert_no_outputs(out)
+
+
+def test_progress_is_monotone_and_complete(tmp_path, tiny_guided, small_volume):
+    events = []
+    run_segment(small_volume, tmp_path / "out", ["spleen"], model=tiny_guided, device="cpu",
+                progress=lambda s, f, m: events.append((s, f)))
+    stages = [s for s, _ in events]
+    for stage in ("read", "load", "preprocess", "network", "postprocess", "write"):
+        assert stage in stages
+    fractions = [f for _, f in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+# -- end to end on real data --------------------------------------------------------------------
+
+
+def _check_outputs(out: Path, reference: sitk.Image, n_organs: int, *, exact: bool) -> dict:
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    seg = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    unc = sitk.ReadImage(str(out / "uncertainty.nii.gz"))
+    assert seg.GetPixelID() == sitk.sitkUInt8
+    assert unc.GetPixelID() == sitk.sitkFloat32
+    for img in (seg, unc):
+        assert img.GetSize() == reference.GetSize()
+        if exact:
+            assert img.GetSpacing() == reference.GetSpacing()
+            assert img.GetOrigin() == reference.GetOrigin()
+            assert img.GetDirection() == reference.GetDirection()
+        else:  # NIfTI stores geometry in float32: a DICOM's float64 geometry round-trips to ~1e-6
+            np.testing.assert_allclose(img.GetSpacing(), reference.GetSpacing(), rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(img.GetOrigin(), reference.GetOrigin(), rtol=1e-6, atol=1e-4)
+            np.testing.assert_allclose(img.GetDirection(), reference.GetDirection(), atol=1e-6)
+        # the physical position of the far corner voxel agrees too (voxel-for-voxel alignment)
+        corner = [s - 1 for s in reference.GetSize()]
+        np.testing.assert_allclose(img.TransformIndexToPhysicalPoint(corner),
+                                   reference.TransformIndexToPhysicalPoint(corner), atol=1e-3)
+    labels = sitk.GetArrayFromImage(seg)
+    assert set(np.unique(labels).tolist()) <= set(range(n_organs + 1))
+    u = sitk.GetArrayFromImage(unc)
+    assert np.isfinite(u).all() and (u >= 0).all()
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    voxel_ml = float(np.prod(seg.GetSpacing())) / 1000.0
+    assert [o["label"] for o in summary["organs"]] == list(range(1, n_organs + 1))
+    for o in summary["organs"]:
+        count = int((labels == o["label"]).sum())
+        assert o["voxel_count"] == count
+        assert o["volume_ml"] == pytest.approx(count * voxel_ml, rel=1e-6)
+        for key in ("name", "display_name", "mean_uncertainty", "max_uncertainty_slice"):
+            assert key in o
+        if count:
+            assert o["mean_uncertainty"] == pytest.approx(float(u[labels == o["label"]].mean()), rel=1e-4, abs=1e-7)
+            assert 0 <= o["max_uncertainty_slice"] < reference.GetSize()[2 - o["slice_axis"]]
+    for key in ("read", "preprocess", "network", "postprocess", "write", "total"):
+        assert summary["timings_s"][key] >= 0
+    assert summary["timings_s"]["total"] >= summary["timings_s"]["network"]
+    assert set(summary["model"]) >= {"name", "version", "weights_sha256"}
+    assert set(summary["settings"]) >= {"samples", "steps", "scheduler", "seed", "device"}
+    assert summary["software"]["torch"] == torch.__version__
+    assert summary["input"]["size"] == list(reference.GetSize())
+    assert summary["input"]["spacing_mm"] == pytest.approx(list(reference.GetSpacing()))
+    return summary
+
+
+def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
+    ct = data_dir / "totalsegmentator" / "example_ct.nii.gz"
+    before = sha256_file(ct)
+    out = tmp_path / "out"
+    argv = ["segment", str(ct), "--organ", "spleen", "--organ", "liver", "--out", str(out), "--model", str(tiny_guided),
+            "--samples", "2", "--steps", "1", "--seed", "7", "--device", "cpu", "--save-probabilities"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "Spleen" in stdout and "Liver" in stdout and "volume (mL)" in stdout
+    ref = sitk.ReadImage(str(ct))
+    summary = _check_outputs(out, ref, 2, exact=True)
+    assert [o["name"] for o in summary["organs"]] == ["spleen", "liver"]
+    assert summary["settings"]["samples"] == 2 and summary["settings"]["steps"] == 1
+    assert summary["settings"]["seed"] == 7
+    assert summary["model"]["weights_sha256"] == sha256_file(tiny_guided / "weights.safetensors")
+    for organ in ("spleen", "liver"):
+        prob = sitk.ReadImage(str(out / f"probability_{organ}.nii.gz"))
+        assert prob.GetPixelID() == sitk.sitkFloat32 and prob.GetSize() == ref.GetSize()
+        p = sitk.GetArrayFromImage(prob)
+        assert p.min() >= 0 and p.max() <= 1
+    assert str(ct) not in (out / "summary.json").read_text()
+    assert sha256_file(ct) == before
+
+
+def test_end_to_end_dicom_folder(tmp_path, tiny_sdseg, data_dir):
+    folder = data_dir / "totalsegmentator" / "example_ct_dicom"
+    listing = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir())
+    out = tmp_path / "out"
+    assert main(_segment_argv(folder, out, tiny_sdseg, "--samples", "2", "--largest-component")) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = reader.Execute()
+    summary = _check_outputs(out, ref, 1, exact=False)
+    assert summary["input"]["kind"] == "dicom-series"
+    assert sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()) == listing
+    # No patient data in the summary: none of the identifying header values appear in it.
+    text = (out / "summary.json").read_text(encoding="utf-8")
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(sorted(folder.iterdir())[0]))
+    header.LoadPrivateTagsOn()
+    header.ReadImageInformation()
+    for tag in ("0010|0010", "0010|0020", "0010|0030", "0008|0020", "0020|000d", "0020|000e", "0008|0018"):
+        if header.HasMetaDataKey(tag):
+            value = header.GetMetaData(tag).strip()
+            if len(value) >= 4:
+                assert value not in text, tag
+    assert str(folder) not in text
+
+
+def test_rerun_replaces_outputs_and_keeps_other_files(tmp_path, tiny_guided, small_volume):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    s1 = run_segment(small_volume, out, ["liver"], model=tiny_guided, device="cpu", seed=1)
+    s2 = run_segment(small_volume, out, ["liver"], model=tiny_guided, device="cpu", seed=1)
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"notes.txt"}
+    assert s1["organs"] == s2["organs"]  # same seed, same result
+
+
+def test_refuses_to_write_into_the_input_dicom_folder(tmp_path, tiny_guided, data_dir):
+    src = data_dir / "totalsegmentator" / "example_ct_dicom"
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for f in src.iterdir():
+        (folder / f.name).symlink_to(f)
+    with pytest.raises(OutputError, match="is the input DICOM folder"):
+        run_segment(folder, folder, ["liver"], model=tiny_guided, device="cpu")
+    assert all(p.is_symlink() for p in folder.iterdir())
+
+
+# -- the installed console script (one real subprocess) ------------------------------------------
+
+
+def test_console_script(tmp_path, tiny_guided, small_volume):
+    exe = Path(sys.executable).with_name("meddiffseg")
+    if not exe.exists():
+        found = shutil.which("meddiffseg")
+        if not found:
+            pytest.skip("the meddiffseg console script is not installed (pip install -e .)")
+        exe = Path(found)
+    env = dict(os.environ)
+    help_run = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert help_run.returncode == 0
+    for text in ("--organ", "--samples", "uncertainty.nii.gz", "exit codes", "--device"):
+        assert text in help_run.stdout
+    out = tmp_path / "out"
+    run = subprocess.run([str(exe), *_segment_argv(small_volume, out, tiny_guided, "--samples", "2", "--steps", "1")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr == ""  # --quiet, and no bar when stderr is not a terminal
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    bad = subprocess.run([str(exe), *_segment_argv(small_volume, tmp_path / "o2", tiny_guided, "--samples", "0")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("meddiffseg: error: samples must be at least 1")
+    assert not (tmp_path / "o2").exists()

@@ -1,0 +1,313 @@
+"""Model registry: listing, resolving, installing from zip, exporting, ``meddiffseg models``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from MedDiffSegLib.cli.main import main
+from MedDiffSegLib.errors import ModelError
+from MedDiffSegLib.registry import (
+    DEFAULT_MODEL,
+    ModelPackage,
+    export_zip,
+    install_zip,
+    list_packages,
+    package_origin,
+    resolve_model,
+    scan_packages,
+    sha256_file,
+    user_models_dir,
+)
+from MedDiffSegLib.registry import store
+from tinymodels import make_tiny_package
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_pkgs")
+    return {m: make_tiny_package(root / f"tiny-{m}", m).path for m in ("guided", "sdseg")}
+
+
+@pytest.fixture(scope="session")
+def tiny_zips(tiny_packages, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_zips")
+    return {m: export_zip(ModelPackage.from_folder(p), root / f"tiny-{m}.zip") for m, p in tiny_packages.items()}
+
+
+@pytest.fixture
+def builtin_dir(tmp_path, monkeypatch) -> Path:
+    """An empty stand-in for the shipped models folder (the real default model may or may not be there)."""
+    d = tmp_path / "builtin_models"
+    d.mkdir()
+    monkeypatch.setattr(store, "BUILTIN_MODELS_DIR", d)
+    return d
+
+
+def _installed_entries() -> list[str]:
+    d = user_models_dir()
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def _rezip(src_zip: Path, dst_zip: Path, *, edit=None, extra=()) -> Path:
+    """Copy a zip, optionally changing members (edit(name, data) -> data) and adding raw ZipInfo members."""
+    with zipfile.ZipFile(src_zip) as zin, zipfile.ZipFile(dst_zip, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if edit is not None:
+                data = edit(info.filename, data)
+            zout.writestr(info.filename, data)
+        for info, data in extra:
+            zout.writestr(info, data)
+    return dst_zip
+
+
+# -- listing and resolving ---------------------------------------------------------------------
+
+
+def test_user_dir_follows_meddiffseg_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDDIFFSEG_HOME", str(tmp_path / "h"))
+    assert user_models_dir() == tmp_path / "h" / "models"
+    monkeypatch.delenv("MEDDIFFSEG_HOME")
+    assert user_models_dir() == Path.home() / ".meddiffseg" / "models"
+
+
+def test_list_shows_builtin_and_user_packages(builtin_dir, tiny_packages, tiny_zips):
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    install_zip(tiny_zips["sdseg"])
+    pkgs = {p.name: p for p in list_packages()}
+    assert set(pkgs) == {"tiny-guided", "tiny-sdseg"}
+    assert package_origin(pkgs["tiny-guided"]) == "built-in"
+    assert package_origin(pkgs["tiny-sdseg"]) == "user"
+    assert resolve_model("tiny-guided").path == builtin_dir / "tiny-guided"
+
+
+def test_user_package_shadows_builtin(builtin_dir, tiny_packages, tiny_zips):
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    install_zip(tiny_zips["guided"])
+    scan = scan_packages()
+    assert [p.name for p in scan.packages] == ["tiny-guided"]
+    assert package_origin(scan.packages[0]) == "user"
+    assert [package_origin(p) for p in scan.shadowed] == ["built-in"]
+    assert package_origin(resolve_model("tiny-guided")) == "user"
+
+
+def test_broken_folders_are_skipped_with_a_warning(builtin_dir, tiny_zips, caplog):
+    install_zip(tiny_zips["sdseg"])
+    (user_models_dir() / "garbage").mkdir()
+    (user_models_dir() / "badjson").mkdir()
+    (user_models_dir() / "badjson" / "model.json").write_text("{not json", encoding="utf-8")
+    (user_models_dir() / "stray-file.txt").write_text("x", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="MedDiffSegLib.registry.store"):
+        names = [p.name for p in list_packages()]
+    assert names == ["tiny-sdseg"]
+    assert "garbage" in caplog.text and "badjson" in caplog.text
+    with pytest.raises(ModelError, match="broken"):
+        resolve_model("badjson")
+
+
+def test_resolve_by_folder_path(tiny_packages):
+    pkg = resolve_model(str(tiny_packages["sdseg"]))
+    assert pkg.name == "tiny-sdseg" and package_origin(pkg) == "path"
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tiny_packages["sdseg"].parent / "nope"))
+
+
+def test_unknown_name_lists_installed_and_how_to_install(builtin_dir, tiny_zips):
+    install_zip(tiny_zips["guided"])
+    with pytest.raises(ModelError) as exc:
+        resolve_model("liver-mri-9000")
+    msg = str(exc.value)
+    assert "'liver-mri-9000' is not installed" in msg and "tiny-guided" in msg
+    assert "meddiffseg models install" in msg
+
+
+def test_default_model_missing_is_a_clear_model_error(builtin_dir):
+    with pytest.raises(ModelError, match=f"default model '{DEFAULT_MODEL}' is not installed"):
+        resolve_model(None)
+
+
+def test_default_model_resolves_when_installed(builtin_dir, tmp_path):
+    make_tiny_package(tmp_path / "src", "guided")
+    meta = json.loads((tmp_path / "src" / "model.json").read_text())
+    meta["name"] = DEFAULT_MODEL
+    (tmp_path / "src" / "model.json").write_text(json.dumps(meta))
+    shutil.copytree(tmp_path / "src", builtin_dir / DEFAULT_MODEL)
+    assert resolve_model(None).name == DEFAULT_MODEL
+
+
+# -- install / export --------------------------------------------------------------------------
+
+
+def test_install_zip_offline_and_verified(builtin_dir, tiny_zips, tiny_packages):
+    digest = sha256_file(tiny_zips["sdseg"])
+    pkg = install_zip(tiny_zips["sdseg"], sha256=digest.upper())
+    assert pkg.path == user_models_dir() / "tiny-sdseg"
+    pkg.verify()
+    assert sha256_file(pkg.weights_path) == sha256_file(tiny_packages["sdseg"] / "weights.safetensors")
+    assert _installed_entries() == ["tiny-sdseg"]  # no staging leftovers
+
+
+def test_install_zip_with_files_at_root(builtin_dir, tiny_packages, tmp_path):
+    z = tmp_path / "flat.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in ("model.json", "weights.safetensors"):
+            zf.write(tiny_packages["guided"] / f, f)
+    assert install_zip(z).name == "tiny-guided"
+
+
+def test_install_refuses_overwrite_unless_force(builtin_dir, tiny_zips):
+    install_zip(tiny_zips["guided"])
+    marker = user_models_dir() / "tiny-guided" / "marker"
+    marker.write_text("old", encoding="utf-8")
+    with pytest.raises(ModelError, match="already installed.*--force"):
+        install_zip(tiny_zips["guided"])
+    assert marker.exists()
+    install_zip(tiny_zips["guided"], force=True)
+    assert not marker.exists()
+    assert _installed_entries() == ["tiny-guided"]
+
+
+def test_install_refuses_bad_zip_hash(builtin_dir, tiny_zips):
+    with pytest.raises(ModelError, match="does not match the expected sha256"):
+        install_zip(tiny_zips["guided"], sha256="0" * 64)
+    with pytest.raises(ModelError, match="64 hexadecimal digits"):
+        install_zip(tiny_zips["guided"], sha256="abc")
+    assert _installed_entries() == []
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "tiny-guided/../../evil.txt", "/tmp/evil-abs.txt", "C:/evil.txt",
+                                    "tiny-guided\\..\\..\\evil.txt"])
+def test_install_refuses_zip_slip(builtin_dir, tiny_zips, tmp_path, member):
+    bad = _rezip(tiny_zips["guided"], tmp_path / "slip.zip", extra=[(zipfile.ZipInfo(member), b"pwned")])
+    with pytest.raises(ModelError, match="refusing zip member"):
+        install_zip(bad)
+    assert _installed_entries() == []
+    assert not (user_models_dir().parent / "evil.txt").exists()
+    assert not (user_models_dir() / "evil.txt").exists()
+    assert not Path("/tmp/evil-abs.txt").exists()
+
+
+def test_install_refuses_symlink_member(builtin_dir, tiny_zips, tmp_path):
+    link = zipfile.ZipInfo("tiny-guided/link")
+    link.create_system = 3
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    bad = _rezip(tiny_zips["guided"], tmp_path / "link.zip", extra=[(link, b"/etc/passwd")])
+    with pytest.raises(ModelError, match="symbolic link"):
+        install_zip(bad)
+    assert _installed_entries() == []
+
+
+def test_install_refuses_weights_not_matching_model_json(builtin_dir, tiny_zips, tmp_path):
+    def corrupt(name, data):
+        if name.endswith("weights.safetensors"):
+            data = bytearray(data)
+            data[-1] ^= 0xFF
+            return bytes(data)
+        return data
+
+    bad = _rezip(tiny_zips["guided"], tmp_path / "corrupt.zip", edit=corrupt)
+    with pytest.raises(ModelError, match="does not match its sha256"):
+        install_zip(bad)
+    assert _installed_entries() == []
+
+
+def test_install_refuses_zip_without_package(builtin_dir, tmp_path):
+    z = tmp_path / "empty.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("README.txt", "hello")
+    with pytest.raises(ModelError, match="no model package"):
+        install_zip(z)
+    notzip = tmp_path / "not.zip"
+    notzip.write_text("not a zip", encoding="utf-8")
+    with pytest.raises(ModelError, match="not a valid zip"):
+        install_zip(notzip)
+    with pytest.raises(ModelError, match="not found"):
+        install_zip(tmp_path / "missing.zip")
+    assert _installed_entries() == []
+
+
+def test_install_refuses_unsafe_package_name(builtin_dir, tiny_zips, tmp_path):
+    def rename(name, data):
+        if name.endswith("model.json"):
+            meta = json.loads(data)
+            meta["name"] = "../escape"
+            return json.dumps(meta).encode()
+        return data
+
+    bad = _rezip(tiny_zips["guided"], tmp_path / "name.zip", edit=rename)
+    with pytest.raises(ModelError, match="not usable as a folder name"):
+        install_zip(bad)
+    assert _installed_entries() == []
+
+
+def test_export_refuses_corrupt_package(tiny_packages, tmp_path):
+    copy = shutil.copytree(tiny_packages["guided"], tmp_path / "tiny-guided")
+    with open(copy / "weights.safetensors", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(ModelError, match="sha256"):
+        export_zip(ModelPackage.from_folder(copy), tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_models_list_install_info(builtin_dir, tiny_packages, tiny_zips, capsys):
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    digest = sha256_file(tiny_zips["sdseg"])
+    assert main(["models", "install", str(tiny_zips["sdseg"]), "--sha256", digest]) == 0
+    assert "installed tiny-sdseg 0.0.1" in capsys.readouterr().out
+
+    for argv in (["models"], ["models", "list"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "NAME" in out and "WHERE" in out
+        lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+        assert "built-in" in lines["tiny-guided"] and "guided" in lines["tiny-guided"]
+        assert "user" in lines["tiny-sdseg"] and "liver, spleen" in lines["tiny-sdseg"]
+
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {d["name"]: d["origin"] for d in listed} == {"tiny-guided": "built-in", "tiny-sdseg": "user"}
+
+    assert main(["models", "info", "tiny-sdseg"]) == 0
+    out = capsys.readouterr().out
+    for text in ("tiny-sdseg 0.0.1", "method: sdseg", "Liver", "Spleen", "SCT 10200004", "preprocessing:",
+                 "modality: CT", "spacing: [6.0, 6.0]", "provenance:", "trained: False", "metrics:", "weights sha256:"):
+        assert text in out, text
+    assert main(["models", "info", "tiny-sdseg", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "sdseg"
+
+
+def test_cli_models_errors(builtin_dir, tiny_zips, tmp_path, capsys):
+    assert main(["models", "info", "nope"]) == ModelError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("meddiffseg: error: model 'nope' is not installed") and err.count("\n") == 1
+
+    assert main(["models", "install", str(tiny_zips["guided"]), "--sha256", "f" * 64]) == ModelError.exit_code
+    assert "does not match the expected sha256" in capsys.readouterr().err
+    assert main(["models", "install", str(tiny_zips["guided"])]) == 0
+    capsys.readouterr()
+    assert main(["models", "install", str(tiny_zips["guided"])]) == ModelError.exit_code
+    assert "--force" in capsys.readouterr().err
+    assert main(["models", "install", str(tiny_zips["guided"]), "--force"]) == 0
+
+
+def test_cli_models_list_empty_and_broken(builtin_dir, capsys):
+    assert main(["models"]) == 0
+    assert "no models installed" in capsys.readouterr().out
+    (user_models_dir() / "junk").mkdir(parents=True)
+    assert main(["models", "list"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: skipping model folder" in captured.err and "junk" in captured.err
