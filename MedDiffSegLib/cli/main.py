@@ -398,6 +398,23 @@ def _cmd_models_install(args) -> int:
 #: Subcommand builders, in help order. Other commands add themselves here.
 SUBCOMMANDS: list[Callable] = [_add_segment, _add_models]
 
+#: Further commands, one module each under MedDiffSegLib/cli/, in the order they appear in
+#: --help. Each module defines ``add_parser(sub)`` which adds its subparser and sets ``func``
+#: (a callable taking the parsed args and returning an exit code).
+COMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "export_dicom_seg", "send")
+
+
+def _command_module_adders() -> list[Callable]:
+    import importlib
+    import importlib.util
+
+    adders = []
+    for name in COMMAND_MODULES:
+        full = f"{__package__}.{name}"
+        if importlib.util.find_spec(full) is not None:  # modules land issue by issue
+            adders.append(importlib.import_module(full).add_parser)
+    return adders
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -408,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS:
+    for add in SUBCOMMANDS + _command_module_adders():
         add(sub)
     return parser
 
