@@ -65,6 +65,9 @@ origin and direction, so they overlay the input voxel for voxel in any viewer):
                                samples (0 = all samples agree)
   probability_<organ>.nii.gz   float32 mean foreground probability per organ
                                (only with --save-probabilities)
+  segmentation.dcm             DICOM-SEG derived from the input series, one segment per
+                               organ (only with --dicom-seg; INPUT must be a DICOM folder)
+  uncertainty_pmap.dcm         the uncertainty as a DICOM Parametric Map (with --dicom-seg)
   summary.json                 per organ: label, volume in mL, mean uncertainty inside
                                the mask, the axial slice with the highest uncertainty
                                (index along the input axis given as slice_axis);
@@ -230,6 +233,9 @@ def _add_segment(sub) -> None:
                    help="keep only the largest connected component of each organ")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write probability_<organ>.nii.gz (float32 mean probability)")
+    p.add_argument("--dicom-seg", nargs="?", const="binary", choices=("binary", "fractional"),
+                   help="also write segmentation.dcm (DICOM-SEG, BINARY by default or FRACTIONAL mean "
+                        "probabilities) and uncertainty_pmap.dcm (Parametric Map); INPUT must be a DICOM folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no result table")
     p.set_defaults(func=_cmd_segment)
 
@@ -245,7 +251,7 @@ def _cmd_segment(args) -> int:
                 args.input, args.out, args.organ, model=args.model, samples=args.samples, steps=args.steps,
                 seed=args.seed, device=args.device, scheduler=args.scheduler, staple=args.staple,
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
-                progress=bar, should_cancel=cancel,
+                progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
             )
     finally:
         bar.close()
@@ -259,7 +265,9 @@ def _print_segment_result(summary: dict, out: str) -> None:
 
     out_dir = Path(out)
     files = [summary["outputs"]["segmentation"], summary["outputs"]["uncertainty"],
-             *summary["outputs"]["probabilities"].values(), "summary.json"]
+             *summary["outputs"]["probabilities"].values(),
+             *(summary["outputs"][k] for k in ("dicom_seg", "uncertainty_pmap") if k in summary["outputs"]),
+             "summary.json"]
     print(f"wrote {', '.join(str(out_dir / f) for f in files)}")
     rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice")]
     for o in summary["organs"]:

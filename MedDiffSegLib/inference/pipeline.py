@@ -12,6 +12,9 @@ Outputs (all in the input's exact voxel grid: size, spacing, origin and directio
   requested (1-based, in the order given);
 - ``uncertainty.nii.gz`` -- float32 voxel-wise disagreement between the diffusion samples;
 - ``probability_<organ>.nii.gz`` -- float32 mean foreground probability (only on request);
+- ``segmentation.dcm`` and ``uncertainty_pmap.dcm`` -- DICOM-SEG (one segment per organ; BINARY,
+  or FRACTIONAL from the mean probabilities) and the uncertainty as a DICOM Parametric Map,
+  derived from the input series (only with ``dicom_seg``, and only for a DICOM series input);
 - ``summary.json`` -- per-organ volumes and uncertainty, timings, model and software versions,
   run settings and the input's size and spacing. It never contains patient names, IDs, dates
   or any DICOM tag, nor the input's path.
@@ -32,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import Cancelled, MedDiffSegError, ModelError, OutputError
+from ..errors import Cancelled, InputError, MedDiffSegError, ModelError, OutputError
 from ..registry.package import ModelPackage
 from ..registry.store import package_origin, resolve_model
 
@@ -40,6 +43,9 @@ SEGMENTATION = "segmentation.nii.gz"
 UNCERTAINTY = "uncertainty.nii.gz"
 SUMMARY = "summary.json"
 PROBABILITY_TEMPLATE = "probability_{organ}.nii.gz"
+DICOM_SEG = "segmentation.dcm"
+UNCERTAINTY_PMAP = "uncertainty_pmap.dcm"
+DICOM_SEG_TYPES = ("binary", "fractional")
 SUMMARY_FORMAT = 1
 
 ProgressFn = Callable[[str, float, str], None]
@@ -148,6 +154,7 @@ def run_segment(
     save_probabilities: bool = False,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    dicom_seg: str | None = None,
 ) -> dict:
     """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
 
@@ -159,6 +166,11 @@ def run_segment(
     ``preprocess``, ``network``, ``postprocess``, ``write`` and ``fraction`` the share of the
     whole run done so far (0..1, never decreasing). ``should_cancel()`` is polled between
     stages and by the engine before every window batch.
+
+    ``dicom_seg``: ``"binary"`` or ``"fractional"`` also writes ``segmentation.dcm`` (DICOM-SEG of
+    that type) and ``uncertainty_pmap.dcm`` (Parametric Map), derived from the input series; the
+    input must then be a DICOM series folder. An empty segmentation is an error then (before
+    any output is written), as a DICOM-SEG without any segmented voxel is refused.
 
     Raises :class:`MedDiffSegError` subclasses for anything the user can fix -- all of them
     before the output folder is touched -- and :class:`Cancelled` when ``should_cancel()``
@@ -188,6 +200,11 @@ def run_segment(
     if isinstance(organs, str):
         organs = [organs]
     organs = list(organs)
+    if dicom_seg is not None and dicom_seg not in DICOM_SEG_TYPES:
+        raise MedDiffSegError(f"dicom_seg must be one of {', '.join(DICOM_SEG_TYPES)}, got {dicom_seg!r}")
+    if dicom_seg is not None and not Path(input_path).expanduser().is_dir():
+        raise InputError(f"a DICOM-SEG can only be derived from a DICOM series: {input_path} is not a folder. "
+                         "Pass the folder of the series as INPUT (or export later with 'meddiffseg export-dicom-seg')")
 
     # 2. device
     from .device import device_description, resolve_device
@@ -221,7 +238,15 @@ def run_segment(
     check_cancel()
     report("read", 0.0, "reading input")
     t0 = time.perf_counter()
-    image = read_volume(input_path)
+    dicom_source = None
+    if dicom_seg is not None:
+        from ..dicom.source import load_source_series
+        from ..io.volume import read_dicom_series
+
+        image, dicom_files = read_dicom_series(input_path)
+        dicom_source = load_source_series(dicom_files, grid=image)  # checks the headers before the network runs
+    else:
+        image = read_volume(input_path)
     t_read = time.perf_counter() - t0
     report("read", 1.0, "input read")
 
@@ -245,7 +270,8 @@ def run_segment(
     result = segment_volume(
         image, package, organ_names,
         samples=samples, steps=steps, seed=seed, device=str(torch_device), scheduler=scheduler,
-        staple=staple, largest_component=largest_component, keep_probabilities=save_probabilities,
+        staple=staple, largest_component=largest_component,
+        keep_probabilities=save_probabilities or dicom_seg == "fractional",
         method=method, progress=report, should_cancel=should_cancel,
     )
     del method
@@ -280,6 +306,19 @@ def run_segment(
             fname = probability_filename(name)
             prob_files[name] = fname
             images.append((fname, prob))
+    dicom_datasets: list[tuple[str, Any]] = []
+    if dicom_source is not None:  # built in memory: every DICOM check fails before any output exists
+        from ..dicom.export import build_dicom_outputs
+
+        probs = getattr(result, "probabilities", None) or {}
+        seg_ds, _, pmap_ds, _ = build_dicom_outputs(
+            labels, dicom_source, [package.organs[i] for i in organ_ids], uncertainty=uncertainty,
+            fractional_probabilities=[probs[n] for n in organ_names] if dicom_seg == "fractional" else None,
+            model_name=package.name, model_version=package.version,
+            algorithm_parameters={"method": package.method_name, "samples": getattr(result, "samples", None) or samples,
+                                  "steps": getattr(result, "steps", None) or steps, "seed": seed},
+        )
+        dicom_datasets = [(DICOM_SEG, seg_ds), (UNCERTAINTY_PMAP, pmap_ds)]
 
     created: list[Path] = []
     staging: Path | None = None
@@ -296,6 +335,12 @@ def run_segment(
             check_cancel()
             write_image_atomic(img, staging / fname)
             report("write", (i + 1) / (len(images) + 1), f"wrote {fname}")
+        if dicom_datasets:
+            from ..dicom.source import write_dataset_atomic
+
+            for fname, ds in dicom_datasets:
+                check_cancel()
+                write_dataset_atomic(ds, staging / fname)
         t_write = time.perf_counter() - t0
         summary = _summary(
             image=image, labels=labels, result=result, package=package, organ_names=organ_names,
@@ -306,6 +351,10 @@ def run_segment(
             engine_timings=dict(getattr(result, "timings", {}) or {}),
             input_kind="dicom-series" if input_path.is_dir() else "file",
         )
+        if dicom_datasets:
+            summary["outputs"]["dicom_seg"] = DICOM_SEG
+            summary["outputs"]["dicom_seg_type"] = dicom_seg.upper()  # type: ignore[union-attr]
+            summary["outputs"]["uncertainty_pmap"] = UNCERTAINTY_PMAP
         try:
             (staging / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         except OSError as exc:
@@ -313,7 +362,7 @@ def run_segment(
         check_cancel()
         # summary.json last: its presence marks a complete set of outputs.
         try:
-            for fname, _ in images:
+            for fname in [f for f, _ in images] + [f for f, _ in dicom_datasets]:
                 os.replace(staging / fname, out_dir / fname)
                 placed.append(out_dir / fname)
             os.replace(staging / SUMMARY, out_dir / SUMMARY)
@@ -360,6 +409,7 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
         organ = package.organs[package.organ_names.index(name)]
         count = int(counts[label])  # from the label map actually written, so volume_ml matches it
         entry = {"name": name, "display_name": organ.display_name, "label": label, "voxel_count": count,
+                 "color": list(organ.color), "category": dict(organ.category), "type": dict(organ.type),
                  "volume_ml": count * voxel_ml, "mean_uncertainty": None, "max_uncertainty_slice": None,
                  "slice_axis": None, "max_uncertainty_position_mm": None}
         st = engine_stats.get(name)
