@@ -36,6 +36,12 @@ class OutputError(MedDiffSegError):
     exit_code = 5
 
 
+class PacsError(MedDiffSegError):
+    """The PACS cannot be reached, refuses the association, or did not store every instance."""
+
+    exit_code = 6
+
+
 class Cancelled(MedDiffSegError):
     """The run was cancelled by the user (progress callback asked to stop)."""
 

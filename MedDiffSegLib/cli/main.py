@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Sequence
 
 from .. import __version__
-from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError
+from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError, PacsError
 
 PROG = "meddiffseg"
 DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm")
@@ -32,6 +32,7 @@ exit codes:
   {ModelError.exit_code}    model problem: not installed, corrupt (sha256 mismatch), unknown organ
   {DeviceError.exit_code}    device problem: e.g. --device cuda without a usable GPU
   {OutputError.exit_code}    output folder cannot be created or written
+  {PacsError.exit_code}    PACS unreachable, refused the association or did not store every instance
   {Cancelled.exit_code}  cancelled (Ctrl-C); no output files are left behind
 """
 assert InputError.exit_code == 2  # the text above says so

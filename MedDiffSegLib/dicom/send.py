@@ -21,18 +21,12 @@ from typing import Iterator, Sequence
 
 import pydicom
 
-from ..errors import InputError, MedDiffSegError
+from ..errors import InputError, MedDiffSegError, PacsError
 
 DEFAULT_CALLING_AET = "MEDDIFFSEG"
 DEFAULT_TIMEOUT_S = 30.0
 # Store statuses that mean "stored" (PS3.4 Annex B.2.3): success and the three warnings.
 _WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded", 0xB007: "data set does not match SOP class"}
-
-
-class PacsError(MedDiffSegError):
-    """The PACS cannot be reached, refuses the association, or did not store every instance."""
-
-    exit_code = 6
 
 
 @dataclass
