@@ -77,7 +77,9 @@ def load_labelled_volume(
 class SliceWindowSampler:
     """Random ``roi``×``roi`` windows with foreground oversampling.
 
-    Each draw picks a volume uniformly, then an organ prompt uniformly; with probability
+    Each draw picks a dataset (a group of volumes) uniformly, then a volume of it uniformly
+    (``groups``: lists of volume indices; default: every volume is its own group), then an
+    organ prompt uniformly among the organs the volume labels; with probability
     ``foreground_fraction`` the window is centred near a random voxel of that organ (on a slice
     where it is present), else it is a random window on a random slice, where the prompted
     organ may be absent (the model must learn to answer "nothing here"). Windows beyond the
@@ -85,10 +87,17 @@ class SliceWindowSampler:
     """
 
     def __init__(self, volumes: list[LabelledVolume], num_organs: int, roi: int,
-                 foreground_fraction: float = 0.67, seed: int = 0):
+                 foreground_fraction: float = 0.67, seed: int | list[int] = 0,
+                 groups: list[list[int]] | None = None):
         self.volumes, self.num_organs, self.roi = volumes, num_organs, roi
         self.fg = foreground_fraction
         self.rng = np.random.default_rng(seed)
+        self.groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(volumes))]
+        if not self.groups or any(not g for g in self.groups):
+            raise ValueError("every group of training volumes must hold at least one volume")
+        unlabelled = [v.name for v in volumes if not np.any(v.labelled)]
+        if unlabelled:
+            raise ValueError(f"training volume(s) label none of the model's organs: {', '.join(unlabelled)}")
 
     def state(self) -> dict:
         return self.rng.bit_generator.state
@@ -110,7 +119,9 @@ class SliceWindowSampler:
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One window: image ``[1,r,r]``, binary mask ``[1,r,r]`` of the prompted organ, organ id."""
-        vol = self.volumes[self.rng.integers(len(self.volumes))]
+        group = self.groups[self.rng.integers(len(self.groups))]
+        # A one-volume group draws nothing more (the stream of a volume-per-group run stays as it was).
+        vol = self.volumes[group[self.rng.integers(len(group))] if len(group) > 1 else group[0]]
         organ = int(self.rng.choice(np.flatnonzero(vol.labelled)))
         S, H, W = vol.images.shape
         slices_with = np.flatnonzero(vol.organ_present[:, organ])

@@ -1,0 +1,162 @@
+"""``evaluate()`` and ``meddiffseg evaluate``: label mapping, geometry rules, uncertainty, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedDiffSegLib.cli.main import main
+from MedDiffSegLib.errors import InputError, MedDiffSegError
+from MedDiffSegLib.evaluation import (
+    LabelSpec,
+    evaluate,
+    on_reference_grid,
+    parse_label_specs,
+    same_physical_grid,
+    to_json_ready,
+)
+
+SPACING = (0.8, 0.8, 2.5)  # x, y, z
+
+
+def _image(arr, spacing=SPACING, origin=(10.0, -20.0, 5.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+@pytest.fixture()
+def case(tmp_path):
+    """Prediction (liver=1, spleen=2) and a ground truth in another code table (liver=5, spleen=1, kidney=3)."""
+    gt = np.zeros((8, 32, 32), np.uint8)
+    gt[2:6, 4:16, 4:16] = 5
+    gt[2:6, 20:28, 20:28] = 1
+    gt[3:5, 4:8, 24:28] = 3
+    pred = np.zeros_like(gt)
+    pred[2:6, 4:16, 5:17] = 1  # liver shifted by one column
+    pred[2:6, 20:28, 20:28] = 2  # spleen exact
+    pred[6, 0:3, 0:3] = 4  # a stray label value that the ground truth does not have
+    unc = np.zeros(gt.shape, np.float32)
+    unc[2:6, 4:16, 15:17] = 0.2  # uncertain exactly at the liver's wrong columns and its true edge ...
+    unc[2:6, 4:16, 4:5] = 0.2
+    prob = np.where(pred == 1, 0.9, 0.05).astype(np.float32)
+    paths = {}
+    for name, arr in (("pred", pred), ("gt", gt), ("unc", unc), ("prob", prob)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(_image(arr), str(paths[name]))
+    return paths
+
+
+def test_parse_label_specs():
+    assert parse_label_specs(["liver=1", "spleen=2:7"]) == [LabelSpec("liver", 1, 1), LabelSpec("spleen", 2, 7)]
+    for bad in (["liver"], ["liver=x"], ["liver=0"], ["a=1", "a=2"], ["a=1", "b=1"], ["a=1:2:3"]):
+        with pytest.raises(MedDiffSegError):
+            parse_label_specs(bad)
+
+
+def test_evaluate_with_two_code_tables(case):
+    labels = parse_label_specs(["liver=1:5", "spleen=2:1", "kidney=3:3"])
+    r = evaluate(case["pred"], case["gt"], labels, uncertainty=case["unc"], probabilities={"liver": case["prob"]})
+    organs = {o["name"]: o for o in r["organs"]}
+    assert organs["liver"]["dice"] == pytest.approx(2 * 4 * 12 * 11 / (2 * 4 * 12 * 12))
+    assert organs["liver"]["hd95_mm"] > 0 and organs["liver"]["status"] == "ok"
+    assert organs["spleen"]["dice"] == pytest.approx(1.0) and organs["spleen"]["hd95_mm"] == pytest.approx(0.0)
+    assert organs["kidney"]["status"] == "missed" and organs["kidney"]["failure"]
+    assert math.isinf(organs["kidney"]["hd95_mm"])
+    assert r["summary"]["failures"] == 1 and math.isinf(r["summary"]["mean_hd95_mm"])
+    u = r["uncertainty"]
+    # errors: the liver's wrong column (pred 1 / gt 0), its missed column (0 / 5) and the kidney;
+    # the stray label 4 is not evaluated, so it is not an error
+    assert u["error_voxels"] == 4 * 12 * 2 + 2 * 4 * 4
+    assert 0.5 < u["auroc"] < 1.0
+    cal = r["calibration"]["organs"]["liver"]
+    assert 0 <= cal["ece"] <= cal["ece_near_organ"] <= 1
+    text = json.dumps(to_json_ready(r), allow_nan=False)  # strictly valid JSON
+    assert '"inf"' in text
+
+
+def test_default_labels_are_the_values_present(case):
+    r = evaluate(case["pred"], case["gt"])
+    assert [o["name"] for o in r["organs"]] == ["1", "2", "3", "4", "5"]
+    statuses = {o["name"]: o["status"] for o in r["organs"]}
+    assert statuses["4"] == "false_positive" and statuses["5"] == "missed"
+
+
+def test_same_physical_grid_other_axis_conventions_is_mapped_exactly():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 3, (6, 10, 12)).astype(np.uint8)
+    ref = _image(arr)
+    # The same voxels stored with the row axis reversed (like a NIfTI label map of a DICOM series).
+    flipped = _image(arr[:, ::-1, :].copy(), origin=(10.0, -20.0 + 9 * 0.8, 5.0), direction=(1, 0, 0, 0, -1, 0, 0, 0, 1))
+    assert same_physical_grid(flipped, ref)
+    out, resampled = on_reference_grid(flipped, ref, "gt")
+    assert resampled and np.array_equal(sitk.GetArrayFromImage(out), arr)
+    # Permuted axes (x and y swapped in storage).
+    perm = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(0, 2, 1)))
+    perm.SetSpacing((0.8, 0.8, 2.5))
+    perm.SetOrigin(ref.GetOrigin())
+    perm.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    assert same_physical_grid(perm, ref)
+    assert np.array_equal(sitk.GetArrayFromImage(on_reference_grid(perm, ref, "gt")[0]), arr)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"origin": (10.4, -20.0, 5.0)}, "origin"),
+    ({"spacing": (0.8, 0.8, 3.0)}, "spacing"),
+    ({"direction": (0, 1, 0, 1, 0, 0, 0, 0, 1)}, "direction"),
+])
+def test_different_grids_are_refused_naming_the_difference(change, words):
+    arr = np.zeros((6, 10, 12), np.uint8)
+    ref = _image(arr)
+    other = _image(arr, **change)
+    assert not same_physical_grid(other, ref)
+    with pytest.raises(InputError, match=words):
+        on_reference_grid(other, ref, "the ground truth")
+
+
+def test_cli_evaluate_json_and_table(case, tmp_path, capsys):
+    out = tmp_path / "scores" / "report.json"
+    # plain probability files must come one per --labels organ
+    rc = main(["evaluate", "--pred", str(case["pred"]), "--gt", str(case["gt"]), "--labels", "liver=1:5",
+               "spleen=2:1", "kidney=3", "--probabilities", str(case["prob"]), "--json", str(out)])
+    assert rc == 1 and "one organ per file" in capsys.readouterr().err
+    assert not out.exists()
+    rc = main(["evaluate", "--pred", str(case["pred"]), "--gt", str(case["gt"]), "--labels", "liver=1:5",
+               "spleen=2:1", "kidney=3", "--uncertainty", str(case["unc"]),
+               "--probabilities", f"liver={case['prob']}", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "liver" in text and "missed (FAILURE)" in text and "1 failure(s) of 3" in text and "AUROC" in text
+    report = json.loads(out.read_text())
+    kidney = next(o for o in report["organs"] if o["name"] == "kidney")
+    assert kidney["hd95_mm"] == "inf" and kidney["dice"] == 0.0
+    assert report["summary"]["mean_hd95_mm"] == "inf"
+
+
+def test_cli_evaluate_geometry_mismatch_exit_code(tmp_path, capsys):
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    sitk.WriteImage(_image(np.ones((4, 8, 8), np.uint8)), str(a))
+    sitk.WriteImage(_image(np.ones((4, 8, 9), np.uint8)), str(b))
+    assert main(["evaluate", "--pred", str(a), "--gt", str(b)]) == 2
+    assert "size 9×8×4 vs 8×8×4" in capsys.readouterr().err
+
+
+def test_real_dicom_labels_against_a_dicom_oriented_prediction(data_dir):
+    """The NIfTI label map of the DICOM CT (LAS) scored against a prediction on the DICOM grid (LPS)."""
+    from MedDiffSegLib.io import read_volume
+
+    gt_path = data_dir / "totalsegmentator" / "example_seg_dicom.nii.gz"
+    image = read_volume(data_dir / "totalsegmentator" / "example_ct_dicom")
+    gt = sitk.ReadImage(str(gt_path))
+    pred = sitk.Resample(gt, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, gt.GetPixelID())
+    assert sitk.GetArrayViewFromImage(pred).shape == sitk.GetArrayViewFromImage(gt).shape
+    r = evaluate(pred, gt_path, parse_label_specs(["liver=5", "spleen=1", "aorta=52"]))
+    assert r["ground_truth_resampled"]
+    for o in r["organs"]:
+        assert o["dice"] == pytest.approx(1.0) and o["hd95_mm"] == 0.0 and o["status"] == "ok"
