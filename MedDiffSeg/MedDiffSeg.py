@@ -1,0 +1,776 @@
+"""MedDiffSeg: organ segmentation of CT/MRI with diffusion models, with an uncertainty overlay.
+
+The module is thin: GUI (Widget) and MRML I/O (Logic). The work is done by the ``MedDiffSegLib``
+library; the Qt-free helpers (geometry conversion, result nodes, worker process, progress lines,
+presets, dependencies) live in ``MedDiffSegLogicLib`` beside this file so they can be tested on
+real MRML without the desktop application.
+
+- ``MedDiffSegLogic().segment(volumeNode, organs, ...)`` runs in this process (scripts, tests).
+- The Widget runs the same work in a background process (``python -m MedDiffSegLib.inference.worker``)
+  polled by a QTimer: progress with remaining time, Cancel kills the whole process tree and leaves
+  the scene exactly as it was.
+"""
+
+import logging
+import os
+from typing import Annotated, Any
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from MedDiffSegLogicLib import dependencies, nodes, presets
+from MedDiffSegLogicLib.progress import formatDuration
+from MedDiffSegLogicLib.segmentation import BackgroundSegmentation, MedDiffSegResult, SegmentOptions, segmentInProcess
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+dependencies.ensureLibraryOnPath(MODULE_DIR)
+
+INSTALL_FROM_FILE = "__install_from_file__"
+POLL_INTERVAL_MS = 200
+#: Ask before starting a CPU run estimated to take longer than this.
+CONFIRM_CPU_SECONDS = 15 * 60
+
+
+#
+# MedDiffSeg
+#
+
+
+class MedDiffSeg(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedDiffSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedDiffSeg contributors"]
+        self.parent.helpText = _(
+            "Segment organs in a CT or MR volume with a diffusion model. Choose the volume, the model and "
+            "the organs, pick a quality (more samples = a more reliable uncertainty map, more time) and "
+            "click <b>Segment</b>. The segmentation and an <b>uncertainty</b> volume (where the diffusion "
+            "samples disagree) are added to the scene; review the uncertain regions, edit in Segment Editor "
+            "if needed, then export. Runs in a background process: Slicer stays responsive and the run "
+            "can be cancelled. See the <a href=\"https://github.com/meddiffseg/SlicerMedDiffSeg\">documentation</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "MedDiffSeg builds on MONAI, diffusers, SimpleITK and PyTorch, and follows the conventions of "
+            "Slicer's scripted module template, SlicerNNUnet and SlicerMONAIAuto3DSeg."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedDiffSegParameterNode:
+    """Everything the GUI shows, saved with the scene.
+
+    inputVolume - the volume to segment.
+    outputSegmentation - where segments go; None: a new segmentation node per run.
+    model - name of the model package (empty: the default model).
+    organs - organ names checked in the organ list.
+    quality - Fast / Standard / Thorough; sets samples and staple.
+    samples, steps (0 = model default), seed, device, staple, largestComponent - run settings.
+    showUncertainty, uncertaintyOpacity, colorMap - the overlay of the last result.
+    uncertaintyVolume - the last result's uncertainty volume.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    model: str = ""
+    organs: list[str]
+    quality: Annotated[str, Choice(list(presets.QUALITY_PRESETS))] = presets.DEFAULT_PRESET
+    samples: Annotated[int, WithinRange(1, 100)] = presets.QUALITY_PRESETS[presets.DEFAULT_PRESET].samples
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    device: Annotated[str, Choice(list(presets.DEVICES))] = "Auto"
+    staple: bool = False
+    largestComponent: bool = False
+    showUncertainty: bool = True
+    uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    colorMap: Annotated[str, Choice(list(nodes.COLOR_MAPS))] = nodes.DEFAULT_COLOR_MAP
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
+
+
+#
+# MedDiffSegWidget
+#
+
+
+class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: settings, Segment/Cancel, progress, results and the uncertainty overlay."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: MedDiffSegLogic | None = None
+        self._parameterNode: MedDiffSegParameterNode | None = None
+        self._parameterNodeGuiTag = None
+        self._job: BackgroundSegmentation | None = None
+        self._batch: list = []
+        self._batchTotal = 0
+        self._lastResult: MedDiffSegResult | None = None
+        self._timer = None
+        self._updatingOrgans = False
+        self._currentVolumeName = ""
+        self._batchRefreshPending = False
+
+    # -- setup --------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDiffSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MedDiffSegLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)  # user choices only
+        self.ui.organsListWidget.connect("itemChanged(QListWidgetItem*)", self.onOrganItemChanged)
+        self.ui.selectAllOrgansButton.connect("clicked(bool)", lambda: self.setAllOrgansChecked(True))
+        self.ui.selectNoOrgansButton.connect("clicked(bool)", lambda: self.setAllOrgansChecked(False))
+        # "activated": only a choice made by the user applies the preset (not a scene being loaded)
+        self.ui.qualityComboBox.connect("activated(int)", self.onQualityChanged)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.batchSegmentButton.connect("clicked(bool)", self.onBatchSegmentButton)
+        self.ui.refreshBatchButton.connect("clicked(bool)", self.refreshBatchList)
+        self.ui.resultsTableWidget.connect("cellDoubleClicked(int,int)", self.onResultRowDoubleClicked)
+        self.ui.jumpToUncertainButton.connect("clicked(bool)", self.onJumpToUncertain)
+        self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onOverlaySettingsChanged)
+        self.ui.uncertaintyOpacitySlider.connect("valueChanged(double)", self.onOverlaySettingsChanged)
+        self.ui.colorMapComboBox.connect("currentIndexChanged(int)", self.onColorMapChanged)
+
+        self.ui.resultsTableWidget.setColumnCount(3)
+        self.ui.resultsTableWidget.setHorizontalHeaderLabels([_("Organ"), _("Volume (mL)"), _("Mean uncertainty")])
+        self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.progressBar.hide()
+
+        self.populateModels()
+        self.refreshBatchList()
+        self.initializeParameterNode()
+        self.updateGUIState()
+
+    def cleanup(self) -> None:
+        if self._job is not None and not self._job.finished:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and not self._job.finished:
+            self._job.cancel()
+            self._finishJobUI(_("Cancelled: the scene was closed."))
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneNodesChanged(self, caller=None, event=None) -> None:
+        if self._job is None and not self._batchRefreshPending:
+            self._batchRefreshPending = True  # one refresh for a burst of added/removed nodes
+            qt.QTimer.singleShot(0, self.refreshBatchList)
+
+    # -- parameter node -----------------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode: MedDiffSegParameterNode | None) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
+            self.selectModelInCombo(self._parameterNode.model)
+        self.updateGUIState()
+
+    def updateGUIState(self, caller=None, event=None) -> None:
+        """Enable/disable buttons and refresh texts from the current state."""
+        running = self._job is not None
+        p = self._parameterNode
+        if running:
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.segmentButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
+            self.ui.segmentButton.enabled = True
+        else:
+            self.ui.segmentButton.text = _("Segment")
+            ready, reason = self.readyToSegment()
+            self.ui.segmentButton.enabled = ready
+            self.ui.segmentButton.toolTip = reason or _("Run the segmentation in a background process.")
+        for w in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton,
+                  self.ui.batchSegmentButton):
+            w.enabled = not running
+        if p is not None:
+            preset = presets.QUALITY_PRESETS.get(p.quality)
+            self.ui.qualityDescriptionLabel.text = preset.description if preset else ""
+        hasResult = self._lastResult is not None
+        self.ui.jumpToUncertainButton.enabled = hasResult
+        self.ui.uncertaintyCollapsibleButton.enabled = bool(p and p.uncertaintyVolume)
+
+    def readyToSegment(self) -> tuple[bool, str]:
+        p = self._parameterNode
+        if p is None or not p.inputVolume:
+            return False, _("Choose an input volume.")
+        if self.ui.modelComboBox.count == 0 or self.currentModelName() is None:
+            return False, _("Install a model first (Model > Install from file...).")
+        if not self.checkedOrgans():
+            return False, _("Check at least one organ.")
+        return True, ""
+
+    # -- models and organs --------------------------------------------------------------------------
+    def populateModels(self, select: str | None = None) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        try:
+            packages = self.logic.listModels()
+        except Exception as exc:  # dependencies missing: say so, keep the GUI usable
+            logging.warning("MedDiffSeg: cannot list models: %s", exc)
+            packages = []
+            self.ui.modelInfoLabel.text = _("The MedDiffSeg Python packages are not installed yet; they are installed "
+                                            "when you first click Segment.")
+        for package in packages:
+            combo.addItem(f"{package.name} ({package.version})", package.name)
+        if packages:
+            combo.insertSeparator(combo.count)
+        combo.addItem(_("Install from file..."), INSTALL_FROM_FILE)
+        combo.blockSignals(wasBlocked)
+        self.selectModelInCombo(select if select is not None else (self._parameterNode.model if self._parameterNode else ""))
+
+    def selectModelInCombo(self, name: str) -> None:
+        """Select ``name``, else the default model, else the first one; nothing when none is installed."""
+        combo = self.ui.modelComboBox
+        index = combo.findData(name) if name else -1
+        if index < 0:
+            index = combo.findData(self.logic.defaultModelName()) if self.logic else -1
+        if index < 0 and combo.count > 1:
+            index = 0
+        wasBlocked = combo.blockSignals(True)
+        combo.currentIndex = index if index >= 0 and combo.itemData(index) != INSTALL_FROM_FILE else -1
+        combo.blockSignals(wasBlocked)
+        self.onModelChanged()
+
+    def currentModelName(self) -> str | None:
+        data = self.ui.modelComboBox.currentData
+        return None if data in (None, "", INSTALL_FROM_FILE) else str(data)
+
+    def onModelActivated(self, index: int) -> None:
+        if self.ui.modelComboBox.itemData(index) == INSTALL_FROM_FILE:
+            self.onInstallModelFromFile()
+
+    def onModelChanged(self, index: int | None = None) -> None:
+        name = self.currentModelName()
+        if self._parameterNode is not None and name is not None and self._parameterNode.model != name:
+            self._parameterNode.model = name
+        self.populateOrgans(name)
+        self.updateGUIState()
+
+    def onInstallModelFromFile(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Install a MedDiffSeg model package"), "",
+                                              _("Model package (*.zip)"))
+        if not path:
+            self.populateModels()
+            return
+        try:
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                package = self.logic.installModel(path)
+            finally:
+                qt.QApplication.restoreOverrideCursor()
+        except Exception as exc:
+            logging.exception("MedDiffSeg: installing %s failed", path)
+            slicer.util.errorDisplay(_("Installing the model failed: {error}").format(error=exc))
+            self.populateModels()
+            return
+        slicer.util.showStatusMessage(_("Installed model {name}").format(name=package.name), 5000)
+        self.populateModels(select=package.name)
+
+    def populateOrgans(self, modelName: str | None) -> None:
+        self._updatingOrgans = True
+        widget = self.ui.organsListWidget
+        widget.clear()
+        info = ""
+        if modelName:
+            try:
+                package = self.logic.modelPackage(modelName)
+                checked = set(self._parameterNode.organs) if self._parameterNode else set()
+                for organ in package.organs:
+                    item = qt.QListWidgetItem(organ.display_name)
+                    item.setData(qt.Qt.UserRole, organ.name)
+                    item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                    item.setCheckState(qt.Qt.Checked if organ.name in checked else qt.Qt.Unchecked)
+                    r, g, b = organ.color
+                    item.setData(qt.Qt.DecorationRole, qt.QColor(r, g, b))
+                    widget.addItem(item)
+                info = self.logic.modelDescription(package)
+            except Exception as exc:
+                info = _("Cannot read model {name}: {error}").format(name=modelName, error=exc)
+        self.ui.modelInfoLabel.text = info
+        self._updatingOrgans = False
+
+    def checkedOrgans(self) -> list[str]:
+        widget = self.ui.organsListWidget
+        return [widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count)
+                if widget.item(i).checkState() == qt.Qt.Checked]
+
+    def onOrganItemChanged(self, item=None) -> None:
+        if self._updatingOrgans or self._parameterNode is None:
+            return
+        self._parameterNode.organs = self.checkedOrgans()
+        self.updateGUIState()
+
+    def setAllOrgansChecked(self, checked: bool) -> None:
+        widget = self.ui.organsListWidget
+        self._updatingOrgans = True
+        for i in range(widget.count):
+            widget.item(i).setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
+        self._updatingOrgans = False
+        self.onOrganItemChanged()
+
+    def onQualityChanged(self, index: int | None = None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        preset = presets.QUALITY_PRESETS.get(self.ui.qualityComboBox.currentText)
+        if preset is None:
+            return
+        p.samples = preset.samples
+        p.staple = preset.staple
+        self.updateGUIState()
+
+    # -- batch list -----------------------------------------------------------------------------------
+    def refreshBatchList(self) -> None:
+        self._batchRefreshPending = False
+        widget = self.ui.batchVolumesListWidget
+        checked = {widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count)
+                   if widget.item(i).checkState() == qt.Qt.Checked}
+        widget.clear()
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(nodes.ATTRIBUTE_PREFIX + "Model"):
+                continue  # label maps and our own uncertainty maps are not inputs
+            item = qt.QListWidgetItem(node.GetName())
+            item.setData(qt.Qt.UserRole, node.GetID())
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked)
+            widget.addItem(item)
+
+    # -- running --------------------------------------------------------------------------------------
+    def currentOptions(self) -> SegmentOptions:
+        p = self._parameterNode
+        return SegmentOptions(
+            organs=self.checkedOrgans(), model=self.currentModelName(), samples=int(p.samples),
+            steps=int(p.steps) or None, seed=int(p.seed), device=presets.deviceName(p.device),
+            staple=bool(p.staple), largestComponent=bool(p.largestComponent),
+        )
+
+    def onSegmentButton(self) -> None:
+        if self._job is not None:
+            self.onCancel()
+            return
+        self.startQueue([self._parameterNode.inputVolume])
+
+    def onBatchSegmentButton(self) -> None:
+        widget = self.ui.batchVolumesListWidget
+        volumes = [slicer.mrmlScene.GetNodeByID(widget.item(i).data(qt.Qt.UserRole)) for i in range(widget.count)
+                   if widget.item(i).checkState() == qt.Qt.Checked]
+        volumes = [v for v in volumes if v is not None]
+        if not volumes:
+            slicer.util.warningDisplay(_("Check the volumes to segment in the Batch list first."))
+            return
+        self.startQueue(volumes)
+
+    def startQueue(self, volumes: list) -> None:
+        if not dependencies.ensureDependencies(MODULE_DIR, confirm=lambda text: slicer.util.confirmOkCancelDisplay(text)):
+            slicer.util.errorDisplay(_("MedDiffSeg cannot run without its Python packages. See the Python console for details."))
+            return
+        options = self.currentOptions()
+        if not self.confirmDevice(volumes, options):
+            return
+        self._batch = list(volumes)
+        self._batchTotal = len(volumes)
+        self.startNext()
+
+    def confirmDevice(self, volumes: list, options: SegmentOptions) -> bool:
+        """Say which device will be used; on CPU give an estimate and ask before a long run."""
+        try:
+            description, isGpu = self.logic.deviceInfo(options.device)
+        except Exception as exc:
+            slicer.util.errorDisplay(str(exc))
+            return False
+        if isGpu:
+            self.ui.statusLabel.text = _("Device: {device}").format(device=description)
+            return True
+        seconds = sum(self.logic.estimateSeconds(v, options) for v in volumes)
+        text = _("No GPU available: the CPU ({device}) will be used. Rough estimate: {time}.").format(
+            device=description, time=formatDuration(seconds))
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text, 10000)
+        if seconds > CONFIRM_CPU_SECONDS:
+            return slicer.util.confirmOkCancelDisplay(text + "\n\n" + _("Start anyway? (Fast quality or fewer organs is quicker.)"))
+        return True
+
+    def startNext(self) -> None:
+        if not self._batch:
+            return
+        volume = self._batch.pop(0)
+        p = self._parameterNode
+        try:
+            self._job = self.logic.startBackgroundSegmentation(
+                volume, self.currentOptions(), segmentationNode=p.outputSegmentation if self._batchTotal == 1 else None,
+                colorMap=p.colorMap)
+        except Exception as exc:
+            self._job = None
+            logging.exception("MedDiffSeg: could not start")
+            slicer.util.errorDisplay(_("Could not start the segmentation: {error}").format(error=exc))
+            self._batch = []
+            self.updateGUIState()
+            return
+        self._currentVolumeName = volume.GetName()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.ui.progressLabel.text = self.queuePrefix() + _("Starting...")
+        self._timer.start()
+        self.updateGUIState()
+
+    def queuePrefix(self) -> str:
+        if self._batchTotal <= 1:
+            return ""
+        done = self._batchTotal - len(self._batch)
+        return _("Volume {index}/{total} ({name}): ").format(index=done, total=self._batchTotal, name=self._currentVolumeName)
+
+    def onPollTimer(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        try:
+            job.poll()
+        except Exception:
+            logging.exception("MedDiffSeg: polling the worker failed")
+            job.cancel()
+        tracker = job.tracker
+        self.ui.progressBar.value = int(round(tracker.fraction * 1000))
+        self.ui.progressLabel.text = self.queuePrefix() + tracker.text()
+        if not job.finished:
+            return
+        self._timer.stop()
+        if job.state == "succeeded":
+            try:
+                result = job.loadResults()
+            except Exception as exc:
+                logging.exception("MedDiffSeg: reading the results failed")
+                self._finishJobUI(None)
+                slicer.util.errorDisplay(_("Reading the results failed: {error}").format(error=exc))
+                return
+            self.showResult(result)
+            self._finishJobUI(_("Done in {time} on {device}.").format(time=formatDuration(result.durationSeconds),
+                                                                       device=result.device or tracker.device))
+            if self._batch:
+                self.startNext()
+            return
+        if job.state == "cancelled":
+            self._finishJobUI(_("Cancelled; the scene was left as it was."))
+            return
+        logging.error("MedDiffSeg: segmentation failed: %s\n%s\n%s", job.errorMessage, job.errorDetails,
+                      "\n".join(job.logLines[-50:]))
+        self._batch = []
+        self._finishJobUI(_("Failed: {message}").format(message=job.errorMessage))
+        slicer.util.errorDisplay(_("The segmentation failed: {message}").format(message=job.errorMessage),
+                                 detailedText=(job.errorDetails or "") + "\n".join(job.logLines[-50:]))
+
+    def onCancel(self) -> None:
+        self._batch = []
+        if self._job is not None:
+            self._job.cancel()
+        self._timer.stop()
+        self._finishJobUI(_("Cancelled; the scene was left as it was."))
+
+    def _finishJobUI(self, message: str | None) -> None:
+        self._job = None
+        self.ui.progressBar.hide()
+        self.ui.progressLabel.text = ""
+        if message:
+            self.ui.statusLabel.text = message
+        self.refreshBatchList()
+        self.updateGUIState()
+
+    # -- results --------------------------------------------------------------------------------------
+    def showResult(self, result: MedDiffSegResult) -> None:
+        self._lastResult = result
+        p = self._parameterNode
+        p.uncertaintyVolume = result.uncertaintyNode
+        table = self.ui.resultsTableWidget
+        table.setRowCount(len(result.organs))
+        self.ui.jumpOrganComboBox.clear()
+        for row, organ in enumerate(result.organs):
+            meanUnc = organ.get("mean_uncertainty")
+            cells = [organ.get("display_name", organ.get("name", "")), f"{float(organ.get('volume_ml', 0.0)):.1f}",
+                     "-" if meanUnc is None else f"{float(meanUnc):.4g}"]
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+            self.ui.jumpOrganComboBox.addItem(organ.get("display_name", organ["name"]), organ["name"])
+        result.segmentationNode.CreateClosedSurfaceRepresentation()
+        self.logic.showUncertainty(result, p.showUncertainty, p.uncertaintyOpacity)
+        self.updateGUIState()
+
+    def onResultRowDoubleClicked(self, row: int, column: int) -> None:
+        self.ui.jumpOrganComboBox.currentIndex = row
+        self.onJumpToUncertain()
+
+    def onJumpToUncertain(self) -> None:
+        if self._lastResult is None:
+            return
+        organ = self.ui.jumpOrganComboBox.currentData
+        ras = self.logic.jumpToMostUncertainSlice(self._lastResult, organ)
+        if ras is None:
+            slicer.util.showStatusMessage(_("The samples agree everywhere for this organ: no uncertain slice."), 5000)
+
+    def onOverlaySettingsChanged(self, *args) -> None:
+        # Read the widgets: this slot may run before the parameter node has taken the new value.
+        if self._lastResult is None:
+            return
+        self.logic.showUncertainty(self._lastResult, bool(self.ui.showUncertaintyCheckBox.checked),
+                                   float(self.ui.uncertaintyOpacitySlider.value))
+
+    def onColorMapChanged(self, *args) -> None:
+        p = self._parameterNode
+        colorMap = self.ui.colorMapComboBox.currentText
+        if p is None or not p.uncertaintyVolume or colorMap not in nodes.COLOR_MAPS:
+            return
+        nodes.setUncertaintyDisplay(p.uncertaintyVolume, colorMap)
+
+
+#
+# MedDiffSegLogic
+#
+
+
+class MedDiffSegLogic(ScriptedLoadableModuleLogic):
+    """Segmentation of volume nodes with MedDiffSegLib; usable without the GUI (scripts, tests).
+
+    Example (Slicer's Python console)::
+
+        logic = slicer.util.getModuleLogic("MedDiffSeg")  # or MedDiffSeg.MedDiffSegLogic()
+        result = logic.segment(getNode("CTChest"), ["liver", "spleen"], samples=5, seed=0)
+        result.segmentationNode, result.uncertaintyNode, result.organs
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        dependencies.ensureLibraryOnPath(MODULE_DIR)
+
+    def getParameterNode(self) -> MedDiffSegParameterNode:
+        return MedDiffSegParameterNode(super().getParameterNode())
+
+    # -- models ---------------------------------------------------------------------------------------
+    def listModels(self) -> list:
+        from MedDiffSegLib.registry import list_packages
+
+        return list_packages()
+
+    def defaultModelName(self) -> str:
+        from MedDiffSegLib.registry import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+
+    def modelPackage(self, model=None):
+        from MedDiffSegLib.registry import ModelPackage, resolve_model
+
+        return model if isinstance(model, ModelPackage) else resolve_model(model or None)
+
+    def modelDescription(self, package) -> str:
+        text = f"{package.description or package.name} - method {package.method_name}, version {package.version}"
+        dice = (package.metrics or {}).get("dice")
+        if isinstance(dice, dict) and dice:
+            text += "; Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items() if isinstance(v, (int, float)))
+        return text
+
+    def installModel(self, zipPath: str, sha256: str | None = None, force: bool = False):
+        """Install a model package zip (offline: the archive, its paths and the weights' hash are checked)."""
+        from MedDiffSegLib.registry import install_zip
+
+        return install_zip(zipPath, sha256=sha256, force=force)
+
+    # -- device ---------------------------------------------------------------------------------------
+    def deviceInfo(self, device: str = "auto") -> tuple[str, bool]:
+        """(description, is a GPU) of the device a run would use; raises when a GPU is asked for but absent."""
+        from MedDiffSegLib.inference import device_description, resolve_device
+
+        resolved = resolve_device(presets.deviceName(device) if device in presets.DEVICES else device)
+        return device_description(resolved), resolved.type == "cuda"
+
+    def estimateSeconds(self, volumeNode, options: SegmentOptions) -> float:
+        """A rough CPU time for segmenting ``volumeNode`` (the progress bar refines it once running)."""
+        from MedDiffSegLogicLib.geometry import directionsRAS
+
+        package = options.resolvePackage()
+        dims = volumeNode.GetImageData().GetDimensions()
+        superior = abs(directionsRAS(volumeNode)[2, :])
+        samples = options.samples or int(package.inference.get("samples", 1))
+        return presets.estimateCpuSeconds(dims, volumeNode.GetSpacing(), package, len(options.organs), samples,
+                                          options.steps, sliceAxis=int(superior.argmax()))
+
+    # -- segmentation ------------------------------------------------------------------------------------
+    def segment(self, volumeNode, organs, samples: int | None = None, seed: int = 0, model=None, device: str = "auto",
+                steps: int | None = None, staple: bool = False, largestComponent: bool = False,
+                scheduler: str | None = None, segmentationNode=None, colorMap: str = nodes.DEFAULT_COLOR_MAP,
+                progress=None, shouldCancel=None) -> MedDiffSegResult:
+        """Segment ``organs`` in ``volumeNode`` in this process and add the result to the scene.
+
+        Returns a :class:`MedDiffSegResult` with ``.segmentationNode`` (one segment per organ, named
+        by its display name, with its colour and SNOMED CT terminology, on the volume's exact grid)
+        and ``.uncertaintyNode`` (the samples' variance, the volume's IJK→RAS, a colour map).
+        ``model``: installed name, package folder, ModelPackage or None (default model).
+        ``progress(stage, fraction, message)`` and ``shouldCancel()`` are passed to the engine; a
+        cancelled or failed run raises and leaves the scene as it was.
+        """
+        options = SegmentOptions(organs=[organs] if isinstance(organs, str) else list(organs), model=model,
+                                 samples=samples, steps=steps, seed=seed, device=presets.deviceName(device),
+                                 scheduler=scheduler, staple=staple, largestComponent=largestComponent)
+        return segmentInProcess(volumeNode, options, segmentationNode=segmentationNode, colorMap=colorMap,
+                                progress=progress, shouldCancel=shouldCancel)
+
+    def segmentBatch(self, volumeNodes, organs, **kwargs) -> list[MedDiffSegResult]:
+        """:meth:`segment` for each volume in turn (same settings, a new segmentation node each)."""
+        kwargs.pop("segmentationNode", None)
+        return [self.segment(volumeNode, organs, **kwargs) for volumeNode in volumeNodes]
+
+    def startBackgroundSegmentation(self, volumeNode, options: SegmentOptions, segmentationNode=None,
+                                    colorMap: str = nodes.DEFAULT_COLOR_MAP, runner=None,
+                                    tempRoot: str | None = None) -> BackgroundSegmentation:
+        """Start a worker process for ``volumeNode``; poll the returned job until ``finished``."""
+        libraryRoot = dependencies.libraryRoot(MODULE_DIR)
+        job = BackgroundSegmentation(volumeNode, options, segmentationNode=segmentationNode, colorMap=colorMap,
+                                     runner=runner, pythonPath=[str(libraryRoot)] if libraryRoot else [],
+                                     tempRoot=tempRoot)
+        job.start()
+        return job
+
+    # -- review ---------------------------------------------------------------------------------------------
+    def showUncertainty(self, result: MedDiffSegResult, visible: bool = True, opacity: float = 0.5) -> None:
+        """Show (or hide) the uncertainty map over the input volume in every slice view."""
+        scene = result.volumeNode.GetScene()
+        nodes.showOverlay(scene, result.volumeNode, result.uncertaintyNode, opacity=opacity, visible=visible)
+
+    def jumpToMostUncertainSlice(self, result: MedDiffSegResult, organ: str):
+        """Move the slice views to ``organ``'s most uncertain slice; returns its RAS point (None: none)."""
+        ras = result.mostUncertainRAS(organ)
+        if ras is not None:
+            nodes.jumpSlices(result.volumeNode.GetScene(), ras)
+        return ras
+
+    def exportDicomSeg(self, result: MedDiffSegResult, outputFolder: str, **kwargs) -> Any:
+        """Hook for the DICOM-SEG export (``MedDiffSegLib.dicom.export_dicom_seg``), wired by the DICOM work."""
+        try:
+            from MedDiffSegLib.dicom import export_dicom_seg
+        except ImportError:
+            raise NotImplementedError("DICOM-SEG export is not available in this version of MedDiffSegLib") from None
+        return export_dicom_seg(result, outputFolder, **kwargs)
+
+
+#
+# MedDiffSegTest
+#
+
+
+class MedDiffSegTest(ScriptedLoadableModuleTest):
+    """Self-test (Slicer's "Reload and Test"): a tiny random-weight model on a synthetic volume."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SegmentSyntheticVolume()
+
+    @staticmethod
+    def makeTinyPackage(folder: str):
+        """A random-weight package with the library's tiny test configuration (fast on any CPU)."""
+        import torch
+
+        from MedDiffSegLib.methods.base import _METHODS, _import_builtin_methods, build_method
+        from MedDiffSegLib.preprocessing import PreprocessSpec
+        from MedDiffSegLib.registry import Organ, save_package
+
+        _import_builtin_methods()
+        sct = "SCT"
+        anatomy = {"code": "123037004", "scheme": sct, "meaning": "Anatomical Structure"}
+        organs = [Organ("liver", "Liver", (221, 130, 101), anatomy, {"code": "10200004", "scheme": sct, "meaning": "Liver"}),
+                  Organ("spleen", "Spleen", (157, 108, 162), anatomy, {"code": "78961009", "scheme": sct, "meaning": "Spleen"})]
+        torch.manual_seed(0)
+        method = build_method("guided", _METHODS["guided"].tiny_config(len(organs)))
+        return save_package(os.path.join(folder, "tiny-guided"), method, name="tiny-guided", version="0.0.1",
+                            organs=organs, preprocessing=PreprocessSpec(modality="CT", spacing=(8.0, 8.0)),
+                            inference={"roi_size": [32, 32], "overlap": 0.25, "steps": 1, "samples": 2,
+                                       "sw_batch_size": 16},
+                            description="self-test model (random weights)")
+
+    def test_SegmentSyntheticVolume(self) -> None:
+        import tempfile
+
+        import numpy as np
+
+        self.delayDisplay("Starting the MedDiffSeg self-test")
+        z, y, x = np.mgrid[0:8, 0:48, 0:40]
+        array = np.where(((x - 20) / 14.0) ** 2 + ((y - 24) / 16.0) ** 2 < 1, 60, -1000).astype(np.int16)
+        volumeNode = slicer.util.addVolumeFromArray(array, name="MedDiffSegSelfTest")
+        volumeNode.SetSpacing(2.0, 2.5, 5.0)
+        volumeNode.SetOrigin(-30.0, 12.0, 100.0)
+        volumeNode.SetIJKToRASDirections([[-1, 0, 0], [0, -1, 0], [0, 0, 1]])
+        with tempfile.TemporaryDirectory() as folder:
+            package = self.makeTinyPackage(folder)
+            logic = MedDiffSegLogic()
+            before = slicer.mrmlScene.GetNumberOfNodes()
+            result = logic.segment(volumeNode, ["liver", "spleen"], samples=2, seed=1, model=package, device="cpu")
+        segmentation = result.segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 2)
+        self.assertEqual(segmentation.GetSegment("liver").GetName(), "Liver")
+        self.assertIn("10200004", segmentation.GetSegment("liver").GetTerminology())
+        uncertainty = slicer.util.arrayFromVolume(result.uncertaintyNode)
+        self.assertEqual(uncertainty.shape, array.shape)
+        m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m1)
+        result.uncertaintyNode.GetIJKToRASMatrix(m2)
+        self.assertTrue(all(m1.GetElement(r, c) == m2.GetElement(r, c) for r in range(4) for c in range(4)))
+        self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.delayDisplay("MedDiffSeg self-test passed")

@@ -1,0 +1,367 @@
+"""One segmentation of a volume node, in this process or in a worker process (no Qt).
+
+Both paths end in :func:`buildResultNodes`, which turns a label map and an uncertainty map on the
+input's voxel grid into a segmentation node and an uncertainty volume node, inside a
+:class:`~.nodes.SceneTransaction`: nothing is added to the scene before all computing is done, and
+a failure while building removes whatever was added.
+
+- :func:`segmentInProcess` converts the node to a SimpleITK image (exact geometry) and calls the
+  library's ``segment_volume`` directly (tests, scripts, batch jobs in Slicer's Python console).
+- :class:`BackgroundSegmentation` writes the volume through a storage node into a temporary
+  folder, runs ``python -m MedDiffSegLib.inference.worker`` through a :class:`~.process.ProcessRunner`,
+  parses its JSON progress lines on each :meth:`~BackgroundSegmentation.poll`, and reads the
+  outputs back through storage nodes. :meth:`~BackgroundSegmentation.cancel` kills the worker's
+  process group and removes the temporary folder; the scene is not touched until
+  :meth:`~BackgroundSegmentation.loadResults`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import nodes as nodesLib
+from .geometry import imageFromVolumeNode, lpsToRas
+from .process import ProcessRunner, SubprocessRunner, workerCommand, workerEnvironment
+from .progress import ProgressTracker, parseWorkerLine
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_FILE = "segmentation.nii.gz"
+UNCERTAINTY_FILE = "uncertainty.nii.gz"
+INPUT_FILE = "input.nrrd"
+REQUEST_FILE = "request.json"
+
+
+# -- options and results ---------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentOptions:
+    """What to segment and how; ``None`` means the model's default."""
+
+    organs: list[str]
+    model: Any = None  # installed name, package folder, ModelPackage, or None for the default model
+    samples: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    scheduler: str | None = None
+    staple: bool = False
+    largestComponent: bool = False
+
+    def resolvePackage(self):
+        """The model package (validated: weights hash, organs known to it)."""
+        from MedDiffSegLib.errors import ModelError
+        from MedDiffSegLib.registry import ModelPackage, resolve_model
+
+        package = self.model if isinstance(self.model, ModelPackage) else resolve_model(
+            None if self.model in (None, "") else str(self.model))
+        organs = [self.organs] if isinstance(self.organs, str) else list(self.organs or [])
+        if not organs:
+            raise ModelError(f"choose at least one organ; model {package.name!r} segments: {', '.join(package.organ_names)}")
+        package.organ_ids(organs)  # raises ModelError naming unknown organs
+        return package
+
+    def request(self, inputPath: str, outDir: str, package) -> dict[str, Any]:
+        """The worker's request (model given as its package folder: no second lookup in the worker)."""
+        return {
+            "input": str(inputPath), "out_dir": str(outDir), "organs": list(self.organs),
+            "model": str(Path(package.path).absolute()), "samples": self.samples, "steps": self.steps,
+            "seed": int(self.seed), "device": self.device, "scheduler": self.scheduler,
+            "staple": bool(self.staple), "largest_component": bool(self.largestComponent),
+        }
+
+
+@dataclass
+class MedDiffSegResult:
+    """What a segmentation left in the scene, and its numbers."""
+
+    volumeNode: Any
+    segmentationNode: Any
+    uncertaintyNode: Any
+    segmentIds: dict[str, str]
+    organs: list[dict[str, Any]]  # per organ: name, display_name, label, volume_ml, mean_uncertainty, ...
+    summary: dict[str, Any]
+    device: str = ""
+    durationSeconds: float = 0.0
+
+    def organ(self, name: str) -> dict[str, Any]:
+        for o in self.organs:
+            if name in (o.get("name"), o.get("display_name")):
+                return o
+        raise KeyError(name)
+
+    def mostUncertainRAS(self, name: str) -> tuple[float, float, float] | None:
+        """RAS centre of the slice where ``name``'s samples disagree most (None: they agree everywhere)."""
+        position = self.organ(name).get("max_uncertainty_position_mm")
+        return lpsToRas(position) if position else None
+
+
+def _organDicts(package, organNames: Sequence[str]) -> list[dict[str, Any]]:
+    return [package.organs[i].to_dict() for i in package.organ_ids(list(organNames))]
+
+
+def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, Any]) -> None:
+    model = summary.get("model", {})
+    settings = summary.get("settings", {})
+    for node in (segmentationNode, uncertaintyNode):
+        node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Model", str(model.get("name", "")))
+        node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "ModelVersion", str(model.get("version", "")))
+        node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Samples", str(settings.get("samples", "")))
+        node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Seed", str(settings.get("seed", "")))
+        node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Summary", json.dumps(summary, default=str))
+    segmentationNode.SetNodeReferenceID("MedDiffSegUncertainty", uncertaintyNode.GetID())
+
+
+def buildResultNodes(volumeNode, labels_kji: np.ndarray, uncertainty_kji: np.ndarray, organs: Sequence[dict],
+                     summary: dict[str, Any], *, segmentationNode=None, colorMap: str = nodesLib.DEFAULT_COLOR_MAP,
+                     durationSeconds: float = 0.0) -> MedDiffSegResult:
+    """Segmentation + uncertainty nodes for one result, all-or-nothing (see the module docstring)."""
+    scene = volumeNode.GetScene()
+    name = volumeNode.GetName() or "volume"
+    with nodesLib.SceneTransaction(scene) as transaction:
+        uncertaintyNode = nodesLib.createUncertaintyNode(
+            scene, volumeNode, uncertainty_kji, scene.GenerateUniqueName(f"{name} uncertainty"), colorMap)
+        if segmentationNode is None:
+            segmentationNode = nodesLib.createSegmentationNode(scene, volumeNode,
+                                                               scene.GenerateUniqueName(f"{name} MedDiffSeg"))
+        else:
+            transaction.protectSegmentation(segmentationNode)
+        segmentIds = nodesLib.fillSegmentation(segmentationNode, volumeNode, labels_kji, organs)
+        _setResultAttributes(segmentationNode, uncertaintyNode, summary)
+    return MedDiffSegResult(
+        volumeNode=volumeNode, segmentationNode=segmentationNode, uncertaintyNode=uncertaintyNode,
+        segmentIds=segmentIds, organs=list(summary.get("organs", [])), summary=summary,
+        device=str(summary.get("settings", {}).get("device", "")), durationSeconds=float(durationSeconds),
+    )
+
+
+# -- in this process -------------------------------------------------------------------------------------
+
+
+def _checkInputVolume(volumeNode) -> None:
+    if volumeNode is None:
+        raise ValueError("choose an input volume")
+    if volumeNode.IsA("vtkMRMLLabelMapVolumeNode") or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise ValueError(f"{volumeNode.GetName()!r} is not a grey-level scalar volume; choose a CT or MR image")
+    if volumeNode.GetImageData() is None:
+        raise ValueError(f"volume {volumeNode.GetName()!r} holds no image data")
+
+
+def inProcessSummary(result, package, durationSeconds: float) -> dict[str, Any]:
+    """The same shape as the pipeline's ``summary.json`` for the parts the module uses."""
+    from MedDiffSegLib import __version__
+    from MedDiffSegLib.inference import device_description
+    from MedDiffSegLib.registry import package_origin
+
+    data = result.to_dict()
+    return {
+        "organs": data["organs"],
+        "model": {"name": package.name, "version": package.version, "method": package.method_name,
+                  "weights_sha256": package.weights_sha256, "origin": package_origin(package)},
+        "settings": {"samples": result.samples, "steps": result.steps, "scheduler": result.scheduler,
+                     "seed": result.seed, "threshold": result.threshold, "staple": result.staple,
+                     "largest_component": result.largest_component, "device": device_description(result.device)},
+        "timings_s": {k: round(float(v), 4) for k, v in data["timings"].items()} | {"total": round(durationSeconds, 4)},
+        "software": {"meddiffseg": __version__},
+    }
+
+
+def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=None,
+                     colorMap: str = nodesLib.DEFAULT_COLOR_MAP,
+                     progress: Callable[[str, float, str], None] | None = None,
+                     shouldCancel: Callable[[], bool] | None = None) -> MedDiffSegResult:
+    """Segment ``volumeNode`` here and now; see :class:`SegmentOptions`. Raises the library's errors
+    (``Cancelled`` when ``shouldCancel()`` turns true) without adding anything to the scene."""
+    from MedDiffSegLib.inference import resolve_device, segment_volume
+
+    t0 = time.perf_counter()
+    _checkInputVolume(volumeNode)
+    package = options.resolvePackage()
+    device = resolve_device(options.device)
+    image = imageFromVolumeNode(volumeNode)
+    result = segment_volume(
+        image, package, list(options.organs), samples=options.samples, steps=options.steps, seed=int(options.seed),
+        device=device, scheduler=options.scheduler, staple=bool(options.staple),
+        largest_component=bool(options.largestComponent), progress=progress, should_cancel=shouldCancel,
+    )
+    if shouldCancel is not None and shouldCancel():
+        from MedDiffSegLib.errors import Cancelled
+
+        raise Cancelled("segmentation cancelled")
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    uncertainty = sitk.GetArrayViewFromImage(result.uncertainty)
+    duration = time.perf_counter() - t0
+    summary = inProcessSummary(result, package, duration)
+    return buildResultNodes(volumeNode, labels, uncertainty, _organDicts(package, options.organs), summary,
+                            segmentationNode=segmentationNode, colorMap=colorMap, durationSeconds=duration)
+
+
+# -- in a worker process ---------------------------------------------------------------------------------
+
+
+class BackgroundSegmentation:
+    """One segmentation in a worker process: :meth:`start`, :meth:`poll` until :attr:`finished`, then
+    :meth:`loadResults` (or :meth:`cancel` at any time).
+
+    States: ``created`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled``; ``loaded``
+    after :meth:`loadResults`. :attr:`errorMessage` is for the user, :attr:`errorDetails` for the log.
+    """
+
+    def __init__(self, volumeNode, options: SegmentOptions, *, segmentationNode=None,
+                 colorMap: str = nodesLib.DEFAULT_COLOR_MAP, runner: ProcessRunner | None = None,
+                 python: str | None = None, pythonPath: Sequence[str] = (), tempRoot: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.volumeNode = volumeNode
+        self.options = options
+        self.segmentationNode = segmentationNode
+        self.colorMap = colorMap
+        self.runner: ProcessRunner = runner or SubprocessRunner()
+        self.python = python
+        self.pythonPath = list(pythonPath)
+        self.tempRoot = tempRoot
+        self.tracker = ProgressTracker(clock)
+        self.state = "created"
+        self.tempDir: Path | None = None
+        self.package = None
+        self.summary: dict[str, Any] | None = None
+        self.errorMessage = ""
+        self.errorKind = ""
+        self.errorDetails = ""
+        self.logLines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.result: MedDiffSegResult | None = None
+        self._started = 0.0
+        self._clock = clock
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled", "loaded")
+
+    @property
+    def outDir(self) -> Path:
+        assert self.tempDir is not None
+        return self.tempDir / "out"
+
+    def start(self) -> None:
+        """Validate, write the input, start the worker. Errors are raised here (nothing is left behind)."""
+        if self.state != "created":
+            raise RuntimeError(f"this segmentation was already started (state {self.state})")
+        _checkInputVolume(self.volumeNode)
+        self.package = self.options.resolvePackage()
+        self.tempDir = Path(tempfile.mkdtemp(prefix="MedDiffSeg-", dir=self.tempRoot))
+        try:
+            inputPath = self.tempDir / INPUT_FILE
+            nodesLib.writeVolumeNode(self.volumeNode, str(inputPath))
+            requestPath = self.tempDir / REQUEST_FILE
+            requestPath.write_text(json.dumps(self.options.request(str(inputPath), str(self.outDir), self.package),
+                                              indent=2), encoding="utf-8")
+            self._started = self._clock()
+            self.runner.start(workerCommand(str(requestPath), self.python), env=workerEnvironment(self.pythonPath),
+                              cwd=str(self.tempDir))
+        except BaseException:
+            self.cleanup()
+            raise
+        self.state = "running"
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read what the worker said since the last call; update :attr:`state` when it has exited."""
+        if self.state != "running":
+            return []
+        new = self._readEvents()
+        code = self.runner.poll()
+        if code is None:
+            return new
+        new += self._readEvents()  # lines written just before exiting
+        if code == 0 and self.summary is not None:
+            self.state = "succeeded"
+        elif self.errorKind == "Cancelled" or code == 130:
+            self.state = "cancelled"
+            self.cleanup()
+        else:
+            self.state = "failed"
+            if not self.errorMessage:
+                self.errorMessage = f"the segmentation process ended unexpectedly (exit status {code})"
+            stderr = self.runner.errorText().strip()
+            if stderr:
+                self.errorDetails = (self.errorDetails + "\n" if self.errorDetails else "") + stderr
+            self.cleanup()
+        return new
+
+    def _readEvents(self) -> list[dict[str, Any]]:
+        new = []
+        for line in self.runner.readLines():
+            event = parseWorkerLine(line)
+            if event is None:
+                if line.strip():
+                    self.logLines.append(line)
+                continue
+            self.tracker.update(event)
+            if event["type"] == "done":
+                self.summary = event.get("summary") or {}
+            elif event["type"] == "error":
+                self.errorKind = str(event.get("kind", ""))
+                self.errorMessage = event["message"]
+                self.errorDetails = str(event.get("details", ""))
+            new.append(event)
+        self.events.extend(new)
+        return new
+
+    def cancel(self, grace: float = 1.0) -> None:
+        """Stop the worker and every process it started; remove the temporary folder. Scene untouched."""
+        if self.state in ("running", "created"):
+            self.runner.terminate(grace)
+            self.state = "cancelled"
+        self.cleanup()
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05,
+             onEvent: Callable[[dict[str, Any]], None] | None = None) -> str:
+        """Poll until finished (scripts and tests; the Widget polls from a timer instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            for event in self.poll():
+                if onEvent is not None:
+                    onEvent(event)
+            if self.finished:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"segmentation still running after {timeout} s")
+            time.sleep(interval)
+        return self.state
+
+    def loadResults(self) -> MedDiffSegResult:
+        """Read the worker's outputs into new nodes (through storage nodes), then remove the temporary folder."""
+        if self.state != "succeeded":
+            raise RuntimeError(f"no results to load (state {self.state}): {self.errorMessage}")
+        try:
+            labels, labelsMatrix, labelsDims = nodesLib.readVolumeFile(str(self.outDir / SEGMENTATION_FILE), label=True)
+            nodesLib.checkSameGrid(self.volumeNode, labelsDims, labelsMatrix, "the segmentation read back")
+            uncertainty, uncMatrix, uncDims = nodesLib.readVolumeFile(str(self.outDir / UNCERTAINTY_FILE))
+            nodesLib.checkSameGrid(self.volumeNode, uncDims, uncMatrix, "the uncertainty map read back")
+            summary = dict(self.summary or {})
+            organNames = [o["name"] for o in summary.get("organs", [])] or list(self.options.organs)
+            duration = self._clock() - self._started
+            self.result = buildResultNodes(
+                self.volumeNode, labels, uncertainty, _organDicts(self.package, organNames), summary,
+                segmentationNode=self.segmentationNode, colorMap=self.colorMap, durationSeconds=duration)
+        finally:
+            self.cleanup()
+        self.state = "loaded"
+        return self.result
+
+    def cleanup(self) -> None:
+        if self.tempDir is not None:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+            self.tempDir = None

@@ -1,0 +1,247 @@
+"""Background-process entry point: one segmentation run driven by a JSON request, reporting on stdout.
+
+Used by the 3D Slicer module (which must not block its GUI) and usable by any other front end::
+
+    python -m MedDiffSegLib.inference.worker --request REQUEST.json
+
+``REQUEST.json`` holds the arguments of :func:`~MedDiffSegLib.inference.pipeline.run_segment`::
+
+    {"input": "/tmp/x/input.nrrd", "out_dir": "/tmp/x/out", "organs": ["liver", "spleen"],
+     "model": null, "samples": 5, "steps": null, "seed": 0, "device": "auto",
+     "scheduler": null, "staple": false, "largest_component": false}
+
+Only ``input``, ``out_dir`` and ``organs`` are required. The worker writes exactly one JSON
+object per line to stdout (the *protocol stream*) and nothing else:
+
+- ``{"type": "start", "protocol": 1, "pid": ..., "version": ...}`` once, first;
+- ``{"type": "device", "device": "cpu: ...", "gpu": false}`` once the compute device is known;
+- ``{"type": "progress", "stage": ..., "fraction": 0..1, "message": ...}`` for every progress
+  update of the run (``fraction`` is the share of the whole run, never decreasing);
+- last, either ``{"type": "done", "out_dir": ..., "summary": {...}}`` (exit status 0) or
+  ``{"type": "error", "kind": ..., "message": ..., "exit_code": N}`` (exit status N, non-zero;
+  ``kind`` is the error class, ``"Cancelled"`` with exit status 130 for a cancelled run).
+
+Anything else the process prints - library warnings, tracebacks of bugs, even output of C code
+writing to file descriptor 1 - goes to stderr: the worker moves its original stdout aside for the
+protocol and points descriptor 1 at stderr before importing the heavy libraries.
+
+**Cancel**: SIGTERM (or SIGINT) asks the run to stop; the engine notices before its next window
+batch, the pipeline removes any partial output, and the worker exits with status 130. A second
+signal ends the process at once. The run is also cancelled when the parent process that started
+the worker goes away (POSIX), so a closed GUI never leaves an orphan computing for nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+PROTOCOL_VERSION = 1
+
+#: Request keys and the type each value must have (``None`` is always allowed for optional ones).
+_REQUIRED = ("input", "out_dir", "organs")
+_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "samples": (int,),
+    "steps": (int,),
+    "seed": (int,),
+    "device": (str,),
+    "scheduler": (str,),
+    "staple": (bool,),
+    "largest_component": (bool,),
+    "save_probabilities": (bool,),
+}
+
+
+class RequestError(Exception):
+    """The request file is missing, not JSON, or has wrong keys/values (exit status 2)."""
+
+    exit_code = 2
+
+
+def load_request(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a request file; raises :class:`RequestError` with a readable message."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RequestError(f"cannot read request file {path}: {exc.strerror or exc}") from None
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"request file {path} is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise RequestError(f"request file {path} must hold a JSON object")
+    missing = [k for k in _REQUIRED if k not in request]
+    if missing:
+        raise RequestError(f"request file {path} lacks required key(s): {', '.join(missing)}")
+    unknown = sorted(set(request) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise RequestError(f"request file {path} has unknown key(s): {', '.join(unknown)}")
+    for key in ("input", "out_dir"):
+        if not isinstance(request[key], str) or not request[key]:
+            raise RequestError(f"request key {key!r} must be a non-empty path string")
+    organs = request["organs"]
+    if isinstance(organs, str):
+        organs = [organs]
+    if not isinstance(organs, list) or not all(isinstance(o, str) for o in organs):
+        raise RequestError("request key 'organs' must be a list of organ names")
+    request["organs"] = organs
+    for key, types in _OPTIONAL.items():
+        value = request.get(key)
+        if value is None:
+            continue
+        if types == (int,) and isinstance(value, bool):
+            raise RequestError(f"request key {key!r} must be an integer, got {value!r}")
+        if not isinstance(value, types):
+            raise RequestError(f"request key {key!r} must be of type {types[0].__name__}, got {value!r}")
+    return request
+
+
+class ProtocolWriter:
+    """Writes one JSON object per line to the protocol stream, thread-safe, flushed at once."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, allow_nan=False, default=_json_default, separators=(",", ":"))
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):  # the reader went away; nothing left to tell
+                pass
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _clean_fraction(fraction: float) -> float:
+    f = float(fraction)
+    return min(1.0, max(0.0, f)) if math.isfinite(f) else 0.0
+
+
+def protocol_stream() -> TextIO:
+    """Move the real stdout aside for the protocol and send file descriptor 1 (and sys.stdout) to stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+class CancelFlag:
+    """Set by SIGTERM/SIGINT (a second signal ends the process) or when the parent process is gone."""
+
+    def __init__(self, watch_parent: bool = True):
+        self._event = threading.Event()
+        self._parent = os.getppid() if (watch_parent and os.name == "posix") else None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "CancelFlag":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # pragma: no cover - platform without the signal
+                pass
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self._event.is_set():
+            os._exit(130)  # second request: stop now, the parent cleans the temporary folder
+        self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        if self._parent is not None and os.getppid() != self._parent:
+            self._event.set()  # re-parented: whoever started us is gone
+        return self._event.is_set()
+
+
+def run_request(request: dict[str, Any], emit: Callable[[dict[str, Any]], None],
+                should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    """Run one validated request, reporting device and progress through ``emit``; returns the summary."""
+    from .device import device_description, resolve_device
+    from .pipeline import run_segment
+
+    device = request.get("device") or "auto"
+    torch_device = resolve_device(device)
+    emit({"type": "device", "device": device_description(torch_device), "gpu": torch_device.type == "cuda"})
+
+    last = {"fraction": 0.0}
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        f = max(last["fraction"], _clean_fraction(fraction))  # never decreasing
+        last["fraction"] = f
+        emit({"type": "progress", "stage": str(stage), "fraction": round(f, 6), "message": str(message)})
+
+    return run_segment(
+        request["input"], request["out_dir"], request["organs"],
+        model=request.get("model"), samples=request.get("samples"), steps=request.get("steps"),
+        seed=request.get("seed") or 0, device=str(torch_device), scheduler=request.get("scheduler"),
+        staple=bool(request.get("staple", False)), largest_component=bool(request.get("largest_component", False)),
+        save_probabilities=bool(request.get("save_probabilities", False)),
+        progress=progress, should_cancel=should_cancel,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m MedDiffSegLib.inference.worker",
+        description="Run one segmentation described by a JSON request; JSON progress lines on stdout.",
+    )
+    parser.add_argument("--request", required=True, help="path of the JSON request file")
+    args = parser.parse_args(argv)
+
+    emit = ProtocolWriter(protocol_stream())
+    cancel = CancelFlag().install()
+    from .. import __version__
+
+    emit({"type": "start", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "version": __version__})
+    try:
+        request = load_request(args.request)
+        summary = run_request(request, emit, cancel)
+    except RequestError as exc:
+        emit({"type": "error", "kind": "RequestError", "message": str(exc), "exit_code": exc.exit_code})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        emit({"type": "error", "kind": "Cancelled", "message": "segmentation cancelled; no output was written",
+              "exit_code": 130})
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a message
+        from ..errors import MedDiffSegError
+
+        if isinstance(exc, MedDiffSegError):
+            code = int(getattr(exc, "exit_code", 1)) or 1
+            emit({"type": "error", "kind": type(exc).__name__, "message": str(exc), "exit_code": code})
+            return code
+        details = traceback.format_exc()
+        print(details, file=sys.stderr, flush=True)
+        emit({"type": "error", "kind": "InternalError", "message": f"{type(exc).__name__}: {exc}",
+              "details": details, "exit_code": 1})
+        return 1
+    emit({"type": "done", "out_dir": str(Path(request["out_dir"]).expanduser().absolute()), "summary": summary})
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocess tests
+    sys.exit(main())
