@@ -56,8 +56,15 @@ def build_method(name: str, config: dict[str, Any]) -> "Method":
 
 
 def _import_builtin_methods() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from . import guided, sdseg  # noqa: F401
+    """Import every module of this package once: their ``@register_method`` decorators run."""
+    import importlib
+    import pkgutil
+
+    from .. import methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 class Method(nn.Module, abc.ABC):
