@@ -9,6 +9,6 @@ if python -c "import importlib.metadata as m, sys; sys.exit(m.version('slicer-co
   :
 else
   echo "CI: pip install slicer-core==$_slicer_core_version"
-  python -m pip install --quiet "slicer-core==$_slicer_core_version"
+  python -m pip install --quiet --retries 10 --timeout 120 "slicer-core==$_slicer_core_version"
 fi
 unset _slicer_core_version
