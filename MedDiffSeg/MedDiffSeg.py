@@ -9,11 +9,15 @@ real MRML without the desktop application.
 - The Widget runs the same work in a background process (``python -m MedDiffSegLib.inference.worker``)
   polled by a QTimer: progress with remaining time, Cancel kills the whole process tree and leaves
   the scene exactly as it was.
+- Export: ``MedDiffSegLogic().exportDicomSeg(result)`` writes a DICOM-SEG and the uncertainty as a
+  DICOM Parametric Map for a volume loaded from the DICOM database and adds them to it;
+  ``exportSegmentationFiles`` writes .seg.nrrd + NIfTI (the way out for other volumes).
 """
 
 import logging
 import os
-from typing import Annotated, Any
+import traceback
+from typing import Annotated
 
 import qt
 import slicer
@@ -30,7 +34,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MedDiffSegLogicLib import dependencies, nodes, presets
+from MedDiffSegLogicLib import dependencies, dicomexport, nodes, presets
 from MedDiffSegLogicLib.progress import formatDuration
 from MedDiffSegLogicLib.segmentation import BackgroundSegmentation, MedDiffSegResult, SegmentOptions, segmentInProcess
 
@@ -62,8 +66,10 @@ class MedDiffSeg(ScriptedLoadableModule):
             "the organs, pick a quality (more samples = a more reliable uncertainty map, more time) and "
             "click <b>Segment</b>. The segmentation and an <b>uncertainty</b> volume (where the diffusion "
             "samples disagree) are added to the scene; review the uncertain regions, edit in Segment Editor "
-            "if needed, then export. Runs in a background process: Slicer stays responsive and the run "
-            "can be cancelled. See the <a href=\"https://github.com/meddiffseg/SlicerMedDiffSeg\">documentation</a>."
+            "if needed, then export: <b>Export DICOM-SEG</b> (for a volume loaded from the DICOM database) writes "
+            "a DICOM Segmentation and the uncertainty as a DICOM Parametric Map and adds them to the DICOM "
+            "database; <b>Export files</b> writes .seg.nrrd and NIfTI. Runs in a background process: Slicer "
+            "stays responsive and the run can be cancelled. See the <a href=\"https://github.com/meddiffseg/SlicerMedDiffSeg\">documentation</a>."
         )
         self.parent.acknowledgementText = _(
             "MedDiffSeg builds on MONAI, diffusers, SimpleITK and PyTorch, and follows the conventions of "
@@ -163,6 +169,8 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onOverlaySettingsChanged)
         self.ui.uncertaintyOpacitySlider.connect("valueChanged(double)", self.onOverlaySettingsChanged)
         self.ui.colorMapComboBox.connect("currentIndexChanged(int)", self.onColorMapChanged)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
 
         self.ui.resultsTableWidget.setColumnCount(3)
         self.ui.resultsTableWidget.setHorizontalHeaderLabels([_("Organ"), _("Volume (mL)"), _("Mean uncertainty")])
@@ -246,6 +254,29 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasResult = self._lastResult is not None
         self.ui.jumpToUncertainButton.enabled = hasResult
         self.ui.uncertaintyCollapsibleButton.enabled = bool(p and p.uncertaintyVolume)
+        self.updateExportState(running)
+
+    def updateExportState(self, running: bool = False) -> None:
+        """Export DICOM-SEG only for a result on a volume from the DICOM database; say why otherwise."""
+        result = self._lastResult
+        alive = (result is not None and all(n is not None and n.GetScene() is not None
+                                            for n in (result.segmentationNode, result.volumeNode)))
+        self.ui.exportFilesButton.enabled = alive and not running
+        if not alive:
+            self.ui.exportDicomSegButton.enabled = False
+            self.ui.exportDicomSegButton.toolTip = _("Segment a volume first.")
+            self.ui.exportInfoLabel.text = ""
+            return
+        try:
+            possible, reason = self.logic.canExportDicomSeg(result.volumeNode)
+        except Exception as exc:
+            logging.warning("MedDiffSeg: cannot check the DICOM source: %s", exc)
+            possible, reason = False, str(exc)
+        self.ui.exportDicomSegButton.enabled = possible and not running
+        self.ui.exportDicomSegButton.toolTip = reason if not possible else _(
+            "Write a DICOM Segmentation of the organs (and the uncertainty as a DICOM Parametric Map) that "
+            "references the input series, and add them to Slicer's DICOM database.")
+        self.ui.exportInfoLabel.text = reason
 
     def readyToSegment(self) -> tuple[bool, str]:
         p = self._parameterNode
@@ -572,6 +603,49 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showUncertainty(self._lastResult, bool(self.ui.showUncertaintyCheckBox.checked),
                                    float(self.ui.uncertaintyOpacitySlider.value))
 
+    # -- export --------------------------------------------------------------------------------------------
+    def onExportDicomSeg(self) -> None:
+        result = self._lastResult
+        if result is None:
+            return
+        try:
+            with slicer.util.WaitCursor():
+                report = self.logic.exportDicomSeg(result)
+        except dicomexport.NotFromDicomError as exc:
+            logging.info("MedDiffSeg: no DICOM-SEG: %s", exc)
+            if slicer.util.confirmOkCancelDisplay(str(exc) + "\n\n" + _("Export .seg.nrrd and NIfTI files instead?")):
+                self.onExportFiles()
+            return
+        except Exception as exc:
+            self.showExportError(_("The DICOM-SEG export failed"), exc)
+            return
+        self.ui.statusLabel.text = report.message()
+        slicer.util.showStatusMessage(_("DICOM-SEG exported and added to the DICOM database."), 5000)
+
+    def onExportFiles(self) -> None:
+        result = self._lastResult
+        if result is None:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                     _("Folder for the .seg.nrrd and NIfTI files"))
+        if not folder:
+            return
+        try:
+            with slicer.util.WaitCursor():
+                report = self.logic.exportSegmentationFiles(result, folder)
+        except Exception as exc:
+            self.showExportError(_("The export failed"), exc)
+            return
+        self.ui.statusLabel.text = report.message()
+        slicer.util.showStatusMessage(_("Exported to {folder}").format(folder=folder), 5000)
+
+    @staticmethod
+    def showExportError(title: str, exc: Exception) -> None:
+        """The error's own text for the user (the library's messages are written for people), details in the log."""
+        details = traceback.format_exc()
+        logging.error("MedDiffSeg: %s: %s\n%s", title, exc, details)
+        slicer.util.errorDisplay(f"{title}: {exc}\n\n" + _("Nothing was written."), detailedText=details)
+
     def onColorMapChanged(self, *args) -> None:
         p = self._parameterNode
         colorMap = self.ui.colorMapComboBox.currentText
@@ -699,13 +773,54 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
             nodes.jumpSlices(result.volumeNode.GetScene(), ras)
         return ras
 
-    def exportDicomSeg(self, result: MedDiffSegResult, outputFolder: str, **kwargs) -> Any:
-        """Hook for the DICOM-SEG export (``MedDiffSegLib.dicom.export_dicom_seg``), wired by the DICOM work."""
-        try:
-            from MedDiffSegLib.dicom import export_dicom_seg
-        except ImportError:
-            raise NotImplementedError("DICOM-SEG export is not available in this version of MedDiffSegLib") from None
-        return export_dicom_seg(result, outputFolder, **kwargs)
+    # -- export ---------------------------------------------------------------------------------------------
+    def dicomDatabase(self):
+        """Slicer's DICOM database behind the :class:`~MedDiffSegLogicLib.dicomexport.DicomDatabase` protocol
+        (None when the application has none open)."""
+        return dicomexport.SlicerDicomDatabase.fromApplication()
+
+    def canExportDicomSeg(self, volumeNode, database=None) -> tuple[bool, str]:
+        """(True, "") when ``volumeNode`` came from the DICOM database, else (False, the explanation)."""
+        database = database if database is not None else self.dicomDatabase()
+        return dicomexport.dicomExportAvailability(volumeNode, database)
+
+    def exportDicomSeg(self, result, outputFolder: str | None = None, *, database=None, volumeNode=None,
+                       uncertaintyNode=None, includeUncertainty: bool = True, model=None,
+                       seriesDescription: str | None = None, allowEmpty: bool = False, addToDatabase: bool = True,
+                       overwrite: bool = False) -> dicomexport.ExportReport:
+        """Export ``result`` (a MedDiffSegResult or a segmentation node) as a DICOM-SEG, with the uncertainty
+        as a DICOM Parametric Map, and add both to the DICOM database.
+
+        The source series is found from the volume's ``DICOM.instanceUIDs`` through ``database``
+        (default: Slicer's). Organ names, colours and SNOMED CT codes come from the model package
+        of the run (``model`` overrides). The files go to ``outputFolder`` (``segmentation.dcm``,
+        ``uncertainty_pmap.dcm``), by default a new folder under Slicer's temporary folder.
+
+        When the volume is not from DICOM: with ``outputFolder``, ``.seg.nrrd`` + NIfTI files are
+        written there instead and the report's ``explanation`` says why; without one,
+        :class:`~MedDiffSegLogicLib.dicomexport.NotFromDicomError` carries the explanation. Any error
+        leaves nothing of the export behind.
+        """
+        return dicomexport.exportResult(
+            result, database if database is not None else self.dicomDatabase(), outputFolder, volumeNode=volumeNode,
+            uncertaintyNode=uncertaintyNode, includeUncertainty=includeUncertainty, model=model,
+            seriesDescription=seriesDescription, allowEmpty=allowEmpty, addToDatabase=addToDatabase,
+            overwrite=overwrite, tempRoot=self.temporaryFolder())
+
+    def exportSegmentationFiles(self, result, outputFolder: str, *, volumeNode=None, uncertaintyNode=None,
+                                includeUncertainty: bool = True, overwrite: bool = False) -> dicomexport.ExportReport:
+        """Write ``NAME.seg.nrrd``, ``NAME_labels.nii.gz`` and ``NAME_uncertainty.nii.gz`` into ``outputFolder``
+        (through storage nodes; all or nothing)."""
+        segmentationNode, volumeNode, uncertaintyNode = dicomexport.resultNodes(result, volumeNode, uncertaintyNode,
+                                                                                includeUncertainty)
+        return dicomexport.exportFiles(segmentationNode, volumeNode, outputFolder, uncertaintyNode=uncertaintyNode,
+                                       overwrite=overwrite)
+
+    @staticmethod
+    def temporaryFolder() -> str | None:
+        app = getattr(slicer, "app", None)
+        path = getattr(app, "temporaryPath", None) if app is not None else None
+        return str(path) if path and os.path.isdir(str(path)) else None
 
 
 #

@@ -71,15 +71,25 @@ def imageFromVolumeNode(volumeNode):
     The node's parent transform is not applied (the result is in the node's own coordinates);
     outputs built from it are placed under the same parent transform.
     """
-    import SimpleITK as sitk
-
     array = volumeArray(volumeNode)
     if array.ndim != 3:
         raise ValueError(
             f"volume {volumeNode.GetName()!r} has {array.shape[-1] if array.ndim == 4 else '?'} components per voxel; "
             "choose a grey-level (scalar) CT or MR volume"
         )
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    return imageFromArray(array, volumeNode)
+
+
+def imageFromArray(array_kji: np.ndarray, volumeNode):
+    """A SimpleITK image holding ``array_kji`` (``[K, J, I]``, copied) on ``volumeNode``'s exact grid (LPS)."""
+    import SimpleITK as sitk
+
+    array_kji = np.asarray(array_kji)
+    expected = tuple(reversed(dimensions(volumeNode)))
+    if array_kji.shape != expected:
+        raise ValueError(f"array of shape {array_kji.shape} does not match volume {volumeNode.GetName()!r} "
+                         f"of shape {expected}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
     image.SetSpacing(tuple(float(s) for s in volumeNode.GetSpacing()))
     image.SetOrigin(rasToLps(volumeNode.GetOrigin()))
     image.SetDirection(tuple((FLIP_LPS_RAS @ directionsRAS(volumeNode)).reshape(-1)))

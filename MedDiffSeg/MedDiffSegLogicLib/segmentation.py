@@ -106,16 +106,23 @@ class MedDiffSegResult:
         return lpsToRas(position) if position else None
 
 
+def _packagePath(package) -> str | None:
+    path = getattr(package, "path", None)
+    return str(Path(path).absolute()) if path else None
+
+
 def _organDicts(package, organNames: Sequence[str]) -> list[dict[str, Any]]:
     return [package.organs[i].to_dict() for i in package.organ_ids(list(organNames))]
 
 
-def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, Any]) -> None:
+def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, Any], modelPath: str | None = None) -> None:
     model = summary.get("model", {})
     settings = summary.get("settings", {})
     for node in (segmentationNode, uncertaintyNode):
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Model", str(model.get("name", "")))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "ModelVersion", str(model.get("version", "")))
+        if modelPath:  # the package folder used for the run (DICOM export reads its organ codes again)
+            node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "ModelPath", str(modelPath))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Samples", str(settings.get("samples", "")))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Seed", str(settings.get("seed", "")))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Summary", json.dumps(summary, default=str))
@@ -124,7 +131,7 @@ def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, A
 
 def buildResultNodes(volumeNode, labels_kji: np.ndarray, uncertainty_kji: np.ndarray, organs: Sequence[dict],
                      summary: dict[str, Any], *, segmentationNode=None, colorMap: str = nodesLib.DEFAULT_COLOR_MAP,
-                     durationSeconds: float = 0.0) -> MedDiffSegResult:
+                     durationSeconds: float = 0.0, modelPath: str | None = None) -> MedDiffSegResult:
     """Segmentation + uncertainty nodes for one result, all-or-nothing (see the module docstring)."""
     scene = volumeNode.GetScene()
     name = volumeNode.GetName() or "volume"
@@ -137,7 +144,7 @@ def buildResultNodes(volumeNode, labels_kji: np.ndarray, uncertainty_kji: np.nda
         else:
             transaction.protectSegmentation(segmentationNode)
         segmentIds = nodesLib.fillSegmentation(segmentationNode, volumeNode, labels_kji, organs)
-        _setResultAttributes(segmentationNode, uncertaintyNode, summary)
+        _setResultAttributes(segmentationNode, uncertaintyNode, summary, modelPath)
     return MedDiffSegResult(
         volumeNode=volumeNode, segmentationNode=segmentationNode, uncertaintyNode=uncertaintyNode,
         segmentIds=segmentIds, organs=list(summary.get("organs", [])), summary=summary,
@@ -205,7 +212,8 @@ def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=No
     duration = time.perf_counter() - t0
     summary = inProcessSummary(result, package, duration)
     return buildResultNodes(volumeNode, labels, uncertainty, _organDicts(package, options.organs), summary,
-                            segmentationNode=segmentationNode, colorMap=colorMap, durationSeconds=duration)
+                            segmentationNode=segmentationNode, colorMap=colorMap, durationSeconds=duration,
+                            modelPath=_packagePath(package))
 
 
 # -- in a worker process ---------------------------------------------------------------------------------
@@ -355,7 +363,8 @@ class BackgroundSegmentation:
             duration = self._clock() - self._started
             self.result = buildResultNodes(
                 self.volumeNode, labels, uncertainty, _organDicts(self.package, organNames), summary,
-                segmentationNode=self.segmentationNode, colorMap=self.colorMap, durationSeconds=duration)
+                segmentationNode=self.segmentationNode, colorMap=self.colorMap, durationSeconds=duration,
+                modelPath=_packagePath(self.package))
         finally:
             self.cleanup()
         self.state = "loaded"

@@ -110,10 +110,16 @@ def test_the_ui_holds_the_controls_the_module_promises():
         "uncertaintyOpacitySlider": "ctkSliderWidget", "colorMapComboBox": "QComboBox",
         "jumpToUncertainButton": "QPushButton", "statusLabel": "QLabel",
         "batchVolumesListWidget": "QListWidget", "batchSegmentButton": "QPushButton",
+        "exportDicomSegButton": "QPushButton", "exportFilesButton": "QPushButton", "exportInfoLabel": "QLabel",
     }
     for name, cls in expected.items():
         assert name in widgets, f"{name} missing from the .ui"
         assert widgets[name].get("class") == cls, f"{name} is a {widgets[name].get('class')}, expected {cls}"
+    # Export DICOM-SEG sits in the results area and starts disabled (enabled for a result on a DICOM volume).
+    results = ET.parse(UI_FILE).getroot().find(".//widget[@name='resultsCollapsibleButton']")
+    assert results.find(".//widget[@name='exportDicomSegButton']") is not None
+    assert dynamic_property(widgets["exportDicomSegButton"], "enabled") == "false"
+    assert dynamic_property(widgets["exportDicomSegButton"], "text") == "Export DICOM-SEG"
     # The advanced section starts collapsed, the output selector offers "create new" (None) by default.
     assert dynamic_property(widgets["advancedCollapsibleButton"], "collapsed") == "true"
     assert dynamic_property(widgets["outputSegmentationSelector"], "noneEnabled") == "true"
@@ -283,7 +289,8 @@ def test_logic_class_has_the_documented_api():
     logic = class_node(module_ast(), "MedDiffSegLogic")
     methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
     for name in ("segment", "segmentBatch", "startBackgroundSegmentation", "installModel", "listModels",
-                 "showUncertainty", "jumpToMostUncertainSlice", "exportDicomSeg"):
+                 "showUncertainty", "jumpToMostUncertainSlice", "exportDicomSeg", "canExportDicomSeg",
+                 "exportSegmentationFiles", "dicomDatabase"):
         assert name in methods, f"MedDiffSegLogic.{name} missing"
     args = [a.arg for a in methods["segment"].args.args]
     assert args[:7] == ["self", "volumeNode", "organs", "samples", "seed", "model", "device"]

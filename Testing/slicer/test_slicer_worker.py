@@ -275,6 +275,10 @@ def test_background_segmentation_reads_outputs_back_into_nodes(mrml, slicer, mod
     assert result.organs[0]["volume_ml"] == pytest.approx(library_ct.stats[0].volume_ml)
     assert result.segmentationNode.GetSegmentation().GetSegment("liver").GetName() == "Liver"
     assert result.durationSeconds > 0
+    # the package folder of the run is recorded: DICOM export reads the organ codes from it again
+    from MedDiffSegLogicLib import dicomexport
+
+    assert Path(dicomexport.resolveModel(result.segmentationNode)[0].path).resolve() == Path(tiny_package.path).resolve()
 
 
 def test_cancel_kills_the_worker_within_2s_and_leaves_the_scene_unchanged(mrml, slicer, module, ct_node, tiny_package):
