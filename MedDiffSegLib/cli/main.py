@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError, PacsError
 
 PROG = "meddiffseg"
-DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm")
+DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm", "lms")
 
 EXIT_CODES_TEXT = f"""\
 exit codes:

@@ -56,12 +56,9 @@ _ENGINE_STAGES = ("preprocess", "network", "postprocess")
 
 
 def _schedulers() -> tuple[str, ...]:
-    try:
-        from ..sampling.schedulers import SCHEDULERS
+    from ..sampling.schedulers import SCHEDULERS
 
-        return tuple(SCHEDULERS)
-    except ImportError:  # pragma: no cover - the sampling package is always shipped
-        return ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm")
+    return tuple(SCHEDULERS)
 
 
 def probability_filename(organ: str) -> str:

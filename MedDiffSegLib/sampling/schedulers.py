@@ -56,12 +56,23 @@ def _ddpm(**kw):
     return DDPMScheduler(**kw)
 
 
+def _lms(**kw):
+    import importlib.util
+
+    from diffusers import LMSDiscreteScheduler
+
+    if importlib.util.find_spec("scipy") is None:  # diffusers integrates its coefficients with scipy
+        raise ImportError("the 'lms' scheduler needs scipy (pip install scipy)")
+    return LMSDiscreteScheduler(**kw)
+
+
 _FACTORIES: dict[str, Callable[..., Any]] = {
     "ddim": _ddim,
     "euler_ancestral": _euler_ancestral,
     "dpmsolver++": _dpmsolver_pp,
     "unipc": _unipc,
     "ddpm": _ddpm,
+    "lms": _lms,
 }
 
 #: Valid scheduler names, the default first.

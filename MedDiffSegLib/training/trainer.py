@@ -14,7 +14,8 @@ Config (JSON)::
      "stages": {"autoencoder": {"steps": 1500, "lr": 0.002, "batch": 16},
                 "denoiser": {"steps": 4000, "lr": 0.0005, "batch": 8}},
      "weight_decay": 0.0001, "seed": 0, "val_every": 500, "foreground_fraction": 0.67,
-     "checkpoint_every": 500, "log_every": 25, "amp": "auto", "deterministic": false}
+     "checkpoint_every": 500, "log_every": 25, "amp": "auto", "deterministic": false,
+     "init_from": null}
 
 Data entries are either one labelled volume (``image`` file or DICOM folder, ``label`` map,
 ``table``: a key of ``name_tables`` or an inline ``{name: value}``; optional ``slices``
@@ -37,6 +38,11 @@ the stage and step, the running loss and the validation history. They are writte
 ``checkpoint_every`` steps, at the end of every stage and when a run is interrupted; a
 resumed run continues from the same step and ends with the same parameters as an
 uninterrupted one (bit for bit on CPU; on CUDA with ``deterministic: true``).
+
+``init_from`` starts a fresh run from pretrained weights: a ``meddiffseg pretrain`` output
+folder or its ``encoder.safetensors`` (relative paths are resolved against the current folder),
+loaded by the method's ``load_pretrained`` (``dts``: its conditional encoder) and recorded in
+the provenance. A resumed run takes every weight from its checkpoint instead.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class TrainConfig:
     log_every: int = 25
     amp: str = "auto"
     deterministic: bool = False
+    init_from: str | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -535,6 +542,12 @@ class _Run:
                            ck_meta["history"], float(ck_meta.get("elapsed_s", 0.0)), list(ck_meta.get("resumed_at", [])))
             st.resumed_at.append({"stage": method.stages[st.stage_index], "step": st.step})
             self.log(f"resuming from {ckpt_path.name}: stage {method.stages[st.stage_index]}, step {st.step}")
+        elif cfg.init_from:
+            load_pretrained = getattr(method, "load_pretrained", None)
+            if load_pretrained is None:
+                raise MedDiffSegError(f"method {cfg.method!r} cannot start from pretrained weights ('init_from')")
+            st.history["init_from"] = load_pretrained(Path(cfg.init_from).expanduser())
+            self.log(f"initialised from {st.history['init_from']['path']}")
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         order = {s: i for i, s in enumerate(method.stages)}
@@ -787,6 +800,7 @@ class _Run:
             "parameters": n_params,
             "parameters_sha256": digest,
             "resumed_at": st.resumed_at,
+            **({"init_from": st.history["init_from"]} if st.history.get("init_from") else {}),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if self.ctx.enabled:

@@ -38,6 +38,7 @@ def test_scheduler_names_and_classes():
         "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
         "unipc": diffusers.UniPCMultistepScheduler,
         "ddpm": diffusers.DDPMScheduler,
+        "lms": diffusers.LMSDiscreteScheduler,
     }
     assert set(SCHEDULERS) == set(expected)
     for name, cls in expected.items():

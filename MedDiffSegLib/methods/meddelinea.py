@@ -1,0 +1,480 @@
+"""MedDelinea — a Control DiT beside a DiT noise predictor in latent space (MIDL 2025).
+
+"Scalable and Efficient Medical Image Segmentation via Controllable Diffusion Transformers".
+Built from the paper's description (the authors' public code does not implement it).
+
+Pipeline
+--------
+- **Latents.** The image window and the mask are encoded by autoencoders that are frozen
+  while the denoiser trains: ``Z_o = image_autoencoder.encode(image)`` and
+  ``Z_m = mask_autoencoder.encode(mask)`` (both ×8 smaller, tanh-bounded).
+- **Denoiser** (:class:`~MedDiffSegLib.networks.dit.ControlledDiT`). ``Z_m`` is noised to
+  ``Z_mt``. A DiT of ``dit_depth`` (N) blocks sees ``Z_mt``; a Control DiT of
+  ``control_depth`` (K ≤ N) blocks sees ``Z_mt ⊕ zero_conv(Z_o)``, and the output of its
+  block k, through a zero-initialised linear projection, is added to the residual stream after
+  DiT block k. Both transformers patchify the latent into tokens and modulate every block with
+  adaLN from the timestep embedding plus an organ class-label embedding, so one model serves
+  every organ of the package. At initialisation the control branch adds exact zeros.
+- **Loss.** The DiT predicts the noise ``ε̂``; Tweedie's formula gives
+  ``Ẑ0 = (Z_mt − sqrt(1−ᾱ_t)·ε̂) / sqrt(ᾱ_t)``, the mask decoder turns it into logits, and
+  ``loss = MSE(ε̂, ε) + BCE + Dice`` (weights ``noise_loss_weight``, ``bce_weight``,
+  ``dice_weight``). The decoded-mask terms train ``Ẑ0`` at every timestep, which is what makes
+  the one-step estimate usable.
+- **Sampling.** Euler ancestral by default (the paper's best); DDIM, DPM-Solver++, UniPC, LMS
+  and DDPM selectable; ``steps=1`` is the one-step Tweedie estimate from pure noise at the last
+  training timestep. A fresh scheduler per call (:func:`~MedDiffSegLib.sampling.run_reverse`).
+
+Decisions where the paper leaves room or relies on pretrained parts
+-------------------------------------------------------------------
+- The paper uses a frozen pretrained VAE for image and mask. Here both autoencoders are
+  trained in a first stage (``stages = ("autoencoder", "denoiser")``): the binary-mask
+  autoencoder of :mod:`MedDiffSegLib.networks` (BCE + Dice) and an image autoencoder made of the
+  library's :class:`~MedDiffSegLib.networks.ImageEncoder` (tanh latent) and a small
+  convolutional reconstruction decoder (L1). The image decoder only serves this stage.
+- In the denoiser stage the autoencoders are frozen except the mask decoder's last layer (its
+  output convolution), which keeps training on the decoded-mask loss, as in the paper.
+  ``freeze_image_encoder=False`` trains the image encoder with the denoiser (an ablation; the
+  paper keeps it frozen).
+- ``freeze_dit=True`` keeps the DiT out of the denoiser stage (the paper freezes a pretrained
+  DiT); by default it is trained with the Control DiT, since no pretrained mask-latent DiT
+  exists here. A frozen DiT only makes sense with weights that were trained before:
+  :meth:`MedDelinea.load_pretrained` (a training config's ``init_from``) takes the
+  autoencoders and the DiT of a trained ``meddelinea`` package and leaves the Control DiT at
+  its zero initialisation; with the autoencoder stage at 0 steps that is the paper's recipe.
+- The Control DiT has its own timestep and organ embeddings, so organ prompts stay learnable
+  when the DiT is frozen. Its blocks have the DiT's width and head count.
+- ``adaln_zero`` (default True) is DiT's adaLN-Zero initialisation; tiny test configs switch it
+  off so that random models react to their inputs. The control path's zero convolution and
+  zero projections are zero-initialised whatever this flag says.
+
+The paper's ablation shape (a DiT-XL/2-sized DiT with K=15 control blocks) is
+``{**default_config(n), **PAPER_SHAPE}``; :meth:`MedDelinea.default_config` is a small
+transformer that trains on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from ..networks import DOWNSAMPLE, ImageEncoder, MaskAutoencoder, MaskDecoder, soft_dice_loss
+from ..networks.dit import ControlledDiT
+from ..sampling import (
+    DEFAULT_BETA_END,
+    DEFAULT_BETA_SCHEDULE,
+    DEFAULT_BETA_START,
+    DEFAULT_NUM_TRAIN_TIMESTEPS,
+    SCHEDULERS,
+    add_noise,
+    alphas_cumprod,
+    eps_to_x0,
+    randint,
+    randn,
+    run_reverse,
+)
+from .base import Method, register_method
+
+#: Both latents are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE] when sampling.
+LATENT_RANGE = 1.0
+
+#: The paper's ablation shape with K=15 control blocks beside a DiT-XL/2-sized DiT.
+PAPER_SHAPE: dict[str, Any] = {"dit_width": 1152, "dit_heads": 16, "dit_depth": 28, "control_depth": 15,
+                               "patch_size": 2, "mlp_ratio": 4.0}
+
+
+def _default_config(num_organs: int) -> dict[str, Any]:
+    """Windows of 224×224 at 2 mm → latents of 28×28 → 14×14 = 196 tokens (patch 2)."""
+    return {
+        "num_organs": int(num_organs),
+        # image autoencoder: ImageEncoder (widths at full, /2, /4, /8) + reconstruction decoder (/8 … full)
+        "image_latent_channels": 8,
+        "image_encoder_channels": [16, 32, 64, 128],
+        "image_encoder_blocks": [0, 1, 1],
+        "image_decoder_channels": [64, 32, 16, 8],
+        "image_decoder_blocks": [1, 0, 0],
+        # binary-mask autoencoder
+        "mask_latent_channels": 4,
+        "mask_encoder_channels": [8, 16, 32, 64],
+        "mask_encoder_blocks": [0, 0, 1],
+        "mask_decoder_channels": [64, 32, 16, 8],
+        "mask_decoder_blocks": [1, 0, 0],
+        "norm_groups": 8,
+        # DiT (N blocks) and Control DiT (K blocks), tokens of patch_size × patch_size latent pixels
+        "patch_size": 2,
+        "dit_width": 192,
+        "dit_heads": 6,
+        "dit_depth": 6,
+        "control_depth": 3,
+        "mlp_ratio": 4.0,
+        "adaln_zero": True,
+        "freeze_dit": False,
+        "freeze_image_encoder": True,
+        # loss weights
+        "noise_loss_weight": 1.0,
+        "bce_weight": 1.0,
+        "dice_weight": 1.0,
+        "image_loss_weight": 1.0,
+        # noise schedule (shared by training and every scheduler)
+        "num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS,
+        "beta_schedule": DEFAULT_BETA_SCHEDULE,
+        "beta_start": DEFAULT_BETA_START,
+        "beta_end": DEFAULT_BETA_END,
+    }
+
+
+def _tiny_config(num_organs: int) -> dict[str, Any]:
+    """Milliseconds on a CPU: windows of 32×32 → latents of 4×4 → 2×2 tokens."""
+    cfg = _default_config(num_organs)
+    cfg.update({
+        "image_latent_channels": 4,
+        "image_encoder_channels": [4, 8, 8, 16],
+        "image_encoder_blocks": [0, 0, 1],
+        "image_decoder_channels": [16, 8, 8, 4],
+        "image_decoder_blocks": [0, 0, 0],
+        "mask_encoder_channels": [4, 8, 8, 16],
+        "mask_encoder_blocks": [0, 0, 0],
+        "mask_decoder_channels": [16, 8, 8, 4],
+        "mask_decoder_blocks": [0, 0, 0],
+        "norm_groups": 4,
+        "dit_width": 32,
+        "dit_heads": 2,
+        "dit_depth": 3,
+        "control_depth": 2,
+        "mlp_ratio": 2.0,
+        # random weights must still react to noise, timestep and organ prompt
+        "adaln_zero": False,
+    })
+    return cfg
+
+
+class ImageAutoencoder(nn.Module):
+    """Image window ``[B,1,H,W]`` in [-1, 1] ↔ bounded latent ``[B,C,H/8,W/8]`` (tanh).
+
+    The encoder is the library's :class:`ImageEncoder`; the decoder is a
+    :class:`MaskDecoder`-shaped convolutional decoder whose single output channel is the
+    reconstructed window (trained with L1). Only the encoder is used at inference.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int,
+        encoder_channels: Sequence[int],
+        encoder_blocks: Sequence[int],
+        decoder_channels: Sequence[int],
+        decoder_blocks: Sequence[int],
+        norm_groups: int = 8,
+    ):
+        super().__init__()
+        self.encoder = ImageEncoder(latent_channels, encoder_channels, encoder_blocks, norm_groups)
+        self.decoder = MaskDecoder(latent_channels, decoder_channels, decoder_blocks, norm_groups)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.encoder(images))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images))
+
+    def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        recon = self.forward(images).to(torch.float32)
+        l1 = F.l1_loss(recon, images.to(torch.float32))
+        return {"loss": l1, "l1": l1}
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ModelError(f"meddelinea config: {key} must be true or false, got {v!r}")
+
+
+def _as_int(key: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not v.is_integer()):
+        raise ModelError(f"meddelinea config: {key} must be an integer, got {v!r}")
+    try:
+        return int(v)
+    except ValueError:
+        raise ModelError(f"meddelinea config: {key} must be an integer, got {v!r}") from None
+
+
+@register_method
+class MedDelinea(Method):
+    """Control DiT + DiT in latent space, ε-prediction, Tweedie x0, BCE + Dice on the decoded mask."""
+
+    name = "meddelinea"
+    default_scheduler: ClassVar[str] = "euler_ancestral"
+    stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(self._normalise_config(config))
+        c = self.config
+        self.image_autoencoder = ImageAutoencoder(
+            c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"],
+            c["image_decoder_channels"], c["image_decoder_blocks"], c["norm_groups"],
+        )
+        self.mask_autoencoder = MaskAutoencoder(
+            c["mask_latent_channels"], c["mask_encoder_channels"], c["mask_encoder_blocks"],
+            c["mask_decoder_channels"], c["mask_decoder_blocks"], c["norm_groups"],
+        )
+        try:
+            self.denoiser = ControlledDiT(
+                c["mask_latent_channels"], c["image_latent_channels"], c["num_organs"], c["dit_width"],
+                c["dit_depth"], c["control_depth"], c["dit_heads"], c["patch_size"], c["mlp_ratio"], c["adaln_zero"],
+            )
+        except ValueError as exc:
+            raise ModelError(f"meddelinea config: {exc}") from None
+        # ᾱ_t from the diffusers code the schedulers use; float64 and outside state_dict (see sdseg).
+        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
+
+    # -- configuration -------------------------------------------------------------------
+    @classmethod
+    def default_config(cls, num_organs: int) -> dict[str, Any]:
+        """The real configuration (random init), sized to train on a CPU."""
+        return _default_config(num_organs)
+
+    @classmethod
+    def tiny_config(cls, num_organs: int) -> dict[str, Any]:
+        return _tiny_config(num_organs)
+
+    @classmethod
+    def _normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Fill missing keys from the defaults, reject unknown ones, coerce to the defaults' JSON-plain types."""
+        if "num_organs" not in config:
+            raise ModelError("meddelinea config lacks 'num_organs'")
+        num_organs = _as_int("num_organs", config["num_organs"])
+        if num_organs < 1:
+            raise ModelError(f"meddelinea config: num_organs must be >= 1, got {num_organs}")
+        cfg = cls.default_config(num_organs)
+        unknown = sorted(set(config) - set(cfg))
+        if unknown:
+            raise ModelError(f"meddelinea config has unknown keys: {', '.join(unknown)}")
+        defaults = dict(cfg)
+        cfg.update(config)
+        for key, default in defaults.items():
+            v = cfg[key]
+            if isinstance(default, bool):
+                cfg[key] = _as_bool(key, v)
+            elif isinstance(default, int):
+                cfg[key] = _as_int(key, v)
+            elif isinstance(default, float):
+                try:
+                    cfg[key] = float(v)
+                except (TypeError, ValueError):
+                    raise ModelError(f"meddelinea config: {key} must be a number, got {v!r}") from None
+            elif isinstance(default, list):
+                if not isinstance(v, (list, tuple)):
+                    raise ModelError(f"meddelinea config: {key} must be a list, got {v!r}")
+                cfg[key] = [_as_int(key, x) for x in v]
+            else:
+                cfg[key] = str(v)
+        for key in ("patch_size", "dit_width", "dit_heads", "dit_depth", "control_depth", "num_train_timesteps"):
+            if cfg[key] < 1:
+                raise ModelError(f"meddelinea config: {key} must be >= 1, got {cfg[key]}")
+        if cfg["control_depth"] > cfg["dit_depth"]:
+            raise ModelError(f"meddelinea config: control_depth ({cfg['control_depth']}) cannot exceed dit_depth "
+                             f"({cfg['dit_depth']}): each control block feeds the matching DiT block")
+        return cfg
+
+    def _schedule(self) -> dict[str, Any]:
+        c = self.config
+        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Window height and width must be multiples of this (8 × the patch size)."""
+        return DOWNSAMPLE * self.config["patch_size"]
+
+    def _check_windows(self, x: torch.Tensor, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % DOWNSAMPLE or w % DOWNSAMPLE:
+            raise ValueError(f"{what}: height and width must be divisible by {DOWNSAMPLE}, got {h}×{w}")
+        m = self.size_multiple
+        if h % m or w % m:
+            raise ValueError(
+                f"{what}: height and width must be divisible by {m} for this model "
+                f"({DOWNSAMPLE}× autoencoder, patches of {self.config['patch_size']}), got {h}×{w}"
+            )
+
+    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        organ_ids = torch.as_tensor(organ_ids)
+        if organ_ids.shape != (rows,):
+            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
+        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
+            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
+        return organ_ids.long()
+
+    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
+
+    def predicted_x0(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """Tweedie's formula for ε-prediction: ``Ẑ0 = (z_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ)``."""
+        return eps_to_x0(z_t, eps, alpha_bar)
+
+    # -- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, images: torch.Tensor) -> torch.Tensor:
+        """``Z_o``: the frozen image autoencoder's latent of each window."""
+        self._check_windows(images, "images")
+        return self.image_autoencoder.encode(images)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        organ_ids: torch.Tensor,
+        num_samples: int,
+        steps: int,
+        generator: torch.Generator | None,
+        scheduler: str | None = None,
+    ) -> torch.Tensor:
+        scheduler = scheduler or self.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+        num_samples, steps = int(num_samples), int(steps)
+        if num_samples < 1 or steps < 1:
+            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        c_o = self.config["image_latent_channels"]
+        if cond.ndim != 4 or cond.shape[1] != c_o:
+            raise ValueError(f"cond must have shape [B,{c_o},h,w] (from condition()), got {list(cond.shape)}")
+        b, _, h, w = cond.shape
+        p = self.config["patch_size"]
+        if h % p or w % p:
+            raise ValueError(f"cond: latent {h}×{w} is not divisible by the patch size {p}")
+        organs = self._check_organs(organ_ids, b).to(cond.device)
+        # N chains per row, batched together: row i, sample n sits at i*N + n.
+        cond_n = cond.repeat_interleave(num_samples, dim=0)
+        organs_n = organs.repeat_interleave(num_samples, dim=0)
+        z_T = randn((b * num_samples, self.config["mask_latent_channels"], h, w), generator, cond.device, cond.dtype)
+
+        def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(z, t, cond_n, organs_n)
+
+        if steps == 1:  # one-step Tweedie estimate from pure noise at the last training timestep
+            t = torch.full((z_T.shape[0],), self.config["num_train_timesteps"] - 1, device=z_T.device, dtype=torch.long)
+            eps = predict(z_T, t).to(torch.float32)
+            z0 = self.predicted_x0(z_T.to(torch.float32), eps, self._alpha_bar(t, z_T.device))
+            z0 = z0.clamp(-LATENT_RANGE, LATENT_RANGE).to(z_T.dtype)
+        else:
+            z0 = run_reverse(predict, z_T, scheduler, steps, generator, prediction_type="epsilon", clip=LATENT_RANGE,
+                             **self._schedule())
+        logits = self.mask_autoencoder.decode(z0)
+        return torch.sigmoid(logits.to(torch.float32)).view(b, num_samples, h * DOWNSAMPLE, w * DOWNSAMPLE)
+
+    # -- training ------------------------------------------------------------------------
+    #: What :meth:`load_pretrained` takes from another model: everything but the Control DiT.
+    PRETRAINED_PREFIXES: ClassVar[tuple[str, ...]] = ("image_autoencoder.", "mask_autoencoder.", "denoiser.dit.")
+
+    def load_pretrained(self, path: str | Path) -> dict[str, Any]:
+        """Start from a trained ``meddelinea`` model: its autoencoders and DiT, not its Control DiT.
+
+        ``path`` is a model package folder (checked against its sha256) or its
+        ``weights.safetensors``. This is the paper's setting: with ``freeze_dit=true`` and the
+        autoencoder stage at 0 steps (training config ``"init_from"``), a fresh zero-initialised
+        Control DiT learns beside a pretrained, frozen DiT. Returns a JSON-plain description for
+        the provenance.
+        """
+        from safetensors.torch import load_file
+
+        from ..registry import ModelPackage
+        from ..registry.package import sha256_file
+
+        p = Path(path).expanduser()
+        if p.is_dir():
+            try:
+                pkg = ModelPackage.from_folder(p)
+                pkg.verify()
+            except Exception as exc:
+                raise ModelError(f"cannot start from {p}: {exc}") from None
+            if pkg.method_name != self.name:
+                raise ModelError(f"cannot start from {p}: it is a {pkg.method_name!r} model, not {self.name!r}")
+            p = pkg.weights_path
+        if not p.is_file():
+            raise ModelError(f"pretrained weights {p} do not exist (give a meddelinea model package folder or its "
+                             "weights.safetensors)")
+        try:
+            state = load_file(str(p), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            raise ModelError(f"cannot read pretrained weights {p}: {exc}") from None
+        mine = self.state_dict()
+        wanted = [k for k in mine if k.startswith(self.PRETRAINED_PREFIXES)]
+        missing = [k for k in wanted if k not in state]
+        misshapen = [k for k in wanted if k in state and state[k].shape != mine[k].shape]
+        if missing or misshapen:
+            raise ModelError(f"pretrained weights {p} do not fit this model ({len(missing)} tensors missing, "
+                             f"{len(misshapen)} of another shape, e.g. {(missing + misshapen)[:3]}); "
+                             "use the same autoencoder and DiT configuration")
+        with torch.no_grad():
+            for k in wanted:
+                mine[k].copy_(state[k])
+        return {"path": str(p.resolve()), "sha256": sha256_file(p), "loaded": list(self.PRETRAINED_PREFIXES),
+                "tensors": len(wanted)}
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        c = self.config
+        if stage == "autoencoder":
+            return list(self.mask_autoencoder.parameters()) + list(self.image_autoencoder.parameters())
+        if stage == "denoiser":
+            params = list(self.denoiser.control.parameters())
+            if not c["freeze_dit"]:
+                params += list(self.denoiser.dit.parameters())
+            params += list(self.mask_autoencoder.decoder.head.parameters())  # the decoder's last layer
+            if not c["freeze_image_encoder"]:
+                params += list(self.image_autoencoder.encoder.parameters())
+            return params
+        raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        organ_ids: torch.Tensor,
+        generator: torch.Generator | None = None,
+        stage: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        stage = stage or self.stages[-1]
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        c = self.config
+        self._check_windows(masks, "masks")
+        self._check_windows(images, "images")
+        if images.shape != masks.shape:
+            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+        masks = masks.to(torch.float32)
+        if stage == "autoencoder":
+            m = self.mask_autoencoder.loss(masks)
+            i = self.image_autoencoder.loss(images)
+            loss = m["loss"] + c["image_loss_weight"] * i["loss"]
+            return {"loss": loss, "mask_bce": m["bce"], "mask_dice": m["dice"], "image_l1": i["l1"]}
+
+        b = images.shape[0]
+        organs = self._check_organs(organ_ids, b).to(images.device)
+        with torch.no_grad():  # the mask autoencoder is frozen in this stage: it only supplies Z_m
+            z0 = self.mask_autoencoder.encode(masks).to(torch.float32)
+        if c["freeze_image_encoder"]:
+            with torch.no_grad():
+                z_o = self.image_autoencoder.encode(images)
+        else:
+            z_o = self.image_autoencoder.encode(images)
+        t = randint(c["num_train_timesteps"], (b,), generator, images.device)
+        noise = randn(z0.shape, generator, z0.device, z0.dtype)
+        alpha_bar = self._alpha_bar(t, z0.device)
+        z_t = add_noise(z0, noise, alpha_bar)
+        eps = self.denoiser(z_t.to(z_o.dtype), t, z_o, organs).to(torch.float32)
+        noise_mse = F.mse_loss(eps, noise)
+        z0_hat = self.predicted_x0(z_t, eps, alpha_bar)  # Tweedie
+        logits = self.mask_autoencoder.decode(z0_hat).to(torch.float32)
+        bce = F.binary_cross_entropy_with_logits(logits, masks)
+        dice = soft_dice_loss(logits, masks)
+        loss = c["noise_loss_weight"] * noise_mse + c["bce_weight"] * bce + c["dice_weight"] * dice
+        return {"loss": loss, "noise_mse": noise_mse, "bce": bce, "dice": dice}
