@@ -498,17 +498,17 @@ def test_console_script(tmp_path, tiny_guided, small_volume):
             pytest.skip("the meddiffseg console script is not installed (pip install -e .)")
         exe = Path(found)
     env = dict(os.environ)
-    help_run = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    help_run = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     assert help_run.returncode == 0
     for text in ("--organ", "--samples", "uncertainty.nii.gz", "exit codes", "--device"):
         assert text in help_run.stdout
     out = tmp_path / "out"
     run = subprocess.run([str(exe), *_segment_argv(small_volume, out, tiny_guided, "--samples", "2", "--steps", "1")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == ""  # --quiet, and no bar when stderr is not a terminal
     assert {p.name for p in out.iterdir()} == OUTPUTS
     bad = subprocess.run([str(exe), *_segment_argv(small_volume, tmp_path / "o2", tiny_guided, "--samples", "0")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("meddiffseg: error: samples must be at least 1")
     assert not (tmp_path / "o2").exists()

@@ -70,7 +70,7 @@ def dciodvfy():
         pytest.skip("dciodvfy not installed (Debian package dicom3tools; .ci/install.d/20-dicom.sh installs it)")
 
     def check(path) -> list[str]:
-        proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([tool, str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
         lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("Error")]
         assert not errors, f"dciodvfy found errors in {path}:\n" + "\n".join(lines)

@@ -148,7 +148,7 @@ def test_dcmqi_reads_our_seg_identically(which, request, tmp_path, segimage2itki
     outdir = tmp_path / "dcmqi"
     outdir.mkdir()
     proc = subprocess.run([segimage2itkimage, "--inputDICOM", str(out), "--outputDirectory", str(outdir), "-t", "nrrd"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = _on_grid(labels, series_image)
     meta = json.loads((outdir / "meta.json").read_text())
@@ -216,7 +216,7 @@ def test_fractional_seg_round_trips(ct3, ct3_series, ct3_labels, tmp_path, dciod
     outdir = tmp_path / "dcmqi"
     outdir.mkdir()
     proc = subprocess.run([segimage2itkimage, "--inputDICOM", str(out), "--outputDirectory", str(outdir), "-t", "nrrd"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for s in (1, 2):
         img = sitk.ReadImage(str(outdir / f"{s}.nrrd"))

@@ -55,7 +55,7 @@ def process_group_alive(pgid: int) -> bool:
 def run_worker(request: dict, tmp_path: Path, timeout=WORKER_TIMEOUT) -> tuple[int, list[dict], str]:
     request_path = tmp_path / "request.json"
     request_path.write_text(json.dumps(request))
-    proc = subprocess.run(workerCommand(str(request_path), sys.executable), capture_output=True, text=True,
+    proc = subprocess.run(workerCommand(str(request_path), sys.executable), capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     events = [json.loads(ln) for ln in lines]  # every stdout line is one JSON object
@@ -120,7 +120,7 @@ def test_worker_errors_are_one_readable_line_and_an_exit_status(tmp_path, small_
 
 
 def test_worker_without_request_file_fails_cleanly(tmp_path):
-    proc = subprocess.run(workerCommand(str(tmp_path / "missing.json"), sys.executable), capture_output=True, text=True,
+    proc = subprocess.run(workerCommand(str(tmp_path / "missing.json"), sys.executable), capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=WORKER_TIMEOUT)
     events = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
     assert proc.returncode == 2 and events[-1]["kind"] == "RequestError" and "cannot read request file" in events[-1]["message"]
@@ -137,7 +137,7 @@ def test_stray_output_goes_to_stderr_not_into_the_protocol(tmp_path):
         sys.stdout.write("more noise\\n")
         emit({"type": "done", "summary": {}})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(ln)["type"] for ln in proc.stdout.splitlines()] == ["start", "done"]
     for noise in ("a stray print", "C-level output on fd 1", "more noise"):

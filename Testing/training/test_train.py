@@ -215,7 +215,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_cfg, data_dir, tmp_p
     argv = ["train", "--config", str(TINY_CONFIG), "--out", str(out), "--max-steps", "40", "--data-root",
             str(data_dir), "--device", "cpu", "--checkpoint-every", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "MedDiffSegLib", *argv], env=_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "latest.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -277,7 +277,7 @@ def test_ddp_two_processes_on_gloo_end_in_sync(data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "MedDiffSegLib", "train", "--config",
            str(TINY_CONFIG), "--out", str(out), "--max-steps", "4", "--data-root", str(data_dir), "--device", "cpu"]
-    res = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "× 2 processes" in res.stderr
     pkg = ModelPackage.from_folder(out / "tiny-smoke")
