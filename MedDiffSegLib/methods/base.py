@@ -117,6 +117,19 @@ class Method(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         return self.sample(self.condition(images), organ_ids, num_samples, steps, generator, scheduler)
 
+    # -- helpers shared by the methods ---------------------------------------------------
+    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        organ_ids = torch.as_tensor(organ_ids)
+        if organ_ids.shape != (rows,):
+            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
+        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
+            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
+        return organ_ids.long()
+
+    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """ᾱ_t from the method's ``_alphas_cumprod`` table (float64 on CPU), as float32 on ``device``."""
+        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
+
     # -- training ------------------------------------------------------------------------
     @abc.abstractmethod
     def training_loss(

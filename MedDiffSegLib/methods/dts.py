@@ -278,14 +278,6 @@ class DTS(Method):
             raise ValueError(f"{what}: height and width must be divisible by {m} for this model "
                              f"(patches of {self.config['patch_size']}, {len(self.config['depths'])} Swin stages), got {h}×{w}")
 
-    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
-        organ_ids = torch.as_tensor(organ_ids)
-        if organ_ids.shape != (rows,):
-            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
-        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
-            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
-        return organ_ids.long()
-
     def _check_condition(self, cond) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = len(self.config["depths"]) + 2
         if not isinstance(cond, (tuple, list)) or len(cond) != n or not all(isinstance(c, torch.Tensor) for c in cond):
@@ -295,9 +287,6 @@ class DTS(Method):
         if any(m.shape[0] != image.shape[0] for m in maps):
             raise ValueError("cond: every tensor must have the same batch size")
         return image, maps
-
-    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()

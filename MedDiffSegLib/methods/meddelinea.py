@@ -306,17 +306,6 @@ class MedDelinea(Method):
                 f"({DOWNSAMPLE}× autoencoder, patches of {self.config['patch_size']}), got {h}×{w}"
             )
 
-    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
-        organ_ids = torch.as_tensor(organ_ids)
-        if organ_ids.shape != (rows,):
-            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
-        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
-            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
-        return organ_ids.long()
-
-    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
-
     def predicted_x0(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """Tweedie's formula for ε-prediction: ``Ẑ0 = (z_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ)``."""
         return eps_to_x0(z_t, eps, alpha_bar)

@@ -219,17 +219,6 @@ class MedSegDiffV2(Method):
         if h % m or w % m:
             raise ValueError(f"{what}: height and width must be divisible by {m} for this model, got {h}×{w}")
 
-    def _check_organs(self, organ_ids: torch.Tensor, rows: int) -> torch.Tensor:
-        organ_ids = torch.as_tensor(organ_ids)
-        if organ_ids.shape != (rows,):
-            raise ValueError(f"organ_ids must have shape [{rows}], got {list(organ_ids.shape)}")
-        if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
-            raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
-        return organ_ids.long()
-
-    def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
-
     # -- the condition model -------------------------------------------------------------
     def _condition_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(feature, anchor_logits [B,O,H,W], semantic at the diffusion bottleneck size)``."""
