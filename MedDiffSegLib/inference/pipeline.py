@@ -400,7 +400,6 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
     label_arr = sitk.GetArrayViewFromImage(labels)
     counts = np.bincount(label_arr.reshape(-1), minlength=len(organ_names) + 1)
     engine_stats = {getattr(s, "name", None): s for s in (getattr(result, "stats", None) or [])}
-    unc_arr = None
     organs_out = []
     for label, name in enumerate(organ_names, start=1):
         organ = package.organs[package.organ_names.index(name)]
@@ -409,8 +408,8 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
                  "color": list(organ.color), "category": dict(organ.category), "type": dict(organ.type),
                  "volume_ml": count * voxel_ml, "mean_uncertainty": None, "max_uncertainty_slice": None,
                  "slice_axis": None, "max_uncertainty_position_mm": None}
-        st = engine_stats.get(name)
-        if count and st is not None and getattr(st, "mean_uncertainty", None) is not None:
+        st = engine_stats.get(name)  # the engine's per-organ statistics (OrganStats)
+        if count and st is not None and st.mean_uncertainty is not None:
             entry["mean_uncertainty"] = _finite_or_none(st.mean_uncertainty)
             if getattr(st, "max_uncertainty_slice", None) is not None:
                 entry["max_uncertainty_slice"] = int(st.max_uncertainty_slice)
@@ -418,14 +417,6 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
                 entry["slice_axis"] = None if axis is None else int(axis)
                 pos = getattr(st, "max_uncertainty_position", None)
                 entry["max_uncertainty_position_mm"] = None if pos is None else [float(v) for v in pos]
-        elif count:  # engine gave no statistics: compute them here (slices along numpy axis 0)
-            if unc_arr is None:
-                unc_arr = sitk.GetArrayViewFromImage(result.uncertainty)
-            mask = label_arr == label
-            entry["mean_uncertainty"] = _finite_or_none(unc_arr[mask].mean(dtype=np.float64))
-            per_slice = np.where(mask, unc_arr, 0.0).sum(axis=(1, 2), dtype=np.float64)
-            entry["max_uncertainty_slice"] = int(np.argmax(per_slice))
-            entry["slice_axis"] = 0
         organs_out.append(entry)
     t = {
         "read": timings["read"],
