@@ -694,10 +694,8 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
 
     def modelDescription(self, package) -> str:
         text = f"{package.description or package.name} - method {package.method_name}, version {package.version}"
-        dice = (package.metrics or {}).get("dice")
-        if isinstance(dice, dict) and dice:
-            text += "; Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items() if isinstance(v, (int, float)))
-        return text
+        scores = presets.scoreSummary(package.metrics)
+        return f"{text}; {scores}" if scores else text
 
     def installModel(self, zipPath: str, sha256: str | None = None, force: bool = False):
         """Install a model package zip (offline: the archive, its paths and the weights' hash are checked)."""

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Segment the evaluation volumes of ../shared/data with a model and score them with
 # `meddiffseg evaluate`. Usage: bash bench/evaluate_model.sh [MODEL] [OUTDIR] [SAMPLES]
-# The numbers in a model card come from this script (see the card for the exact call).
+# The numbers in a model card come from this script (see the card for the exact call); each
+# volume's scores go to OUTDIR/<case>/scores.json and its time to OUTDIR/<case>.time.json, which
+# bench/record_evaluation.py turns into the card's tables and the package's "metrics".
 set -euo pipefail
 MODEL=${1:-abdomen-ct-guided}
 OUT=${2:-bench/results/eval-$(basename "$MODEL")}
@@ -20,9 +22,10 @@ run() {  # name input gt labels...
   local name=$1 input=$2 gt=$3; shift 3
   local dir=$OUT/$name
   rm -rf "$dir"
-  /usr/bin/time -f "$name: %e s wall, %M KB peak RSS" \
+  /usr/bin/time -o "$OUT/$name.time.json" -f '{"wall_s": %e, "peak_rss_kb": %M}' \
     meddiffseg segment "$input" "${organ_args[@]}" --model "$MODEL" --samples "$SAMPLES" --seed 0 \
       --device cpu --quiet --save-probabilities --out "$dir"
+  echo "$name: $(cat "$OUT/$name.time.json")" >&2
   local probs=() spec
   for spec in "$@"; do probs+=("${spec%%=*}=$dir/probability_${spec%%=*}.nii.gz"); done
   meddiffseg evaluate --pred "$dir/segmentation.nii.gz" --gt "$gt" --labels "$@" \

@@ -86,3 +86,30 @@ def estimateCpuSeconds(dimensionsIJK, spacing, package, organs: int, samples: in
     if not isinstance(perWindow, (int, float)) or perWindow <= 0:
         perWindow = DEFAULT_CPU_SECONDS_PER_WINDOW * (int(roi[0]) * int(roi[1])) / (256.0 * 256.0)
     return networkEvaluations(dimensionsIJK, spacing, package, organs, samples, steps, sliceAxis) * float(perWindow)
+
+
+def scoreSummary(metrics) -> str:
+    """A short text of the scores a package records, for its description in the model list.
+
+    Held-out numbers first (``metrics.evaluation`` cases whose role says UNSEEN, written by
+    ``bench/record_evaluation.py``), else the trainer's last validation Dice; "" when none.
+    """
+    metrics = metrics if isinstance(metrics, dict) else {}
+
+    def dice_text(dice: dict) -> str:
+        return ", ".join(f"{name} {value:.2f}" for name, value in dice.items() if isinstance(value, (int, float)))
+
+    parts = []
+    evaluation = metrics.get("evaluation")
+    for case, result in (evaluation.items() if isinstance(evaluation, dict) else ()):
+        if not isinstance(result, dict) or not str(result.get("role", "")).upper().startswith("UNSEEN"):
+            continue
+        dice = {name: o.get("dice") for name, o in (result.get("organs") or {}).items() if isinstance(o, dict)}
+        if dice_text(dice):
+            parts.append(f"Dice on unseen {case}: {dice_text(dice)}")
+    if parts:
+        return "; ".join(parts)
+    validation = metrics.get("validation")
+    if isinstance(validation, dict) and isinstance(validation.get("dice"), dict) and dice_text(validation["dice"]):
+        return f"validation Dice during training: {dice_text(validation['dice'])}"
+    return ""

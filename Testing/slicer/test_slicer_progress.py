@@ -125,3 +125,21 @@ def test_dependencies_find_the_library_and_requirements_of_a_source_checkout():
     assert missingRequirements(requirements) == []  # this environment has the library's dependencies
     assert missingRequirements(["surely-not-installed-package-xyz>=1"]) == ["surely-not-installed-package-xyz>=1"]
     assert missingRequirements(["numpy<1"]) == ["numpy<1"]
+
+
+def test_score_summary_prefers_the_unseen_evaluation_of_the_shipped_model():
+    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry.store import DEFAULT_MODEL, builtin_models_dir
+
+    pkg = ModelPackage.from_folder(builtin_models_dir() / DEFAULT_MODEL)
+    liver = pkg.metrics["evaluation"]["dcmqi-ct-3slice"]["organs"]["liver"]["dice"]
+    assert presets.scoreSummary(pkg.metrics) == f"Dice on unseen dcmqi-ct-3slice: liver {liver:.2f}"
+
+
+def test_score_summary_falls_back_to_validation_and_tolerates_missing_or_odd_metrics():
+    validation = {"validation": {"dice": {"liver": 0.5, "spleen": None}}}
+    assert presets.scoreSummary(validation) == "validation Dice during training: liver 0.50"
+    training_only = {"evaluation": {"ts-ct": {"role": "training patient", "organs": {"liver": {"dice": 0.9}}}}, **validation}
+    assert presets.scoreSummary(training_only) == "validation Dice during training: liver 0.50"
+    for odd in (None, {}, [], {"evaluation": "x"}, {"validation": {"dice": {"liver": None}}}):
+        assert presets.scoreSummary(odd) == ""
