@@ -150,3 +150,113 @@ class Method(nn.Module, abc.ABC):
     def tiny_config(cls, num_organs: int) -> dict[str, Any]:
         """A very small config for fast CPU tests (random weights, windows of 32×32)."""
         raise NotImplementedError
+
+    @classmethod
+    def default_config(cls, num_organs: int) -> dict[str, Any]:
+        """The method's real configuration for ``num_organs`` organs: every key it knows, with its default."""
+        raise NotImplementedError
+
+    # -- configuration ---------------------------------------------------------------------
+    @classmethod
+    def normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Fill missing keys from :meth:`default_config`, reject unknown ones, use JSON-plain types.
+
+        Every value is coerced to the type of its default (bool, int, float, str, or a list of
+        those, element type from the default list), with a :class:`ModelError` naming the key
+        when it cannot be; :meth:`check_config` then checks what the types cannot express. The
+        normalised config is what the module stores and what a package's ``model.json`` holds.
+        """
+        if "num_organs" not in config:
+            raise ModelError(f"{cls.name} config lacks 'num_organs'")
+        num_organs = _coerce(cls.name, "num_organs", config["num_organs"], 1)
+        if num_organs < 1:
+            raise ModelError(f"{cls.name} config: num_organs must be >= 1, got {num_organs}")
+        defaults = cls.default_config(num_organs)
+        unknown = sorted(set(config) - set(defaults))
+        if unknown:
+            raise ModelError(f"{cls.name} config has unknown keys: {', '.join(unknown)}")
+        cfg = {**defaults, **config}
+        for key, default in defaults.items():
+            value = cfg[key]
+            if isinstance(default, (list, tuple)):
+                if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                    raise ModelError(f"{cls.name} config: {key} must be a list, got {value!r}")
+                cfg[key] = [_coerce(cls.name, key, v, _list_element(default)) for v in value]
+            elif default is not None:
+                cfg[key] = _coerce(cls.name, key, value, default)
+        cls.check_config(cfg)
+        return cfg
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """Method-specific checks of a normalised config (raise :class:`ModelError`); none by default."""
+
+    def _schedule(self) -> dict[str, Any]:
+        """The noise schedule shared by training and every scheduler (diffusers' keyword names)."""
+        c = self.config
+        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+
+    # -- argument checks shared by the methods -----------------------------------------------
+    def _check_sampling(self, num_samples: int, steps: int, scheduler: str | None) -> tuple[int, int, str]:
+        """``(num_samples, steps, scheduler)`` checked, with the method's default scheduler for ``None``."""
+        from ..sampling import SCHEDULERS
+
+        scheduler = scheduler or self.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+        num_samples, steps = int(num_samples), int(steps)
+        if num_samples < 1 or steps < 1:
+            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        return num_samples, steps, scheduler
+
+    def _check_stage(self, stage: str | None) -> str:
+        """``stage`` (default: the last one) if the method trains in it."""
+        stage = stage or self.stages[-1]
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        return stage
+
+    def _check_window_shape(self, x: torch.Tensor, what: str, multiple: int, why: str = "") -> None:
+        """``x`` is ``[B,1,H,W]`` with H and W multiples of ``multiple`` (``why`` explains it)."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % multiple or w % multiple:
+            reason = f" ({why})" if why else ""
+            raise ValueError(f"{what}: height and width must be divisible by {multiple} for this model{reason}, "
+                             f"got {h}×{w}")
+
+
+def _list_element(default: list | tuple) -> Any:
+    """The element type a list-valued config key holds: bool if every default is, else float if any is, else int."""
+    if default and all(isinstance(v, bool) for v in default):
+        return False
+    return 0.0 if any(isinstance(v, float) for v in default) else 0
+
+
+def _coerce(method: str, key: str, value: Any, like: Any) -> Any:
+    """``value`` as the type of ``like`` (bool, int, float or str), or a :class:`ModelError` naming the key."""
+    if isinstance(like, bool):
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ModelError(f"{method} config: {key} must be true or false, got {value!r}")
+    if isinstance(like, int):
+        if (isinstance(value, bool) or not isinstance(value, (int, float, str))
+                or (isinstance(value, float) and not value.is_integer())):
+            raise ModelError(f"{method} config: {key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ModelError(f"{method} config: {key} must be an integer, got {value!r}") from None
+    if isinstance(like, float):
+        if isinstance(value, bool):
+            raise ModelError(f"{method} config: {key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ModelError(f"{method} config: {key} must be a number, got {value!r}") from None
+    if isinstance(like, str):
+        if not isinstance(value, str):
+            raise ModelError(f"{method} config: {key} must be a string, got {value!r}")
+        return value
+    return value

@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import ModelError
 from ..networks.autoencoders import soft_dice_loss
 from ..networks.dts import ConditionalEncoder, DTSDenoiser, check_swin_config, size_multiple
-from ..sampling import SCHEDULERS, add_noise, alphas_cumprod, randint, randn, run_reverse
+from ..sampling import add_noise, alphas_cumprod, randint, randn, run_reverse
 from .base import Method, register_method
 
 #: ``format`` written into the metadata of a pretrained conditional encoder's safetensors file.
@@ -52,12 +52,6 @@ ENCODER_FILE = "encoder.safetensors"
 ENCODER_KEYS = ("patch_size", "cond_embed_dim", "cond_depths", "cond_num_heads", "window_size", "mlp_ratio",
                 "cond_channels", "norm_groups")
 KNLS_MODES = ("auto", "on", "off")
-
-_INT_LISTS = ("depths", "num_heads", "cond_depths", "cond_num_heads")
-_INTS = ("num_organs", "patch_size", "embed_dim", "window_size", "cond_embed_dim", "cond_channels", "stem_channels",
-         "time_embed_dim", "norm_groups", "num_train_timesteps")
-_FLOATS = ("mlp_ratio", "knls_alpha", "knls_eps", "dice_weight", "bce_weight", "mse_weight",
-           "deep_supervision_weight", "beta_start", "beta_end")
 
 
 # -- k-neighbour label smoothing ------------------------------------------------------------------
@@ -210,32 +204,7 @@ class DTS(Method):
         return _tiny_config(num_organs)
 
     @classmethod
-    def normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Fill missing keys from the defaults, reject unknown ones and impossible values, use JSON-plain types."""
-        if "num_organs" not in config:
-            raise ModelError("dts config lacks 'num_organs'")
-        try:
-            num_organs = int(config["num_organs"])
-        except (TypeError, ValueError):
-            raise ModelError(f"dts config: num_organs must be an integer, got {config['num_organs']!r}") from None
-        if num_organs < 1:
-            raise ModelError(f"dts config: num_organs must be >= 1, got {num_organs}")
-        cfg = _default_config(num_organs)
-        unknown = sorted(set(config) - set(cfg))
-        if unknown:
-            raise ModelError(f"dts config has unknown keys: {', '.join(unknown)}")
-        cfg.update(config)
-        try:
-            for k in _INT_LISTS:
-                cfg[k] = [int(v) for v in cfg[k]]
-            for k in _INTS:
-                cfg[k] = int(cfg[k])
-            for k in _FLOATS:
-                cfg[k] = float(cfg[k])
-            cfg["beta_schedule"] = str(cfg["beta_schedule"])
-            cfg["knls"] = str(cfg["knls"])
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"dts config: bad value ({exc})") from None
+    def check_config(cls, cfg: dict[str, Any]) -> None:
         if cfg["knls"] not in KNLS_MODES:
             raise ModelError(f"dts config: knls must be one of {', '.join(KNLS_MODES)}, got {cfg['knls']!r}")
         if len(cfg["cond_depths"]) != len(cfg["depths"]):
@@ -252,11 +221,6 @@ class DTS(Method):
             raise ModelError("dts config: cond_channels, stem_channels, time_embed_dim and norm_groups must be >= 1")
         if cfg["knls_alpha"] < 0 or cfg["knls_eps"] <= 0:
             raise ModelError("dts config: knls_alpha must be >= 0 and knls_eps > 0")
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
 
     @property
     def uses_knls(self) -> bool:
@@ -270,13 +234,8 @@ class DTS(Method):
         return size_multiple(len(self.config["depths"]), self.config["patch_size"])
 
     def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
-        h, w = x.shape[-2:]
-        m = self.size_multiple
-        if h % m or w % m:
-            raise ValueError(f"{what}: height and width must be divisible by {m} for this model "
-                             f"(patches of {self.config['patch_size']}, {len(self.config['depths'])} Swin stages), got {h}×{w}")
+        self._check_window_shape(x, what, self.size_multiple,
+                                 f"patches of {self.config['patch_size']}, {len(self.config['depths'])} Swin stages")
 
     def _check_condition(self, cond) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = len(self.config["depths"]) + 2
@@ -312,12 +271,7 @@ class DTS(Method):
         generator: torch.Generator | None,
         scheduler: str | None = None,
     ) -> torch.Tensor:
-        scheduler = scheduler or self.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
-        num_samples, steps = int(num_samples), int(steps)
-        if num_samples < 1 or steps < 1:
-            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
         image, maps = self._check_condition(cond)
         b, _, h, w = image.shape
         organs = self._check_organs(organ_ids, b).to(image.device)
@@ -340,8 +294,7 @@ class DTS(Method):
 
     # -- training ------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        if stage != "denoiser":
-            raise ValueError(f"unknown stage {stage!r}; dts trains in stages: {', '.join(self.stages)}")
+        self._check_stage(stage)
         return list(self.parameters())
 
     def target(self, masks: torch.Tensor) -> torch.Tensor:
@@ -369,9 +322,7 @@ class DTS(Method):
         generator: torch.Generator | None = None,
         stage: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        stage = stage or self.stages[-1]
-        if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; dts trains in stages: {', '.join(self.stages)}")
+        stage = self._check_stage(stage)
         self._check_windows(images, "images")
         self._check_windows(masks, "masks")
         if images.shape != masks.shape:

@@ -69,7 +69,6 @@ from ..sampling import (
     DEFAULT_BETA_SCHEDULE,
     DEFAULT_BETA_START,
     DEFAULT_NUM_TRAIN_TIMESTEPS,
-    SCHEDULERS,
     add_noise,
     alphas_cumprod,
     eps_to_x0,
@@ -188,23 +187,6 @@ class ImageAutoencoder(nn.Module):
         return {"loss": l1, "l1": l1}
 
 
-def _as_bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    raise ModelError(f"meddelinea config: {key} must be true or false, got {v!r}")
-
-
-def _as_int(key: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not v.is_integer()):
-        raise ModelError(f"meddelinea config: {key} must be an integer, got {v!r}")
-    try:
-        return int(v)
-    except ValueError:
-        raise ModelError(f"meddelinea config: {key} must be an integer, got {v!r}") from None
-
-
 @register_method
 class MedDelinea(Method):
     """Control DiT + DiT in latent space, ε-prediction, Tweedie x0, BCE + Dice on the decoded mask."""
@@ -214,7 +196,7 @@ class MedDelinea(Method):
     stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
 
     def __init__(self, config: dict[str, Any]):
-        super().__init__(self._normalise_config(config))
+        super().__init__(self.normalise_config(config))
         c = self.config
         self.image_autoencoder = ImageAutoencoder(
             c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"],
@@ -245,47 +227,13 @@ class MedDelinea(Method):
         return _tiny_config(num_organs)
 
     @classmethod
-    def _normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Fill missing keys from the defaults, reject unknown ones, coerce to the defaults' JSON-plain types."""
-        if "num_organs" not in config:
-            raise ModelError("meddelinea config lacks 'num_organs'")
-        num_organs = _as_int("num_organs", config["num_organs"])
-        if num_organs < 1:
-            raise ModelError(f"meddelinea config: num_organs must be >= 1, got {num_organs}")
-        cfg = cls.default_config(num_organs)
-        unknown = sorted(set(config) - set(cfg))
-        if unknown:
-            raise ModelError(f"meddelinea config has unknown keys: {', '.join(unknown)}")
-        defaults = dict(cfg)
-        cfg.update(config)
-        for key, default in defaults.items():
-            v = cfg[key]
-            if isinstance(default, bool):
-                cfg[key] = _as_bool(key, v)
-            elif isinstance(default, int):
-                cfg[key] = _as_int(key, v)
-            elif isinstance(default, float):
-                try:
-                    cfg[key] = float(v)
-                except (TypeError, ValueError):
-                    raise ModelError(f"meddelinea config: {key} must be a number, got {v!r}") from None
-            elif isinstance(default, list):
-                if not isinstance(v, (list, tuple)):
-                    raise ModelError(f"meddelinea config: {key} must be a list, got {v!r}")
-                cfg[key] = [_as_int(key, x) for x in v]
-            else:
-                cfg[key] = str(v)
+    def check_config(cls, cfg: dict[str, Any]) -> None:
         for key in ("patch_size", "dit_width", "dit_heads", "dit_depth", "control_depth", "num_train_timesteps"):
             if cfg[key] < 1:
                 raise ModelError(f"meddelinea config: {key} must be >= 1, got {cfg[key]}")
         if cfg["control_depth"] > cfg["dit_depth"]:
             raise ModelError(f"meddelinea config: control_depth ({cfg['control_depth']}) cannot exceed dit_depth "
                              f"({cfg['dit_depth']}): each control block feeds the matching DiT block")
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -294,17 +242,9 @@ class MedDelinea(Method):
         return DOWNSAMPLE * self.config["patch_size"]
 
     def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % DOWNSAMPLE or w % DOWNSAMPLE:
-            raise ValueError(f"{what}: height and width must be divisible by {DOWNSAMPLE}, got {h}×{w}")
-        m = self.size_multiple
-        if h % m or w % m:
-            raise ValueError(
-                f"{what}: height and width must be divisible by {m} for this model "
-                f"({DOWNSAMPLE}× autoencoder, patches of {self.config['patch_size']}), got {h}×{w}"
-            )
+        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder")
+        self._check_window_shape(x, what, self.size_multiple,
+                                 f"{DOWNSAMPLE}× autoencoder, patches of {self.config['patch_size']}")
 
     def predicted_x0(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """Tweedie's formula for ε-prediction: ``Ẑ0 = (z_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ)``."""
@@ -327,12 +267,7 @@ class MedDelinea(Method):
         generator: torch.Generator | None,
         scheduler: str | None = None,
     ) -> torch.Tensor:
-        scheduler = scheduler or self.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
-        num_samples, steps = int(num_samples), int(steps)
-        if num_samples < 1 or steps < 1:
-            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
         c_o = self.config["image_latent_channels"]
         if cond.ndim != 4 or cond.shape[1] != c_o:
             raise ValueError(f"cond must have shape [B,{c_o},h,w] (from condition()), got {list(cond.shape)}")
@@ -431,9 +366,7 @@ class MedDelinea(Method):
         generator: torch.Generator | None = None,
         stage: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        stage = stage or self.stages[-1]
-        if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        stage = self._check_stage(stage)
         c = self.config
         self._check_windows(masks, "masks")
         self._check_windows(images, "images")

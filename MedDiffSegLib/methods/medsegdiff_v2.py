@@ -46,16 +46,11 @@ from torch import nn
 
 from ..errors import ModelError
 from ..networks.medsegdiff import AnchorSpatialAttention, ConditionUNet, DiffusionUNet
-from ..sampling import SCHEDULERS, add_noise, alphas_cumprod, randint, randn, run_reverse
+from ..sampling import add_noise, alphas_cumprod, randint, randn, run_reverse
 from .base import Method, register_method
 
 #: Masks are diffused as ``2·mask − 1``: x0 estimates are clipped to [-1, 1].
 MASK_RANGE = 1.0
-
-_INT_LISTS = ("condition_channels", "condition_blocks", "unet_channels", "unet_res_blocks")
-_INTS = ("num_organs", "norm_groups", "time_embed_dim", "anchor_kernel_size", "ssformer_depth", "ssformer_heads",
-         "filter_channels", "filter_blocks", "anchor_every", "chains_per_pass", "num_train_timesteps")
-_FLOATS = ("anchor_sigma", "ssformer_mlp_ratio", "anchor_ce_weight", "anchor_loss_weight", "beta_start", "beta_end")
 
 
 class MedSegDiffCondition(NamedTuple):
@@ -84,7 +79,7 @@ class MedSegDiffV2(Method):
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
 
     def __init__(self, config: dict[str, Any]):
-        super().__init__(self._normalise_config(config))
+        super().__init__(self.normalise_config(config))
         c = self.config
         self.diffusion_model = DiffusionUNet(
             c["unet_channels"], c["unet_res_blocks"], c["num_organs"], c["time_embed_dim"], c["norm_groups"],
@@ -173,37 +168,11 @@ class MedSegDiffV2(Method):
         return cfg
 
     @classmethod
-    def _normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Fill missing keys from :meth:`default_config`, reject unknown ones, use JSON-plain types."""
-        if "num_organs" not in config:
-            raise ModelError(f"{cls.name} config lacks 'num_organs'")
-        num_organs = int(config["num_organs"])
-        if num_organs < 1:
-            raise ModelError(f"{cls.name} config: num_organs must be >= 1, got {num_organs}")
-        cfg = cls.default_config(num_organs)
-        unknown = sorted(set(config) - set(cfg))
-        if unknown:
-            raise ModelError(f"{cls.name} config has unknown keys: {', '.join(unknown)}")
-        cfg.update(config)
-        try:
-            for k in _INT_LISTS:
-                cfg[k] = [int(v) for v in cfg[k]]
-            for k in _INTS:
-                cfg[k] = int(cfg[k])
-            for k in _FLOATS:
-                cfg[k] = float(cfg[k])
-            cfg["beta_schedule"] = str(cfg["beta_schedule"])
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{cls.name} config: bad value ({exc})") from None
+    def check_config(cls, cfg: dict[str, Any]) -> None:
         if cfg["anchor_every"] < 1:
             raise ModelError(f"{cls.name} config: anchor_every must be >= 1, got {cfg['anchor_every']}")
         if cfg["chains_per_pass"] < 0:
             raise ModelError(f"{cls.name} config: chains_per_pass must be >= 0, got {cfg['chains_per_pass']}")
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
 
     # -- geometry and checks -------------------------------------------------------------
     @property
@@ -212,12 +181,7 @@ class MedSegDiffV2(Method):
         return max(self.diffusion_model.size_multiple, self.condition_model.size_multiple)
 
     def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
-        m = self.size_multiple
-        h, w = x.shape[-2:]
-        if h % m or w % m:
-            raise ValueError(f"{what}: height and width must be divisible by {m} for this model, got {h}×{w}")
+        self._check_window_shape(x, what, self.size_multiple)
 
     # -- the condition model -------------------------------------------------------------
     def _condition_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,12 +225,7 @@ class MedSegDiffV2(Method):
         generator: torch.Generator | None,
         scheduler: str | None = None,
     ) -> torch.Tensor:
-        scheduler = scheduler or self.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
-        num_samples, steps = int(num_samples), int(steps)
-        if num_samples < 1 or steps < 1:
-            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
         if not isinstance(cond, MedSegDiffCondition):
             raise ValueError(f"cond must come from {self.name}'s condition(), got {type(cond).__name__}")
         b = cond.num_rows
@@ -297,8 +256,7 @@ class MedSegDiffV2(Method):
 
     # -- training ------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        self._check_stage(stage)
         return list(self.parameters())
 
     def training_loss(
@@ -315,9 +273,7 @@ class MedSegDiffV2(Method):
         paper adds it on every α-th timestep. ``anchor_dice``/``anchor_ce`` are reported over
         all rows (for monitoring); ``anchor_rows`` is ``k``.
         """
-        stage = stage or self.stages[-1]
-        if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        stage = self._check_stage(stage)
         self._check_windows(images, "images")
         self._check_windows(masks, "masks")
         if images.shape != masks.shape:

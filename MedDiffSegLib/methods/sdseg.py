@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
 from ..networks import DOWNSAMPLE, ImageEncoder, LatentDenoiser, MaskAutoencoder
 from ..sampling import (
     DEFAULT_BETA_END,
     DEFAULT_BETA_SCHEDULE,
     DEFAULT_BETA_START,
     DEFAULT_NUM_TRAIN_TIMESTEPS,
-    SCHEDULERS,
     add_noise,
     alphas_cumprod,
     eps_to_x0,
@@ -45,16 +43,6 @@ from .base import Method, register_method
 
 #: Latents of the mask autoencoder are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE].
 LATENT_RANGE = 1.0
-
-_INT_LISTS = (
-    "image_encoder_channels", "image_encoder_blocks", "mask_encoder_channels", "mask_encoder_blocks",
-    "mask_decoder_channels", "mask_decoder_blocks", "unet_channels", "unet_res_blocks",
-)
-_INTS = (
-    "num_organs", "image_latent_channels", "mask_latent_channels", "norm_groups", "unet_norm_groups",
-    "unet_head_channels", "num_train_timesteps",
-)
-_FLOATS = ("beta_start", "beta_end")
 
 
 def _shared_default_config(num_organs: int) -> dict[str, Any]:
@@ -126,7 +114,7 @@ class LatentDiffusionSegmentation(Method):
     prediction_type: ClassVar[str] = "epsilon"
 
     def __init__(self, config: dict[str, Any]):
-        super().__init__(self._normalise_config(config))
+        super().__init__(self.normalise_config(config))
         c = self.config
         self.image_encoder = ImageEncoder(
             c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"], c["norm_groups"]
@@ -163,39 +151,6 @@ class LatentDiffusionSegmentation(Method):
         """Method-specific hyperparameters (with their defaults)."""
         return {}
 
-    @classmethod
-    def _normalise_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Fill missing keys from :meth:`default_config`, reject unknown ones, use JSON-plain types."""
-        if "num_organs" not in config:
-            raise ModelError(f"{cls.name} config lacks 'num_organs'")
-        num_organs = int(config["num_organs"])
-        if num_organs < 1:
-            raise ModelError(f"{cls.name} config: num_organs must be >= 1, got {num_organs}")
-        cfg = cls.default_config(num_organs)
-        unknown = sorted(set(config) - set(cfg))
-        if unknown:
-            raise ModelError(f"{cls.name} config has unknown keys: {', '.join(unknown)}")
-        cfg.update(config)
-        try:
-            for k in _INT_LISTS:
-                cfg[k] = [int(v) for v in cfg[k]]
-            cfg["unet_attention_levels"] = [bool(v) for v in cfg["unet_attention_levels"]]
-            cfg["unet_zero_init"] = bool(cfg["unet_zero_init"])
-            for k in _INTS:
-                cfg[k] = int(cfg[k])
-            for k in _FLOATS:
-                cfg[k] = float(cfg[k])
-            cfg["beta_schedule"] = str(cfg["beta_schedule"])
-            for k, v in cls._method_defaults().items():
-                cfg[k] = type(v)(cfg[k])
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{cls.name} config: bad value ({exc})") from None
-        return cfg
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {k: c[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
-
     # -- geometry ------------------------------------------------------------------------
     @property
     def size_multiple(self) -> int:
@@ -203,17 +158,9 @@ class LatentDiffusionSegmentation(Method):
         return DOWNSAMPLE * self.denoiser.size_multiple
 
     def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % DOWNSAMPLE or w % DOWNSAMPLE:
-            raise ValueError(f"{what}: height and width must be divisible by {DOWNSAMPLE}, got {h}×{w}")
-        m = self.size_multiple
-        if h % m or w % m:
-            raise ValueError(
-                f"{what}: height and width must be divisible by {m} for this model "
-                f"({DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet), got {h}×{w}"
-            )
+        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder")
+        self._check_window_shape(x, what, self.size_multiple,
+                                 f"{DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet")
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
@@ -231,12 +178,7 @@ class LatentDiffusionSegmentation(Method):
         generator: torch.Generator | None,
         scheduler: str | None = None,
     ) -> torch.Tensor:
-        scheduler = scheduler or self.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
-        num_samples, steps = int(num_samples), int(steps)
-        if num_samples < 1 or steps < 1:
-            raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
         if cond.ndim != 4 or cond.shape[1] != self.config["image_latent_channels"]:
             raise ValueError(
                 f"cond must have shape [B,{self.config['image_latent_channels']},h,w] (from condition()), got {list(cond.shape)}"
@@ -285,9 +227,7 @@ class LatentDiffusionSegmentation(Method):
         generator: torch.Generator | None = None,
         stage: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        stage = stage or self.stages[-1]
-        if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        stage = self._check_stage(stage)
         self._check_windows(masks, "masks")
         if stage == "autoencoder":
             return self.mask_autoencoder.loss(masks)
