@@ -42,7 +42,7 @@ def _rounded(v, nd: int):
     return v if v is None or isinstance(v, str) or math.isinf(v) else round(float(v), nd)
 
 
-def load_case(eval_dir: Path, case: str) -> dict | None:
+def load_case(eval_dir: Path, case: str, samples: int) -> dict | None:
     scores = eval_dir / case / "scores.json"
     if not scores.is_file():
         return None
@@ -52,7 +52,7 @@ def load_case(eval_dir: Path, case: str) -> dict | None:
         out["organs"][o["name"]] = {"dice": _rounded(o["dice"], 4), "hd95_mm": _rounded(o["hd95_mm"], 2),
                                     "assd_mm": _rounded(o["assd_mm"], 2), "status": o["status"]}
     u = report.get("uncertainty")
-    if u:
+    if u and samples > 1:  # one sample cannot disagree with itself: its variance is 0 everywhere
         out["uncertainty_auroc"] = _rounded(u["auroc"], 4)
         out["uncertainty_auroc_foreground"] = _rounded(u["auroc_foreground"], 4)
     timing = eval_dir / f"{case}.time.json"
@@ -75,6 +75,8 @@ def markdown(case: str, r: dict) -> str:
     if "uncertainty_auroc" in r:
         extra.append(f"Uncertainty AUROC {_num(r['uncertainty_auroc'], 3)} "
                      f"(foreground {_num(r['uncertainty_auroc_foreground'], 3)}).")
+    else:
+        extra.append("No uncertainty score: one sample, so the variance is zero everywhere.")
     if "segment_wall_s" in r:
         size = "×".join(str(s) for s in r.get("size") or [])
         extra.append(f"`meddiffseg segment` of the {len(r['organs'])} organ(s) above on this {size} volume: "
@@ -84,13 +86,13 @@ def markdown(case: str, r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_metrics(package: Path, evaluation: dict, command: str | None, samples: int | None) -> None:
+def write_metrics(package: Path, evaluation: dict, command: str | None, samples: int) -> None:
     path = package / "model.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     inference = data.get("inference", {})
     metrics = data.get("metrics") or {}
     metrics["evaluation"] = evaluation
-    metrics["settings"] = {"samples": samples or inference.get("samples", 1), "steps": inference.get("steps"),
+    metrics["settings"] = {"samples": samples, "steps": inference.get("steps"),
                            "scheduler": inference.get("scheduler"), "seed": 0, "device": "cpu"}
     if command:
         metrics["command"] = command
@@ -113,9 +115,15 @@ def main(argv=None) -> int:
     ap.add_argument("--command", help="the evaluate_model.sh call that produced EVAL_DIR (recorded with the numbers)")
     ap.add_argument("--samples", type=int, help="the SAMPLES given to evaluate_model.sh (default: the package's)")
     args = ap.parse_args(argv)
+    samples = args.samples
+    if samples is None and args.package:
+        samples = int(json.loads((args.package / "model.json").read_text(encoding="utf-8"))
+                      .get("inference", {}).get("samples", 1))
+    if samples is None:
+        ap.error("give --samples (the SAMPLES of evaluate_model.sh) or --package")
     evaluation = {}
     for case in CASES:
-        r = load_case(args.eval_dir, case)
+        r = load_case(args.eval_dir, case, samples)
         if r is not None:
             evaluation[case] = r
             print(markdown(case, r))
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
         print(f"record_evaluation: no <case>/scores.json under {args.eval_dir}", file=sys.stderr)
         return 2
     if args.package:
-        write_metrics(args.package, evaluation, args.command, args.samples)
+        write_metrics(args.package, evaluation, args.command, samples)
         print(f"recorded {len(evaluation)} case(s) in {args.package / 'model.json'}", file=sys.stderr)
     return 0
 

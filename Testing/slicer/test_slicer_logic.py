@@ -293,3 +293,22 @@ def test_device_info_and_cpu_estimate(mrml, module, ct_node, tiny_package, libra
                                              len(ORGANS), SAMPLES, 1, sliceAxis=int(superior.argmax()))
     slices = ct_node.GetImageData().GetDimensions()[int(superior.argmax())]
     assert evaluations == slices * library_ct.extras["windows_per_slice"] * len(ORGANS) * SAMPLES
+
+
+def test_every_shipped_package_is_in_the_model_list(mrml, module):
+    """The module lists the library's packages as they are: each built-in one, by method, with its scores."""
+    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry.store import builtin_models_dir
+
+    logic = module.MedDiffSegLogic()
+    listed = {p.name: p for p in logic.listModels() if isinstance(p, ModelPackage)}
+    shipped = sorted(d.name for d in builtin_models_dir().iterdir() if (d / "model.json").is_file())
+    assert len(shipped) >= 1 and set(shipped) <= set(listed)
+    assert logic.defaultModelName() in shipped
+    for name in shipped:
+        package = logic.modelPackage(name)
+        text = logic.modelDescription(package)
+        assert f"method {package.method_name}" in text
+        assert text.endswith(presets.scoreSummary(package.metrics))
+        if "evaluation" in package.metrics:
+            assert "Dice on unseen" in text, text
