@@ -72,5 +72,5 @@ def device_description(device: str | torch.device) -> str:
     threads = torch.get_num_threads()
     model = _cpu_model()
     if model:
-        return f"cpu: {model} ({threads} threads of {os.cpu_count() or '?'} cores)"
+        return f"cpu: {model} ({threads} thread{'' if threads == 1 else 's'} of {os.cpu_count() or '?'} cores)"
     return f"cpu ({threads} threads)"
