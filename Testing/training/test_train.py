@@ -287,3 +287,44 @@ def test_ddp_two_processes_on_gloo_end_in_sync(data_dir, tmp_path):
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["rng"][0]["sampler"] != state["rng"][1]["sampler"]  # each rank draws its own windows
+
+
+def test_validation_samples_with_the_package_inference_defaults(tiny_cfg, data_dir, tmp_path, monkeypatch):
+    """Validation Dice is measured the way the package will segment: its default steps and scheduler."""
+    import copy
+
+    from MedDiffSegLib.training import trainer as trainer_module
+
+    calls = []
+    real_sample = None
+
+    def spy_validate(method, *args, **kwargs):
+        nonlocal real_sample
+        real_sample = method.sample
+
+        def sample(cond, ids, n, steps, g, scheduler=None):
+            calls.append((n, steps, scheduler))
+            return real_sample(cond, ids, n, steps, g, scheduler)
+
+        method.sample = sample
+        try:
+            return real_validate(method, *args, **kwargs)
+        finally:
+            del method.sample
+
+    real_validate = trainer_module.validate
+    monkeypatch.setattr(trainer_module, "validate", spy_validate)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.inference = {**cfg.inference, "steps": 3, "scheduler": "unipc"}
+    pkg = train(cfg, tmp_path / "run", data_root=data_dir, device="cpu", max_steps=2, log=_quiet)
+    assert calls and set(calls) == {(1, 3, "unipc")}
+    assert "default steps and scheduler" in pkg.metrics["validation"]["protocol"]
+    # the function itself: steps and scheduler reach the sampler, 1 step stays the default
+    method = pkg.load_method()
+    from MedDiffSegLib.training.data import load_labelled_volume
+
+    vol = load_labelled_volume(data_dir / "dcmqi" / "ct-3slice", data_dir / "dcmqi" / "liver_spine_seg.nrrd",
+                               {"liver": 1}, pkg.organ_names, pkg.preprocessing)
+    calls.clear()
+    spy_validate(method, [vol], len(pkg.organ_names), 32)
+    assert set(calls) == {(1, 1, None)}
