@@ -18,10 +18,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from record_evaluation import CASES  # noqa: E402  (the cases of evaluate_model.sh, unseen first)
 
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder", "aorta")
-UNSEEN = "dcmqi-ct-3slice"
-TRAINING = ("ts-ct", "ts-ct-dicom")
+UNSEEN, *TRAINING = CASES
 
 
 def _f(v, nd: int) -> str:
