@@ -6,6 +6,8 @@ uncertainty map on exactly the input's voxel grid. The pipeline:
 1. **Canonical view.** The input array is transposed/flipped (never interpolated) to the
    model's orientation (:class:`~MedDiffSegLib.io.geometry.CanonicalView`), giving axial
    slices ``[K, J, I]``. Intensity clip bounds are computed once for the whole volume.
+   A model with ``context_slices`` C > 1 gets each slice with its neighbours as C channels
+   (the slices ``context_offset`` apart, edge slices repeated), so windows are ``[C, h, w]``.
 2. **Streaming.** Slices are processed in chunks so memory is bounded by the chunk size, not
    the volume: each chunk is converted to float32 ``[k, 1, J, I]``, normalised to [-1, 1],
    resampled in-plane to the model spacing, and run through MONAI's
@@ -60,7 +62,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import Cancelled, InputError, ModelError
-from ..preprocessing.spec import inplane_size, intensity_bounds, normalise_intensity, resample_inplane
+from ..preprocessing.spec import context_indices, inplane_size, intensity_bounds, normalise_intensity, resample_inplane
 from ..uncertainty import binary_entropy, ensemble_mean_variance, keep_largest_component, staple_fuse
 from .device import resolve_device
 
@@ -202,13 +204,13 @@ def _memory_budget() -> int:
     return DEFAULT_CHUNK_MEMORY
 
 
-def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, staple: bool) -> int:
+def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, staple: bool, channels: int = 1) -> int:
     """Rough float32 working set of one slice in a chunk (MONAI buffers, stats, resampled maps)."""
     p = max(model_hw[0], roi[0]) * max(model_hw[1], roi[1])
     q = canon_hw[0] * canon_hw[1]
     on = n_organs * n_samples
-    model_side = p * (on * 2 + 2 * n_organs + 3)  # output buffer + in-place products, mean/var, input
-    canon_side = q * (2 + 2 * n_organs + 2 * n_organs + (on if staple else 0))
+    model_side = p * (on * 2 + 2 * n_organs + 2 + channels)  # output buffer + in-place products, mean/var, input
+    canon_side = q * (1 + channels + 2 * n_organs + 2 * n_organs + (on if staple else 0))
     return 4 * (model_side + canon_side)
 
 
@@ -304,6 +306,10 @@ def segment_volume(
 
     if method is None:
         method = package.load_method(str(dev))
+    channels = int(getattr(method, "image_channels", 1))
+    if channels != spec.context_slices:
+        raise ModelError(f"model {package.name!r}: its network reads {channels} slice(s) per window but its "
+                         f"preprocessing.context_slices is {spec.context_slices}")
     was_training = bool(getattr(method, "training", False))
     method.to(dev)
     method.eval()
@@ -343,7 +349,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     model_hw = inplane_size(canon_hw, (sj, si), spec.spacing)
     num_win = windows_per_slice(model_hw, roi, overlap)
     unit = _chunk_unit(num_win, swb)
-    per_slice = _bytes_per_slice(model_hw, canon_hw, roi, n_org, samples, staple)
+    per_slice = _bytes_per_slice(model_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
     chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices)
     total_batches = -(-(n_k * num_win) // swb)
 
@@ -397,7 +403,11 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         kk = k1 - k0
         check_cancel()
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(canon[k0:k1], dtype=np.float32)).unsqueeze(1)
+        if spec.context_slices == 1:
+            x = torch.from_numpy(np.ascontiguousarray(canon[k0:k1], dtype=np.float32)).unsqueeze(1)
+        else:  # [kk, C, J, I]: each slice with its context slices as channels
+            ks = context_indices(n_k, k0, k1, spec.context_slices, spec.context_offset(sk))
+            x = torch.from_numpy(np.asarray(canon[ks.reshape(-1)], dtype=np.float32)).reshape(kk, ks.shape[1], n_j, n_i)
         x = normalise_intensity(x, bounds).to(dev)
         x = resample_inplane(x, model_hw)
         timings["preprocess"] += time.perf_counter() - t0

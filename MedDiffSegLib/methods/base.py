@@ -86,6 +86,11 @@ class Method(nn.Module, abc.ABC):
     def num_organs(self) -> int:
         return int(self.config["num_organs"])
 
+    @property
+    def image_channels(self) -> int:
+        """Input channels of an image window: the slices of its axial context (1 = the slice alone)."""
+        return int(self.config.get("image_channels", 1))
+
     # -- inference -----------------------------------------------------------------------
     @abc.abstractmethod
     def condition(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,39 @@ class Method(nn.Module, abc.ABC):
     def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """ᾱ_t from the method's ``_alphas_cumprod`` table (float64 on CPU), as float32 on ``device``."""
         return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
+
+    # -- starting from another model -----------------------------------------------------------
+    def _pretrained_package_state(self, path) -> tuple[Any, dict[str, torch.Tensor], Any]:
+        """``(weights path, state dict, package or None)`` of a trained package of this method.
+
+        ``path`` is a package folder (its sha256 is verified), an installed package's name, or
+        a ``weights.safetensors`` file. Safetensors only: nothing is unpickled.
+        """
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from ..registry import ModelPackage, resolve_model
+
+        p = Path(path).expanduser()
+        pkg = None
+        if p.is_dir() or (not p.exists() and p.suffix != ".safetensors" and len(p.parts) == 1):
+            try:
+                pkg = ModelPackage.from_folder(p) if p.is_dir() else resolve_model(str(path))
+                pkg.verify()
+            except Exception as exc:
+                raise ModelError(f"cannot start from {path}: {exc}") from None
+            if pkg.method_name != self.name:
+                raise ModelError(f"cannot start from {path}: it is a {pkg.method_name!r} model, not {self.name!r}")
+            p = pkg.weights_path
+        if not p.is_file():
+            raise ModelError(f"pretrained weights {p} do not exist (give a {self.name} model package folder, an "
+                             "installed package's name, or its weights.safetensors)")
+        try:
+            state = load_file(str(p), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            raise ModelError(f"cannot read pretrained weights {p}: {exc}") from None
+        return p, state, pkg
 
     # -- training ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -216,10 +254,11 @@ class Method(nn.Module, abc.ABC):
             raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
         return stage
 
-    def _check_window_shape(self, x: torch.Tensor, what: str, multiple: int, why: str = "") -> None:
-        """``x`` is ``[B,1,H,W]`` with H and W multiples of ``multiple`` (``why`` explains it)."""
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{what} must have shape [B,1,H,W], got {list(x.shape)}")
+    def _check_window_shape(self, x: torch.Tensor, what: str, multiple: int, why: str = "",
+                            channels: int = 1) -> None:
+        """``x`` is ``[B,channels,H,W]`` with H and W multiples of ``multiple`` (``why`` explains it)."""
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must have shape [B,{channels},H,W], got {list(x.shape)}")
         h, w = x.shape[-2:]
         if h % multiple or w % multiple:
             reason = f" ({why})" if why else ""

@@ -308,28 +308,9 @@ class MedDelinea(Method):
         Control DiT learns beside a pretrained, frozen DiT. Returns a JSON-plain description for
         the provenance.
         """
-        from safetensors.torch import load_file
-
-        from ..registry import ModelPackage
         from ..registry.package import sha256_file
 
-        p = Path(path).expanduser()
-        if p.is_dir():
-            try:
-                pkg = ModelPackage.from_folder(p)
-                pkg.verify()
-            except Exception as exc:
-                raise ModelError(f"cannot start from {p}: {exc}") from None
-            if pkg.method_name != self.name:
-                raise ModelError(f"cannot start from {p}: it is a {pkg.method_name!r} model, not {self.name!r}")
-            p = pkg.weights_path
-        if not p.is_file():
-            raise ModelError(f"pretrained weights {p} do not exist (give a meddelinea model package folder or its "
-                             "weights.safetensors)")
-        try:
-            state = load_file(str(p), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-            raise ModelError(f"cannot read pretrained weights {p}: {exc}") from None
+        p, state, _ = self._pretrained_package_state(path)
         mine = self.state_dict()
         wanted = [k for k in mine if k.startswith(self.PRETRAINED_PREFIXES)]
         missing = [k for k in wanted if k not in state]

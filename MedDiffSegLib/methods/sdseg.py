@@ -39,6 +39,7 @@ from ..sampling import (
     randn,
     run_reverse,
 )
+from ..errors import ModelError
 from .base import Method, register_method
 
 #: Latents of the mask autoencoder are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE].
@@ -49,6 +50,8 @@ def _shared_default_config(num_organs: int) -> dict[str, Any]:
     """The real-size architecture (windows of 224×224 at 2 mm → latents of 28×28 → 14 → 7)."""
     return {
         "num_organs": int(num_organs),
+        # image window channels: axial context slices (preprocessing.context_slices), 1 = 2D
+        "image_channels": 1,
         # image encoder: widths at full, /2, /4, /8 resolution; residual blocks at /2, /4, /8
         "image_latent_channels": 32,
         "image_encoder_channels": [16, 32, 64, 128],
@@ -117,7 +120,8 @@ class LatentDiffusionSegmentation(Method):
         super().__init__(self.normalise_config(config))
         c = self.config
         self.image_encoder = ImageEncoder(
-            c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"], c["norm_groups"]
+            c["image_latent_channels"], c["image_encoder_channels"], c["image_encoder_blocks"], c["norm_groups"],
+            in_channels=c["image_channels"],
         )
         self.mask_autoencoder = MaskAutoencoder(
             c["mask_latent_channels"], c["mask_encoder_channels"], c["mask_encoder_blocks"],
@@ -157,15 +161,15 @@ class LatentDiffusionSegmentation(Method):
         """Window height and width must be multiples of this (8 × the UNet's downsampling)."""
         return DOWNSAMPLE * self.denoiser.size_multiple
 
-    def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder")
+    def _check_windows(self, x: torch.Tensor, what: str, channels: int = 1) -> None:
+        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder", channels)
         self._check_window_shape(x, what, self.size_multiple,
-                                 f"{DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet")
+                                 f"{DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet", channels)
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
     def condition(self, images: torch.Tensor) -> torch.Tensor:
-        self._check_windows(images, "images")
+        self._check_windows(images, "images", self.image_channels)
         return self.image_encoder(images)
 
     @torch.no_grad()
@@ -211,6 +215,63 @@ class LatentDiffusionSegmentation(Method):
     def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The z0 estimate implied by the denoiser's ``prediction`` at ``z_t`` (``alpha_bar`` per row)."""
 
+    # -- starting from another model -------------------------------------------------------
+    def load_pretrained(self, path, organs: list[str] | None = None) -> dict[str, Any]:
+        """Fine-tune from a trained package of this method (a training config's ``init_from``).
+
+        Every tensor is taken from the package, with two adaptations so that a model can start
+        from one trained for other organs or without slice context:
+
+        - organ prompts (the class embedding rows) are matched **by organ name** (``organs``:
+          this model's organ names in order); an organ the package does not know keeps its
+          fresh initialisation;
+        - a package whose image encoder reads one slice starts a model with ``C`` context
+          slices by putting its first-convolution weights on the centre slice and zeros on the
+          others, so the model starts exactly as the 2D one and learns to use the neighbours.
+
+        Any other difference in shape is an error. Returns a JSON-plain description for the
+        provenance.
+        """
+        from ..registry.package import sha256_file
+
+        p, state, pkg = self._pretrained_package_state(path)
+        theirs_organs = pkg.organ_names if pkg is not None else None
+        mine = self.state_dict()
+        missing = [k for k in mine if k not in state]
+        if missing:
+            raise ModelError(f"pretrained weights {p} do not fit this model ({len(missing)} tensors missing, e.g. "
+                             f"{missing[:3]}); use the same architecture")
+        embed_key = "denoiser.unet.class_embedding.weight"
+        stem_key = "image_encoder.stem.0.weight"
+        matched: list[str] = []
+        with torch.no_grad():
+            for k, v in mine.items():
+                src = state[k]
+                if k == embed_key and (src.shape != v.shape or (organs and theirs_organs)):
+                    if not (organs and theirs_organs) or src.shape[1:] != v.shape[1:]:
+                        raise ModelError(f"pretrained weights {p}: organ prompts of shape {list(src.shape)} do not "
+                                         f"fit {list(v.shape)} and cannot be matched by organ name")
+                    for i, name in enumerate(organs):
+                        if name in theirs_organs:
+                            v[i].copy_(src[theirs_organs.index(name)])
+                            matched.append(name)
+                elif k == stem_key and src.shape != v.shape:
+                    if src.shape[1] != 1 or src.shape[0] != v.shape[0] or src.shape[2:] != v.shape[2:]:
+                        raise ModelError(f"pretrained weights {p}: image encoder input {list(src.shape)} does not "
+                                         f"fit {list(v.shape)}")
+                    v.zero_()
+                    v[:, v.shape[1] // 2].copy_(src[:, 0])
+                elif src.shape != v.shape:
+                    raise ModelError(f"pretrained weights {p}: {k} has shape {list(src.shape)}, this model "
+                                     f"{list(v.shape)}; use the same architecture")
+                else:
+                    v.copy_(src.to(v.dtype))
+        info: dict[str, Any] = {"path": str(p.resolve()), "sha256": sha256_file(p), "tensors": len(mine)}
+        if pkg is not None:
+            info.update({"package": pkg.name, "version": pkg.version, "organs_matched": matched,
+                         "organs_new": [o for o in (organs or []) if o not in matched]})
+        return info
+
     # -- training ------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         if stage == "autoencoder":
@@ -231,8 +292,8 @@ class LatentDiffusionSegmentation(Method):
         self._check_windows(masks, "masks")
         if stage == "autoencoder":
             return self.mask_autoencoder.loss(masks)
-        self._check_windows(images, "images")
-        if images.shape != masks.shape:
+        self._check_windows(images, "images", self.image_channels)
+        if images.shape[-2:] != masks.shape[-2:] or images.shape[0] != masks.shape[0]:
             raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
         b = images.shape[0]
         organs = self._check_organs(organ_ids, b).to(images.device)

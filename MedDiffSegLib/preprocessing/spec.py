@@ -11,7 +11,14 @@ A model package's ``model.json`` carries a ``preprocessing`` block::
 - ``spacing``: target in-plane spacing in mm, ``[row (j), column (i)]``. Slices are never
   resampled across slices: the engine is 2D.
 - CT: clip to the HU window, then scale linearly to [-1, 1].
-- MR: clip to the given percentiles of the volume's non-zero voxels, then scale to [-1, 1].
+- MR: clip to the given percentiles of the volume's non-zero voxels, then scale to [-1, 1]
+  (so the scanner's arbitrary intensity scale does not matter).
+- ``context_slices``: how many axial slices a window sees (odd; 1 = the slice alone). With 3,
+  the slice and its neighbours above and below are the input channels (2.5D context), which
+  lets a 2D model tell where an organ starts and ends. ``context_spacing_mm`` places the
+  neighbours at about that distance (``round(context_spacing_mm / slice thickness)`` slices,
+  at least 1); 0 means the adjacent slices. Beyond the first and last slice the edge slice is
+  repeated.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class PreprocessSpec:
     spacing: tuple[float, float] = (1.5, 1.5)
     ct_window: tuple[float, float] = (-200.0, 300.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    context_slices: int = 1
+    context_spacing_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -47,6 +56,11 @@ class PreprocessSpec:
         plo, phi = self.mr_percentiles
         if not 0 <= plo < phi <= 100:
             raise ModelError(f"preprocessing.mr_percentiles must satisfy 0 <= low < high <= 100, got {self.mr_percentiles!r}")
+        if (isinstance(self.context_slices, bool) or not isinstance(self.context_slices, int)
+                or self.context_slices < 1 or self.context_slices % 2 == 0):
+            raise ModelError(f"preprocessing.context_slices must be an odd whole number >= 1, got {self.context_slices!r}")
+        if not self.context_spacing_mm >= 0:
+            raise ModelError(f"preprocessing.context_spacing_mm must be >= 0, got {self.context_spacing_mm!r}")
         if len(self.orientation) != 3:
             raise ModelError(f"preprocessing.orientation must be a 3-letter code such as 'LPS', got {self.orientation!r}")
 
@@ -60,11 +74,30 @@ class PreprocessSpec:
         for k in ("spacing", "ct_window", "mr_percentiles"):
             if k in kw:
                 kw[k] = tuple(float(v) for v in kw[k])
+        if "context_spacing_mm" in kw:
+            kw["context_spacing_mm"] = float(kw["context_spacing_mm"])
         return cls(**kw)
+
+    def context_offset(self, slice_thickness_mm: float) -> int:
+        """Slices between neighbouring context channels for a volume of this slice thickness."""
+        if self.context_slices == 1 or self.context_spacing_mm <= 0 or not slice_thickness_mm > 0:
+            return 1
+        return max(1, int(round(self.context_spacing_mm / float(slice_thickness_mm))))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def context_indices(n_slices: int, start: int, stop: int, context_slices: int, offset: int) -> np.ndarray:
+    """``[stop - start, context_slices]`` slice indices of the context of slices ``start..stop-1``.
+
+    Row ``r`` holds ``k - h·offset, ..., k, ..., k + h·offset`` for ``k = start + r`` and
+    ``h = context_slices // 2``, clamped to ``[0, n_slices - 1]`` (the edge slice repeats).
+    """
+    half = context_slices // 2
+    k = np.arange(start, stop)[:, None] + offset * np.arange(-half, half + 1)[None, :]
+    return np.clip(k, 0, n_slices - 1)
 
 
 def intensity_bounds(volume: np.ndarray, spec: PreprocessSpec) -> tuple[float, float]:

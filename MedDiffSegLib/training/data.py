@@ -19,7 +19,7 @@ import torch
 
 from ..io import CanonicalView, read_volume
 from ..preprocessing import PreprocessSpec, inplane_size, normalise_intensity, resample_inplane
-from ..preprocessing.spec import intensity_bounds
+from ..preprocessing.spec import context_indices, intensity_bounds
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LabelledVolume:
     labels: torch.Tensor  # [S, H, W] int16 organ index + 1 (0 = background), model spacing
     organ_present: np.ndarray  # [S, O] bool: organ o has voxels on slice s
     labelled: np.ndarray  # [O] bool: the name table labels organ o (else its absence means nothing)
+    context_offset: int = 1  # slices between context channels (PreprocessSpec.context_offset of its thickness)
 
 
 def _labels_on_image_grid(label: sitk.Image, image: sitk.Image) -> sitk.Image:
@@ -71,7 +72,8 @@ def load_labelled_volume(
     y = resample_inplane(torch.from_numpy(lab)[:, None].float(), size, mode="nearest")[:, 0].to(torch.int16)
     present = np.stack([(y == i + 1).flatten(1).any(1).numpy() for i in range(len(organs))], axis=1)
     labelled = np.array([organ in name_table for organ in organs])
-    return LabelledVolume(name or Path(image_path).name, x, y, present, labelled)
+    return LabelledVolume(name or Path(image_path).name, x, y, present, labelled,
+                          spec.context_offset(view.spacing_kji[0]))
 
 
 class SliceWindowSampler:
@@ -84,13 +86,26 @@ class SliceWindowSampler:
     where it is present), else it is a random window on a random slice, where the prompted
     organ may be absent (the model must learn to answer "nothing here"). Windows beyond the
     image are padded with -1 (normalised air) and background.
+
+    ``context_slices`` > 1 gives each window the neighbouring slices as extra channels
+    (``[C,r,r]``, centre slice in the middle; see :func:`~MedDiffSegLib.preprocessing.spec.context_indices`).
+
+    ``organ_shift`` (``(low, high)`` in normalised intensity units, or None) simulates another
+    contrast phase: with probability ``organ_shift_prob`` every labelled organ in the window
+    gets its own random intensity offset in that range (the same in every context slice), then
+    the image is clipped back to [-1, 1] as preprocessing clips a real scan. Portal-venous CT
+    seen as non-contrast has organs 50-150 HU darker; as arterial, kidneys and aorta brighter.
     """
 
     def __init__(self, volumes: list[LabelledVolume], num_organs: int, roi: int,
                  foreground_fraction: float = 0.67, seed: int | list[int] = 0,
-                 groups: list[list[int]] | None = None):
+                 groups: list[list[int]] | None = None, context_slices: int = 1,
+                 organ_shift: tuple[float, float] | None = None, organ_shift_prob: float = 0.0):
         self.volumes, self.num_organs, self.roi = volumes, num_organs, roi
         self.fg = foreground_fraction
+        self.context = int(context_slices)
+        self.organ_shift = tuple(float(v) for v in organ_shift) if organ_shift else None
+        self.organ_shift_prob = float(organ_shift_prob)
         self.rng = np.random.default_rng(seed)
         self.groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(volumes))]
         if not self.groups or any(not g for g in self.groups):
@@ -106,19 +121,28 @@ class SliceWindowSampler:
         self.rng.bit_generator.state = state
 
     def _window(self, vol: LabelledVolume, s: int, cy: int, cx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.roi
-        img = torch.full((r, r), -1.0)
-        lab = torch.zeros((r, r), dtype=torch.int16)
+        """Image ``[C,r,r]`` and organ-index labels ``[C,r,r]`` of the context slices around ``s``."""
+        r, c = self.roi, self.context
+        ks = torch.from_numpy(context_indices(vol.images.shape[0], s, s + 1, c, vol.context_offset)[0])
+        img = torch.full((c, r, r), -1.0)
+        lab = torch.zeros((c, r, r), dtype=torch.int16)
         H, W = vol.images.shape[1:]
         y0, x0 = cy - r // 2, cx - r // 2
         ys, xs = max(0, y0), max(0, x0)
         ye, xe = min(H, y0 + r), min(W, x0 + r)
-        img[ys - y0:ye - y0, xs - x0:xe - x0] = vol.images[s, ys:ye, xs:xe]
-        lab[ys - y0:ye - y0, xs - x0:xe - x0] = vol.labels[s, ys:ye, xs:xe]
+        img[:, ys - y0:ye - y0, xs - x0:xe - x0] = vol.images[ks, ys:ye, xs:xe]
+        lab[:, ys - y0:ye - y0, xs - x0:xe - x0] = vol.labels[ks, ys:ye, xs:xe]
         return img, lab
 
+    def _shift_organs(self, img: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.organ_shift  # type: ignore[misc]
+        for value in torch.unique(lab).tolist():
+            if value:
+                img = torch.where(lab == value, img + float(self.rng.uniform(lo, hi)), img)
+        return img.clamp_(-1.0, 1.0)
+
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One window: image ``[1,r,r]``, binary mask ``[1,r,r]`` of the prompted organ, organ id."""
+        """One window: image ``[C,r,r]``, binary mask ``[1,r,r]`` of the prompted organ, organ id."""
         group = self.groups[self.rng.integers(len(self.groups))]
         # A one-volume group draws nothing more (the stream of a volume-per-group run stays as it was).
         vol = self.volumes[group[self.rng.integers(len(group))] if len(group) > 1 else group[0]]
@@ -140,7 +164,9 @@ class SliceWindowSampler:
                 cy = H // 2 + int(self.rng.integers(-jitter, jitter + 1))
                 cx = W // 2 + int(self.rng.integers(-jitter, jitter + 1))
         img, lab = self._window(vol, s, cy, cx)
-        return img[None], (lab == organ + 1).float()[None], organ
+        if self.organ_shift is not None and self.rng.random() < self.organ_shift_prob:
+            img = self._shift_organs(img, lab)
+        return img, (lab[self.context // 2] == organ + 1).float()[None], organ
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items = [self.draw() for _ in range(n)]

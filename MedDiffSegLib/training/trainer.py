@@ -15,7 +15,12 @@ Config (JSON)::
                 "denoiser": {"steps": 4000, "lr": 0.0005, "batch": 8}},
      "weight_decay": 0.0001, "seed": 0, "val_every": 500, "foreground_fraction": 0.67,
      "checkpoint_every": 500, "log_every": 25, "amp": "auto", "deterministic": false,
-     "init_from": null}
+     "init_from": null, "augmentation": {...}}
+
+``augmentation`` tunes the window augmentation (see :mod:`.augment`: zoom, intensity, noise,
+blur, MR bias field, CT contrast-phase organ shifts). ``preprocessing.context_slices`` > 1
+trains on the neighbouring slices as extra input channels (the method's ``image_channels``
+follows it).
 
 Data entries are either one labelled volume (``image`` file or DICOM folder, ``label`` map,
 ``table``: a key of ``name_tables`` or an inline ``{name: value}``; optional ``slices``
@@ -40,9 +45,12 @@ resumed run continues from the same step and ends with the same parameters as an
 uninterrupted one (bit for bit on CPU; on CUDA with ``deterministic: true``).
 
 ``init_from`` starts a fresh run from pretrained weights: a ``meddiffseg pretrain`` output
-folder or its ``encoder.safetensors`` (relative paths are resolved against the current folder),
-loaded by the method's ``load_pretrained`` (``dts``: its conditional encoder) and recorded in
-the provenance. A resumed run takes every weight from its checkpoint instead.
+folder or its ``encoder.safetensors`` (``dts``: its conditional encoder), or a trained package
+of the same method (a folder or an installed package's name: fine-tuning; ``sdseg``/``guided``
+match organ prompts by name and widen a one-slice image encoder to the context slices),
+loaded by the method's ``load_pretrained`` and recorded in the provenance. Relative paths are
+resolved against the current folder. A resumed run takes every weight from its checkpoint
+instead.
 """
 
 from __future__ import annotations
@@ -69,8 +77,9 @@ from .. import __version__
 from ..errors import Cancelled, MedDiffSegError, ModelError
 from ..methods.base import _METHODS, _import_builtin_methods, available_methods, build_method
 from ..preprocessing import PreprocessSpec
+from ..preprocessing.spec import context_indices
 from ..registry import ModelPackage, save_package
-from .augment import augment_batch
+from .augment import augment_batch, augmentation_settings
 from .checkpoint import (
     CheckpointError,
     b64,
@@ -119,6 +128,7 @@ class TrainConfig:
     amp: str = "auto"
     deterministic: bool = False
     init_from: str | None = None
+    augmentation: dict = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -174,16 +184,25 @@ def method_config_for(cfg: TrainConfig, num_organs: int) -> dict:
     cls = _METHODS[cfg.method]
     mc = cfg.method_config
     if mc is None or mc == "default":
-        return cls.default_config(num_organs)
-    if mc == "tiny":
-        return cls.tiny_config(num_organs)
-    if isinstance(mc, dict):
+        d = cls.default_config(num_organs)
+    elif mc == "tiny":
+        d = cls.tiny_config(num_organs)
+    elif isinstance(mc, dict):
         d = dict(mc)
         d.setdefault("num_organs", num_organs)
         if int(d["num_organs"]) != num_organs:
             raise ModelError(f"method_config.num_organs is {d['num_organs']} but the config lists {num_organs} organs")
-        return d
-    raise ModelError(f"method_config must be null, \"default\", \"tiny\" or an object, got {mc!r}")
+    else:
+        raise ModelError(f"method_config must be null, \"default\", \"tiny\" or an object, got {mc!r}")
+    context = int((cfg.preprocessing or {}).get("context_slices", 1))
+    if "image_channels" in cls.default_config(num_organs):
+        if isinstance(mc, dict) and "image_channels" in mc and int(mc["image_channels"]) != context:
+            raise ModelError(f"method_config.image_channels is {d['image_channels']} but preprocessing.context_slices "
+                             f"is {context}: they must agree (or leave image_channels out)")
+        d["image_channels"] = context
+    elif context != 1:
+        raise ModelError(f"method {cfg.method!r} reads one slice per window: preprocessing.context_slices must be 1")
+    return d
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -270,7 +289,7 @@ def load_split(entries: list[dict], cfg: TrainConfig, organs: list[str], spec: P
 @torch.no_grad()
 def validate(method, volumes, num_organs: int, roi: int, generator_seed: int = 1234,
              device: torch.device | str | None = None, steps: int = 1,
-             scheduler: str | None = None) -> dict[str, float]:
+             scheduler: str | None = None, context_slices: int = 1) -> dict[str, float]:
     """Per-organ Dice over all validation slices (1 sample of ``steps`` reverse steps with
     ``scheduler``, windows padded to ``roi``). The trainer passes the package's inference
     defaults, so the number reflects how the model will be used: the one-step estimate of an
@@ -289,11 +308,12 @@ def validate(method, volumes, num_organs: int, roi: int, generator_seed: int = 1
         S, H, W = vol.images.shape
         m = int(getattr(method, "size_multiple", 8))
         Hp, Wp = max(roi, math.ceil(H / m) * m), max(roi, math.ceil(W / m) * m)
-        img = torch.full((S, 1, Hp, Wp), -1.0)
-        img[:, 0, :H, :W] = vol.images
+        img = torch.full((S, Hp, Wp), -1.0)
+        img[:, :H, :W] = vol.images
         keep = torch.from_numpy(vol.labelled)
         for s0 in range(0, S, 8):
-            x = img[s0:s0 + 8].to(device)
+            ks = torch.from_numpy(context_indices(S, s0, min(S, s0 + 8), context_slices, vol.context_offset))
+            x = img[ks].to(device)  # [b, C, Hp, Wp]
             cond = method.condition(x)
             b = x.shape[0]
             cond = method.expand_condition(cond, num_organs)
@@ -512,10 +532,20 @@ class _Run:
                  f"volume(s) ({time.time() - t0:.1f} s)")
         s_seed, a_seed, g_seed = self._rank_seeds()
         try:
+            self.augmentation = augmentation_settings(cfg.augmentation)
+            shift = self.augmentation["organ_shift"]
+            if self.augmentation["organ_shift_hu"] is not None:
+                if spec.modality != "CT":
+                    raise ValueError("augmentation.organ_shift_hu is for CT models (use organ_shift, in normalised units)")
+                lo, hi = spec.ct_window
+                shift = [float(v) * 2.0 / (hi - lo) for v in self.augmentation["organ_shift_hu"]]
             sampler = SliceWindowSampler(train_split.volumes, len(organs), roi, cfg.foreground_fraction,
-                                         seed=s_seed, groups=train_split.groups)
+                                         seed=s_seed, groups=train_split.groups,
+                                         context_slices=spec.context_slices, organ_shift=shift,
+                                         organ_shift_prob=float(self.augmentation["organ_shift_prob"]))
         except ValueError as exc:
             raise MedDiffSegError(str(exc)) from None
+        self.context_slices = spec.context_slices
         aug_rng = np.random.default_rng(a_seed)
         gen = torch.Generator().manual_seed(g_seed)
         method.to(self.device)
@@ -550,7 +580,10 @@ class _Run:
             load_pretrained = getattr(method, "load_pretrained", None)
             if load_pretrained is None:
                 raise MedDiffSegError(f"method {cfg.method!r} cannot start from pretrained weights ('init_from')")
-            st.history["init_from"] = load_pretrained(Path(cfg.init_from).expanduser())
+            import inspect
+
+            kwargs = {"organs": names} if "organs" in inspect.signature(load_pretrained).parameters else {}
+            st.history["init_from"] = load_pretrained(Path(cfg.init_from).expanduser(), **kwargs)
             self.log(f"initialised from {st.history['init_from']['path']}")
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -618,7 +651,7 @@ class _Run:
                 stage_t0 = time.time() - float(st.history.get("stage_elapsed", {}).get(stage, 0.0))
                 for step in range(start_step + 1, steps + 1):
                     x, y, ids = sampler.batch(bs)
-                    x, y = augment_batch(x, y, aug_rng)
+                    x, y = augment_batch(x, y, aug_rng, self.augmentation)
                     x, y, ids = x.to(self.device), y.to(self.device), ids.to(self.device)
                     with self._autocast():
                         losses = loss_module(x, y, ids, gen)
@@ -700,7 +733,8 @@ class _Run:
     def _validate(self, method, val_split, names, roi, stage, step, st, val_path, writer, gstep) -> None:
         inference = self.cfg.inference
         dice = validate(method, val_split.volumes, len(names), roi, device=self.device,
-                        steps=int(inference.get("steps", 1)), scheduler=inference.get("scheduler"))
+                        steps=int(inference.get("steps", 1)), scheduler=inference.get("scheduler"),
+                        context_slices=self.context_slices)
         per = {names[int(k)]: v for k, v in dice.items()}
         finite = [v for v in per.values() if math.isfinite(v)]
         mean = float(np.mean(finite)) if finite else float("nan")
