@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Score a model package under the real-data protocol (bench/protocol.json): test patients only.
+
+    python bench/evaluate_protocol.py MODEL [--seeds 0 1 2] [--samples N] [--steps K]
+        [--out DIR] [--doc docs/evaluation.md] [--record] [--cases A B ...] [--label TEXT]
+
+For every dataset of ``bench/protocol.json`` whose modality is the package's, each **test**
+case (patients used for nothing else: no training, no tuning, no choice between runs) is
+segmented with the package's organs that the dataset labels (all prompted together, as a user
+would), once per seed, and scored with :func:`MedDiffSegLib.evaluation.evaluate` (Dice, HD95,
+ASSD in mm; failures counted apart). For a CT model the protocol's ``extra_ct`` volumes are
+scored too (a non-contrast CT from another hospital, model-made labels: a check that organs are
+still found, not a benchmark). Prints per-organ mean ± sd over cases with the number of cases,
+failures apart, and the sd over seeds; writes
+
+- ``DIR/<dataset>/seed<S>/<case>.json``: every case report, with the segmentation time;
+- ``DIR/summary.json``: the aggregated numbers;
+- with ``--doc``: the tables into that Markdown file, between markers for this model (and
+  label), replacing the previous tables of the same model and label;
+- with ``--record``: the summary under ``metrics.protocol`` in the package's ``model.json``
+  (atomic; weights untouched).
+
+Threads: set ``OMP_NUM_THREADS`` as for any run; the command line is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("MEDDIFFSEG_DATA") or REPO.parent / "shared" / "data")
+
+
+def _cases(protocol: dict, pkg, only: list[str] | None) -> list[dict]:
+    """Every (dataset, case) to score for ``pkg``: image, label, name table, organs."""
+    from MedDiffSegLib.training.datasets import read_dataset
+
+    root = _data_root()
+    out = []
+    for key, d in protocol["datasets"].items():
+        if d["modality"] != pkg.preprocessing.modality:
+            continue
+        ds = read_dataset(root / d["dataset"])
+        by_name = {c.name: c for c in ds.cases("training")}
+        organs = [o for o in pkg.organ_names if o in ds.labels]
+        for name in d["test"]:
+            if only and name not in only:
+                continue
+            c = by_name[name]
+            out.append({"group": key, "name": name, "image": c.image, "label": c.label, "table": ds.labels,
+                        "organs": organs, "role": "test"})
+    if pkg.preprocessing.modality == "CT":
+        for e in protocol.get("extra_ct", []):
+            if only and e["name"] not in only:
+                continue
+            organs = [o for o in pkg.organ_names if o in e["table"]]
+            out.append({"group": "extra_ct", "name": e["name"], "image": root / e["image"], "label": root / e["label"],
+                        "table": e["table"], "organs": organs, "role": e["what"]})
+    return out
+
+
+def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
+    start, end = f"<!-- protocol:{model}:{label}:start -->", f"<!-- protocol:{model}:{label}:end -->"
+    body = doc.read_text(encoding="utf-8") if doc.is_file() else "# Evaluation under the real-data protocol\n\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    tmp = doc.with_name(f".{doc.name}.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, doc)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="installed package name or package folder")
+    ap.add_argument("--protocol", type=Path, default=REPO / "bench" / "protocol.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--samples", type=int, help="samples per organ (default: the package's)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the package's)")
+    ap.add_argument("--out", type=Path, help="folder for the per-case reports (default bench/results/protocol-MODEL)")
+    ap.add_argument("--doc", type=Path, help="write the tables into this Markdown file")
+    ap.add_argument("--label", default="default", help="names this evaluation in --doc (e.g. an ablation arm)")
+    ap.add_argument("--record", action="store_true", help="record the summary in the package's model.json")
+    ap.add_argument("--cases", nargs="+", help="score only these cases (a quick check; not for reporting)")
+    args = ap.parse_args(argv)
+
+    import SimpleITK as sitk
+    import torch
+
+    from MedDiffSegLib.evaluation import LabelSpec, evaluate, to_json_ready
+    from MedDiffSegLib.evaluation.protocol import aggregate, markdown_table, seed_spread
+    from MedDiffSegLib.inference import segment_volume
+    from MedDiffSegLib.inference.device import device_description
+    from MedDiffSegLib.io import read_volume
+    from MedDiffSegLib.registry import resolve_model
+    from MedDiffSegLib.registry.package import update_metrics
+
+    protocol = json.loads(args.protocol.read_text(encoding="utf-8"))
+    pkg = resolve_model(args.model)
+    method = pkg.load_method("cpu")  # verifies the sha256
+    cases = _cases(protocol, pkg, args.cases)
+    if not cases:
+        print(f"no protocol case fits {pkg.name} ({pkg.preprocessing.modality})", file=sys.stderr)
+        return 2
+    out = args.out or REPO / "bench" / "results" / f"protocol-{pkg.name}"
+    samples = args.samples or int(pkg.inference.get("samples", 1))
+    steps = args.steps or int(pkg.inference.get("steps", 1))
+    command = "python bench/evaluate_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict[str, dict] = {}
+    for group in dict.fromkeys(c["group"] for c in cases):
+        group_cases = [c for c in cases if c["group"] == group]
+        per_seed = []
+        times = []
+        for seed in args.seeds:
+            reports = []
+            for c in group_cases:
+                image = read_volume(c["image"])
+                t0 = time.perf_counter()
+                res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method)
+                seconds = time.perf_counter() - t0
+                times.append(seconds)
+                specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]
+                rep = evaluate(res.labels, sitk.ReadImage(str(c["label"])), specs)
+                rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2)})
+                reports.append(rep)
+                dst = out / group / f"seed{seed}" / f"{c['name']}.json"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_text(json.dumps(to_json_ready(rep), indent=1), encoding="utf-8")
+                dice = ", ".join(f"{o['name']} {o['dice']:.3f}" for o in rep["organs"])
+                print(f"[{group} seed {seed}] {c['name']}: {dice} ({seconds:.1f} s)", file=sys.stderr)
+            per_seed.append(aggregate(reports, [o for o in pkg.organ_names if o in group_cases[0]["organs"]]))
+        results[group] = {"role": group_cases[0]["role"], "cases": [c["name"] for c in group_cases],
+                          "per_seed": {str(s): a for s, a in zip(args.seeds, per_seed)},
+                          "seed_spread": seed_spread(per_seed) if len(per_seed) > 1 else None,
+                          "seconds_per_case_median": round(float(sorted(times)[len(times) // 2]), 1)}
+
+    hardware = f"{device_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), {platform.machine()}"
+    summary = {"model": pkg.name, "version": pkg.version, "weights_sha256": pkg.weights_sha256,
+               "samples": samples, "steps": steps, "seeds": args.seeds, "label": args.label,
+               "hardware": hardware, "command": command, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(to_json_ready(summary), indent=1), encoding="utf-8")
+
+    lines = [f"### {pkg.name} {pkg.version} — {args.label}", "",
+             f"`{command}` ({samples} sample(s) × {steps} step(s), seeds {args.seeds}; {hardware})", ""]
+    for group, r in results.items():
+        first = r["per_seed"][str(args.seeds[0])]
+        lines += [f"**{group}** ({r['role']}; {len(r['cases'])} cases: {', '.join(r['cases'])}; "
+                  f"median {r['seconds_per_case_median']} s per case). Seed {args.seeds[0]}:", "",
+                  markdown_table(first, r["seed_spread"]), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.doc:
+        _write_doc(args.doc, pkg.name, args.label, text)
+    if args.record:
+        update_metrics(pkg.path, {"protocol": to_json_ready(summary)})
+        print(f"recorded in {pkg.path / 'model.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
