@@ -35,6 +35,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedDiffSegLogicLib import dependencies, dicomexport, nodes, presets
+from MedDiffSegLogicLib import modality as modalityLib
 from MedDiffSegLogicLib.progress import formatDuration
 from MedDiffSegLogicLib.segmentation import BackgroundSegmentation, MedDiffSegResult, SegmentOptions, segmentInProcess
 
@@ -135,6 +136,10 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingOrgans = False
         self._currentVolumeName = ""
         self._batchRefreshPending = False
+        self._packages: list = []
+        self._volumeModality = None  # modalityLib.VolumeModality of the input volume (None: no volume)
+        self._modalityVolumeId = None  # the input volume it was computed for
+        self._allowModalityMismatch = False  # the user confirmed running a model on another modality
 
     # -- setup --------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -236,6 +241,8 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Enable/disable buttons and refresh texts from the current state."""
         running = self._job is not None
         p = self._parameterNode
+        if not running:
+            self.updateVolumeModality()
         if running:
             self.ui.segmentButton.text = _("Cancel")
             self.ui.segmentButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
@@ -289,31 +296,74 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True, ""
 
     # -- models and organs --------------------------------------------------------------------------
-    def populateModels(self, select: str | None = None) -> None:
+    def updateVolumeModality(self, force: bool = False) -> None:
+        """When the input volume changed: find its modality (DICOM tag, else intensities), list the models
+        made for it first, and switch to its default model if the chosen one is made for another modality."""
+        p = self._parameterNode
+        volume = p.inputVolume if p is not None else None
+        volumeId = volume.GetID() if volume is not None else None
+        if volumeId == self._modalityVolumeId and not force:
+            return
+        self._modalityVolumeId = volumeId
+        self._volumeModality = None
+        if volume is not None and volume.GetImageData() is not None:
+            try:
+                self._volumeModality = self.logic.volumeModality(volume)
+            except Exception as exc:  # e.g. the library is not installed yet: no modality, no filtering
+                logging.warning("MedDiffSeg: cannot tell the modality of %s: %s", volume.GetName(), exc)
+        current = self.currentModelName()
+        select = current
+        if current and self._volumeModality is not None and self._volumeModality.modality is not None:
+            package = next((pk for pk in self._packages if pk.name == current), None)
+            try:
+                fits = package is None or self.logic.modelModality(package) == self._volumeModality.modality
+            except Exception:
+                fits = True
+            if not fits:
+                select = self.logic.defaultModelName(self._volumeModality.modality, self._packages) or current
+        self.populateModels(select=select, reload=False)
+
+    def populateModels(self, select: str | None = None, reload: bool = True) -> None:
+        """Fill the model list: the models made for the input volume's modality first, then the others
+        (marked with their modality), then 'Install from file...'."""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        try:
-            packages = self.logic.listModels()
-        except Exception as exc:  # dependencies missing: say so, keep the GUI usable
-            logging.warning("MedDiffSeg: cannot list models: %s", exc)
-            packages = []
-            self.ui.modelInfoLabel.text = _("The MedDiffSeg Python packages are not installed yet; they are installed "
-                                            "when you first click Segment.")
-        for package in packages:
+        if reload:
+            try:
+                self._packages = list(self.logic.listModels())
+            except Exception as exc:  # dependencies missing: say so, keep the GUI usable
+                logging.warning("MedDiffSeg: cannot list models: %s", exc)
+                self._packages = []
+                self.ui.modelInfoLabel.text = _("The MedDiffSeg Python packages are not installed yet; they are "
+                                                "installed when you first click Segment.")
+        volume = self._volumeModality
+        fitting, others = modalityLib.splitByModality(self._packages, volume.modality if volume else None)
+        for package in fitting:
             combo.addItem(f"{package.name} ({package.version})", package.name)
-        if packages:
+        if fitting and others:
+            combo.insertSeparator(combo.count)
+        for package in others:
+            try:
+                modality = self.logic.modelModality(package)
+            except Exception:
+                modality = "?"
+            combo.addItem(_("{name} ({version}) - {modality} model").format(
+                name=package.name, version=package.version, modality=modality), package.name)
+        if self._packages:
             combo.insertSeparator(combo.count)
         combo.addItem(_("Install from file..."), INSTALL_FROM_FILE)
         combo.blockSignals(wasBlocked)
         self.selectModelInCombo(select if select is not None else (self._parameterNode.model if self._parameterNode else ""))
 
     def selectModelInCombo(self, name: str) -> None:
-        """Select ``name``, else the default model, else the first one; nothing when none is installed."""
+        """Select ``name``, else the default model for the volume's modality, else the first one; nothing
+        when none is installed."""
         combo = self.ui.modelComboBox
         index = combo.findData(name) if name else -1
-        if index < 0:
-            index = combo.findData(self.logic.defaultModelName()) if self.logic else -1
+        if index < 0 and self.logic:
+            modality = (self._volumeModality.modality if self._volumeModality is not None else None) or "CT"
+            index = combo.findData(self.logic.defaultModelName(modality, self._packages))
         if index < 0 and combo.count > 1:
             index = 0
         wasBlocked = combo.blockSignals(True)
@@ -334,7 +384,23 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and name is not None and self._parameterNode.model != name:
             self._parameterNode.model = name
         self.populateOrgans(name)
+        self.updateModalityWarning()
         self.updateGUIState()
+
+    def updateModalityWarning(self) -> None:
+        """Show a warning under the model list when the chosen model is not made for the volume's modality."""
+        name = self.currentModelName()
+        package = next((pk for pk in self._packages if pk.name == name), None)
+        text = ""
+        if package is not None and self._volumeModality is not None:
+            try:
+                text = modalityLib.mismatchWarning(package.name, self.logic.modelModality(package), self._volumeModality)
+            except Exception as exc:
+                logging.warning("MedDiffSeg: cannot read the modality of model %s: %s", name, exc)
+        if text:
+            text = "\u26a0 " + text + " " + _("Segment asks before running it anyway.")
+        self.ui.modelModalityWarningLabel.text = text
+        self.ui.modelModalityWarningLabel.visible = bool(text)
 
     def onInstallModelFromFile(self) -> None:
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Install a MedDiffSeg model package"), "",
@@ -432,6 +498,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             organs=self.checkedOrgans(), model=self.currentModelName(), samples=int(p.samples),
             steps=int(p.steps) or None, seed=int(p.seed), device=presets.deviceName(p.device),
             staple=bool(p.staple), largestComponent=bool(p.largestComponent),
+            allowModalityMismatch=self._allowModalityMismatch,
         )
 
     def onSegmentButton(self) -> None:
@@ -454,12 +521,36 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not dependencies.ensureDependencies(MODULE_DIR, confirm=lambda text: slicer.util.confirmOkCancelDisplay(text)):
             slicer.util.errorDisplay(_("MedDiffSeg cannot run without its Python packages. See the Python console for details."))
             return
+        if not self.confirmModality(volumes):
+            return
         options = self.currentOptions()
         if not self.confirmDevice(volumes, options):
             return
         self._batch = list(volumes)
         self._batchTotal = len(volumes)
         self.startNext()
+
+    def confirmModality(self, volumes: list) -> bool:
+        """Ask before running the model on volumes of another modality; remember the answer for this run."""
+        self._allowModalityMismatch = False
+        model = self.currentModelName()
+        warnings = []
+        for volume in volumes:
+            try:
+                known = self._volumeModality if volume.GetID() == self._modalityVolumeId else None
+                text = self.logic.modalityWarning(volume, model, known)
+            except Exception as exc:
+                logging.warning("MedDiffSeg: cannot check the modality of %s: %s", volume.GetName(), exc)
+                continue
+            if text:
+                warnings.append(f"{volume.GetName()}: {text}" if len(volumes) > 1 else text)
+        if not warnings:
+            return True
+        question = "\n".join(warnings) + "\n\n" + _("The results would be meaningless. Segment anyway?")
+        if not slicer.util.confirmOkCancelDisplay(question):
+            return False
+        self._allowModalityMismatch = True
+        return True
 
     def confirmDevice(self, volumes: list, options: SegmentOptions) -> bool:
         """Say which device will be used; on CPU give an estimate and ask before a long run."""
@@ -682,10 +773,36 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
 
         return list_packages()
 
-    def defaultModelName(self) -> str:
-        from MedDiffSegLib.registry import DEFAULT_MODEL
+    def defaultModelName(self, modality: str = "CT", packages=None) -> str:
+        """The model used for a ``modality`` volume when none is chosen ("" when none is installed)."""
+        return modalityLib.defaultModelName(self.listModels() if packages is None else packages, modality)
 
-        return DEFAULT_MODEL
+    def modelModality(self, package) -> str:
+        """"CT" or "MR": what a package (or its folder) is made for, read from its model.json."""
+        return modalityLib.packageModality(package)
+
+    def volumeModality(self, volumeNode, database=None) -> "modalityLib.VolumeModality":
+        """CT or MR for ``volumeNode``: the Modality tag of the DICOM series it was loaded from (through the
+        DICOM database), else whether its voxels are plausible as Hounsfield units."""
+        if database is None and dicomexport.instanceUIDs(volumeNode):
+            database = self.dicomDatabase()
+        return modalityLib.volumeModality(volumeNode, database)
+
+    def modelsForVolume(self, volumeNode, packages=None, database=None) -> tuple:
+        """(the volume's modality, the packages made for it, the other packages); the modality is None
+        (and every package fits) when there is no volume."""
+        packages = self.listModels() if packages is None else list(packages)
+        volume = self.volumeModality(volumeNode, database) if volumeNode is not None else None
+        fitting, others = modalityLib.splitByModality(packages, volume.modality if volume else None)
+        return volume, fitting, others
+
+    def modalityWarning(self, volumeNode, model, volume=None) -> str:
+        """A sentence for the user when ``model`` is not made for ``volumeNode``'s modality ("" when it is)."""
+        if volumeNode is None or not model:
+            return ""
+        package = self.modelPackage(model) if isinstance(model, str) else model
+        volume = volume if volume is not None else self.volumeModality(volumeNode)
+        return modalityLib.mismatchWarning(package.name, self.modelModality(package), volume)
 
     def modelPackage(self, model=None):
         from MedDiffSegLib.registry import ModelPackage, resolve_model
@@ -726,21 +843,27 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, organs, samples: int | None = None, seed: int = 0, model=None, device: str = "auto",
                 steps: int | None = None, staple: bool = False, largestComponent: bool = False,
                 scheduler: str | None = None, segmentationNode=None, colorMap: str = nodes.DEFAULT_COLOR_MAP,
-                progress=None, shouldCancel=None) -> MedDiffSegResult:
+                progress=None, shouldCancel=None, allowModalityMismatch: bool = False,
+                database=None) -> MedDiffSegResult:
         """Segment ``organs`` in ``volumeNode`` in this process and add the result to the scene.
 
         Returns a :class:`MedDiffSegResult` with ``.segmentationNode`` (one segment per organ, named
         by its display name, with its colour and SNOMED CT terminology, on the volume's exact grid)
         and ``.uncertaintyNode`` (the samples' variance, the volume's IJK→RAS, a colour map).
-        ``model``: installed name, package folder, ModelPackage or None (default model).
+        ``model``: installed name, package folder, ModelPackage or None (the default model for the
+        volume's modality: its DICOM Modality tag, else CT when its voxels are plausible Hounsfield
+        units and MR when not). A model made for another modality than the volume's raises
+        ``ModalityMismatchError`` unless ``allowModalityMismatch``. ``database``: where a DICOM
+        volume's files are found (default: Slicer's DICOM database).
         ``progress(stage, fraction, message)`` and ``shouldCancel()`` are passed to the engine; a
         cancelled or failed run raises and leaves the scene as it was.
         """
         options = SegmentOptions(organs=[organs] if isinstance(organs, str) else list(organs), model=model,
                                  samples=samples, steps=steps, seed=seed, device=presets.deviceName(device),
-                                 scheduler=scheduler, staple=staple, largestComponent=largestComponent)
+                                 scheduler=scheduler, staple=staple, largestComponent=largestComponent,
+                                 allowModalityMismatch=bool(allowModalityMismatch))
         return segmentInProcess(volumeNode, options, segmentationNode=segmentationNode, colorMap=colorMap,
-                                progress=progress, shouldCancel=shouldCancel)
+                                progress=progress, shouldCancel=shouldCancel, database=database)
 
     def segmentBatch(self, volumeNodes, organs, **kwargs) -> list[MedDiffSegResult]:
         """:meth:`segment` for each volume in turn (same settings, a new segmentation node each)."""

@@ -19,9 +19,14 @@ class InputError(MedDiffSegError):
 
 
 class ModelError(MedDiffSegError):
-    """A model package is missing, malformed, does not match its hash, or does not know an organ."""
+    """A model package is missing, malformed, does not match its hash, does not know an organ, or is
+    made for another modality than the input (:class:`ModalityMismatchError`)."""
 
     exit_code = 3
+
+
+class ModalityMismatchError(ModelError):
+    """The model is made for another modality (CT or MR) than the input (see :mod:`MedDiffSegLib.modality`)."""
 
 
 class DeviceError(MedDiffSegError):

@@ -25,13 +25,14 @@ def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0):
 
 
 def make_tiny_package(folder: Path, method: str = "guided", *, roi: int = 32, spacing=(6.0, 6.0),
-                      modality: str = "CT", seed: int = 0, **inference) -> ModelPackage:
-    """Random-weight package whose windows are ``roi``×``roi`` pixels at ``spacing`` mm."""
+                      modality: str = "CT", seed: int = 0, name: str | None = None, **inference) -> ModelPackage:
+    """Random-weight package whose windows are ``roi``×``roi`` pixels at ``spacing`` mm, made for
+    ``modality``; named ``name`` (default ``tiny-<method>``)."""
     m = tiny_method(method, len(TINY_ORGANS), seed)
     inf = {"roi_size": [roi, roi], "overlap": 0.25, "steps": 2, "samples": 2, "sw_batch_size": 16}
     inf.update(inference)
     return save_package(
-        Path(folder), m, name=f"tiny-{method}", version="0.0.1", organs=TINY_ORGANS,
+        Path(folder), m, name=name or f"tiny-{method}", version="0.0.1", organs=TINY_ORGANS,
         preprocessing=PreprocessSpec(modality=modality, spacing=tuple(spacing)),
         inference=inf, description="tiny random-weight test model",
         provenance={"trained": False},

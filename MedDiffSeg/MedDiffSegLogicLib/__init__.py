@@ -4,7 +4,8 @@
 delegates here: exact volume-node <-> SimpleITK conversion (:mod:`.geometry`), building and showing
 result nodes (:mod:`.nodes`), the worker process behind a small protocol (:mod:`.process`), its
 JSON progress lines (:mod:`.progress`), one segmentation in this or a worker process
-(:mod:`.segmentation`), DICOM-SEG / file export of a result (:mod:`.dicomexport`), quality presets
+(:mod:`.segmentation`), the volume's modality and the models that fit it (:mod:`.modality`),
+DICOM-SEG / file export of a result (:mod:`.dicomexport`), quality presets
 (:mod:`.presets`) and Python dependencies (:mod:`.dependencies`). Nothing here imports ``qt`` or ``ctk``.
 """
 

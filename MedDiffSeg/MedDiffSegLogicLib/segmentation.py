@@ -5,6 +5,11 @@ input's voxel grid into a segmentation node and an uncertainty volume node, insi
 :class:`~.nodes.SceneTransaction`: nothing is added to the scene before all computing is done, and
 a failure while building removes whatever was added.
 
+Before either runs, the volume's modality (:mod:`.modality`: its DICOM Modality tag, else its
+intensities) chooses the default model when none is named, and is checked against the model's:
+a mismatch raises :class:`~MedDiffSegLib.errors.ModalityMismatchError` unless
+``SegmentOptions.allowModalityMismatch``.
+
 - :func:`segmentInProcess` converts the node to a SimpleITK image (exact geometry) and calls the
   library's ``segment_volume`` directly (tests, scripts, batch jobs in Slicer's Python console).
 - :class:`BackgroundSegmentation` writes the volume through a storage node into a temporary
@@ -28,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import modality as modalityLib
 from . import nodes as nodesLib
 from .geometry import imageFromVolumeNode, lpsToRas
 from .process import ProcessRunner, SubprocessRunner, workerCommand, workerEnvironment
@@ -57,27 +63,37 @@ class SegmentOptions:
     scheduler: str | None = None
     staple: bool = False
     largestComponent: bool = False
+    allowModalityMismatch: bool = False  # run a model made for another modality than the volume's
 
-    def resolvePackage(self):
-        """The model package (validated: weights hash, organs known to it)."""
+    def resolvePackage(self, modality: str | None = None):
+        """The model package (validated: organs known to it); without a model, the default model for
+        ``modality`` (the volume's; CT when not given)."""
         from MedDiffSegLib.errors import ModelError
-        from MedDiffSegLib.registry import ModelPackage, resolve_model
+        from MedDiffSegLib.registry import ModelPackage, default_model_for, resolve_model
 
-        package = self.model if isinstance(self.model, ModelPackage) else resolve_model(
-            None if self.model in (None, "") else str(self.model))
+        if isinstance(self.model, ModelPackage):
+            package = self.model
+        elif self.model in (None, ""):
+            package = default_model_for(modality or "CT")
+        else:
+            package = resolve_model(str(self.model))
         organs = [self.organs] if isinstance(self.organs, str) else list(self.organs or [])
         if not organs:
             raise ModelError(f"choose at least one organ; model {package.name!r} segments: {', '.join(package.organ_names)}")
         package.organ_ids(organs)  # raises ModelError naming unknown organs
         return package
 
-    def request(self, inputPath: str, outDir: str, package) -> dict[str, Any]:
-        """The worker's request (model given as its package folder: no second lookup in the worker)."""
+    def request(self, inputPath: str, outDir: str, package, modality: str | None = None) -> dict[str, Any]:
+        """The worker's request (model given as its package folder: no second lookup in the worker).
+
+        ``modality``: what the volume is when its DICOM tag says so (the worker's input file has no tag).
+        """
         return {
             "input": str(inputPath), "out_dir": str(outDir), "organs": list(self.organs),
             "model": str(Path(package.path).absolute()), "samples": self.samples, "steps": self.steps,
             "seed": int(self.seed), "device": self.device, "scheduler": self.scheduler,
             "staple": bool(self.staple), "largest_component": bool(self.largestComponent),
+            "modality": modality, "allow_modality_mismatch": bool(self.allowModalityMismatch),
         }
 
 
@@ -164,37 +180,73 @@ def _checkInputVolume(volumeNode) -> None:
         raise ValueError(f"volume {volumeNode.GetName()!r} holds no image data")
 
 
-def inProcessSummary(result, package, durationSeconds: float) -> dict[str, Any]:
+def _fittingModels(modality: str) -> list[str]:
+    from MedDiffSegLib.registry import models_for_modality
+
+    return [p.name for p in models_for_modality(modality)]
+
+
+def _defaultDatabase(volumeNode):
+    """Slicer's DICOM database for a volume loaded from DICOM (None otherwise, or without one)."""
+    from .dicomexport import SlicerDicomDatabase, instanceUIDs
+
+    if not instanceUIDs(volumeNode):
+        return None
+    try:
+        return SlicerDicomDatabase.fromApplication()
+    except Exception as exc:  # no application (scripts, tests): the intensities decide
+        log.debug("no DICOM database: %s", exc)
+        return None
+
+
+def prepareModality(volumeNode, options: SegmentOptions, database=None):
+    """(the volume's modality, the model package) for a run: the named model, or the default model for
+    the volume's modality when none is named. Raises (ModelError) before anything is computed or added."""
+    volume = modalityLib.volumeModality(volumeNode, database if database is not None else _defaultDatabase(volumeNode))
+    package = options.resolvePackage(volume.modality)
+    return volume, package
+
+
+def inProcessSummary(result, package, durationSeconds: float, modalityCheck=None) -> dict[str, Any]:
     """The same shape as the pipeline's ``summary.json`` for the parts the module uses."""
     from MedDiffSegLib import __version__
     from MedDiffSegLib.inference import device_description
     from MedDiffSegLib.registry import package_origin
 
     data = result.to_dict()
-    return {
+    summary = {
         "organs": data["organs"],
         "model": {"name": package.name, "version": package.version, "method": package.method_name,
-                  "weights_sha256": package.weights_sha256, "origin": package_origin(package)},
+                  "weights_sha256": package.weights_sha256, "origin": package_origin(package),
+                  "modality": package.modality},
         "settings": {"samples": result.samples, "steps": result.steps, "scheduler": result.scheduler,
                      "seed": result.seed, "threshold": result.threshold, "staple": result.staple,
                      "largest_component": result.largest_component, "device": device_description(result.device)},
         "timings_s": {k: round(float(v), 4) for k, v in data["timings"].items()} | {"total": round(durationSeconds, 4)},
         "software": {"meddiffseg": __version__},
     }
+    if modalityCheck is not None:
+        summary["input"] = {"modality": modalityCheck.input_modality, "modality_source": modalityCheck.input_source}
+        summary["modality_check"] = modalityCheck.to_dict()
+    return summary
 
 
 def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=None,
                      colorMap: str = nodesLib.DEFAULT_COLOR_MAP,
                      progress: Callable[[str, float, str], None] | None = None,
-                     shouldCancel: Callable[[], bool] | None = None) -> MedDiffSegResult:
+                     shouldCancel: Callable[[], bool] | None = None, database=None) -> MedDiffSegResult:
     """Segment ``volumeNode`` here and now; see :class:`SegmentOptions`. Raises the library's errors
-    (``Cancelled`` when ``shouldCancel()`` turns true) without adding anything to the scene."""
+    (``Cancelled`` when ``shouldCancel()`` turns true; ``ModalityMismatchError`` when the model is made
+    for another modality than the volume's) without adding anything to the scene. ``database``: where
+    a DICOM volume's files are found for its Modality tag (default: Slicer's)."""
     from MedDiffSegLib.inference import resolve_device, segment_volume
 
     t0 = time.perf_counter()
     _checkInputVolume(volumeNode)
-    package = options.resolvePackage()
+    volume, package = prepareModality(volumeNode, options, database)
     device = resolve_device(options.device)
+    modalityCheck = modalityLib.checkVolume(package, volume, volumeNode, allowMismatch=bool(options.allowModalityMismatch),
+                                            fittingModels=_fittingModels)
     image = imageFromVolumeNode(volumeNode)
     result = segment_volume(
         image, package, list(options.organs), samples=options.samples, steps=options.steps, seed=int(options.seed),
@@ -210,7 +262,7 @@ def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=No
     labels = sitk.GetArrayViewFromImage(result.labels)
     uncertainty = sitk.GetArrayViewFromImage(result.uncertainty)
     duration = time.perf_counter() - t0
-    summary = inProcessSummary(result, package, duration)
+    summary = inProcessSummary(result, package, duration, modalityCheck)
     return buildResultNodes(volumeNode, labels, uncertainty, _organDicts(package, options.organs), summary,
                             segmentationNode=segmentationNode, colorMap=colorMap, durationSeconds=duration,
                             modelPath=_packagePath(package))
@@ -230,7 +282,7 @@ class BackgroundSegmentation:
     def __init__(self, volumeNode, options: SegmentOptions, *, segmentationNode=None,
                  colorMap: str = nodesLib.DEFAULT_COLOR_MAP, runner: ProcessRunner | None = None,
                  python: str | None = None, pythonPath: Sequence[str] = (), tempRoot: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, database=None):
         self.volumeNode = volumeNode
         self.options = options
         self.segmentationNode = segmentationNode
@@ -239,6 +291,8 @@ class BackgroundSegmentation:
         self.python = python
         self.pythonPath = list(pythonPath)
         self.tempRoot = tempRoot
+        self.database = database
+        self.volumeModality: modalityLib.VolumeModality | None = None
         self.tracker = ProgressTracker(clock)
         self.state = "created"
         self.tempDir: Path | None = None
@@ -268,14 +322,18 @@ class BackgroundSegmentation:
         if self.state != "created":
             raise RuntimeError(f"this segmentation was already started (state {self.state})")
         _checkInputVolume(self.volumeNode)
-        self.package = self.options.resolvePackage()
+        self.volumeModality, self.package = prepareModality(self.volumeNode, self.options, self.database)
+        # the worker checks again on the file it reads; checking here fails before a process starts
+        modalityLib.checkVolume(self.package, self.volumeModality, self.volumeNode,
+                                allowMismatch=bool(self.options.allowModalityMismatch), fittingModels=_fittingModels)
         self.tempDir = Path(tempfile.mkdtemp(prefix="MedDiffSeg-", dir=self.tempRoot))
         try:
             inputPath = self.tempDir / INPUT_FILE
             nodesLib.writeVolumeNode(self.volumeNode, str(inputPath))
             requestPath = self.tempDir / REQUEST_FILE
-            requestPath.write_text(json.dumps(self.options.request(str(inputPath), str(self.outDir), self.package),
-                                              indent=2), encoding="utf-8")
+            request = self.options.request(str(inputPath), str(self.outDir), self.package,
+                                           modality=self.volumeModality.declaredForWorker())
+            requestPath.write_text(json.dumps(request, indent=2), encoding="utf-8")
             self._started = self._clock()
             self.runner.start(workerCommand(str(requestPath), self.python), env=workerEnvironment(self.pythonPath),
                               cwd=str(self.tempDir))

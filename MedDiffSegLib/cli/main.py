@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError, PacsError
+from ..modality import DEFAULT_MODELS, MODALITIES
 
 PROG = "meddiffseg"
 DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm", "lms")
@@ -27,9 +28,11 @@ EXIT_CODES_TEXT = f"""\
 exit codes:
   0    success
   1    invalid option value (e.g. --samples 0) or another user error
-  2    input problem: missing, unreadable, not 3D, empty or mixed DICOM folder
-       (also used by command-line syntax errors)
-  {ModelError.exit_code}    model problem: not installed, corrupt (sha256 mismatch), unknown organ
+  2    input problem: missing, unreadable, not 3D, empty or mixed DICOM folder, a file
+       without --model or --modality (no modality known), a DICOM series that is not
+       CT or MR (also used by command-line syntax errors)
+  {ModelError.exit_code}    model problem: not installed, corrupt (sha256 mismatch), unknown organ,
+       made for another modality than the input (see --allow-modality-mismatch)
   {DeviceError.exit_code}    device problem: e.g. --device cuda without a usable GPU
   {OutputError.exit_code}    output folder cannot be created or written
   {PacsError.exit_code}    PACS unreachable, refused the association or did not store every instance
@@ -43,6 +46,9 @@ the label map, a voxel-wise uncertainty map and a JSON summary.
 
 INPUT is a volume file (.nii/.nii.gz, .nrrd, .mha/.mhd) or a folder holding exactly
 one DICOM series. The input is only read, never modified.
+
+Without --model, the default model for the input's modality is used: a DICOM series
+says its modality (Modality tag); for a file, pass --modality CT or --modality MR.
 """
 
 SEGMENT_EPILOG = f"""\
@@ -73,11 +79,25 @@ origin and direction, so they overlay the input voxel for voxel in any viewer):
                                the mask, the axial slice with the highest uncertainty
                                (index along the input axis given as slice_axis);
                                timings; model name/version/sha256; settings; software
-                               versions; input size and spacing. No patient names, IDs,
-                               dates or DICOM tags are written.
+                               versions; input size, spacing and modality; the
+                               modality check. No patient names, IDs, dates or
+                               other DICOM tags are written.
   Files are written under temporary names and renamed at the end: a failed or
   cancelled run leaves no output (and removes DIR if the run created it). Existing
   files of the same names in DIR are replaced.
+
+modality:
+  Every model is made for CT or for MR ('meddiffseg models' lists it). The input's
+  modality is the DICOM Modality tag of a series (CT or MR; other modalities are
+  refused), else --modality. Without --model the default model for that modality is
+  used (a file without --modality is refused: nothing is guessed). Before the model
+  runs, its modality is checked against the input: a CT model refuses an input tagged
+  or declared MR and one whose intensities are implausible as Hounsfield units (a CT
+  has fat and air at -50 HU and below in at least 5% of its voxels; an MR has none);
+  an MR model refuses an input tagged or declared CT and, when neither is known, one
+  whose intensities look like HU. The error names the installed models that fit;
+  --allow-modality-mismatch runs the model anyway (with a warning, recorded in
+  summary.json as modality_check.overridden).
 
 devices:
   auto   a CUDA GPU when PyTorch sees one, otherwise the CPU (default)
@@ -85,8 +105,10 @@ devices:
   cuda   the first CUDA GPU (cuda:N for another); an error if none is usable
 
 {EXIT_CODES_TEXT}
-example:
-  meddiffseg segment ct.nii.gz --organ liver --organ spleen --out results/ --samples 10
+examples:
+  meddiffseg segment ct.nii.gz --modality CT --organ liver --organ spleen --out results/ --samples 10
+  meddiffseg segment dicom/series1/ --organ liver --out results/   (modality from the DICOM tag)
+  meddiffseg segment mr.nii.gz --model abdomen-mr --organ liver --out results/
 """
 
 MODELS_DESCRIPTION = f"""\
@@ -219,7 +241,14 @@ def _add_segment(sub) -> None:
                         "Names as listed by 'meddiffseg models info MODEL', e.g. liver")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--model", metavar="M",
-                   help="installed model name or path to a model package folder (default: the built-in default model)")
+                   help="installed model name or path to a model package folder (default: the default model "
+                        "for the input's modality, see 'meddiffseg models')")
+    p.add_argument("--modality", type=str.upper, choices=MODALITIES,
+                   help="what INPUT is: CT or MR. Needed without --model for a file (NIfTI, NRRD, MHA have "
+                        "no modality tag); a DICOM series' Modality tag is used without it")
+    p.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="run the model even when it is made for another modality than the input "
+                        "(tag, --modality or intensities implausible as CT Hounsfield units); a warning is printed")
     p.add_argument("--samples", type=int, metavar="N",
                    help="diffusion samples per organ; uncertainty needs N >= 2 (default: the model's)")
     p.add_argument("--steps", type=int, metavar="K", help="denoising steps per sample (default: the model's)")
@@ -253,6 +282,7 @@ def _cmd_segment(args) -> int:
                 seed=args.seed, device=args.device, scheduler=args.scheduler, staple=args.staple,
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
                 progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
+                modality=args.modality, allow_modality_mismatch=args.allow_modality_mismatch,
             )
     finally:
         bar.close()
@@ -277,7 +307,15 @@ def _print_segment_result(summary: dict, out: str) -> None:
         rows.append((str(o["label"]), o["display_name"], f"{o['volume_ml']:.1f}", mu, sl))
     _print_table(rows)
     s = summary["settings"]
-    print(f"model {summary['model']['name']} {summary['model']['version']}; {s['samples']} sample(s), "
+    check = summary.get("modality_check") or {}
+    source = {"dicom": "its DICOM tag", "declared": "--modality", "intensities": "its intensities"}
+    inp = summary.get("input", {})
+    modality = summary["model"].get("modality", "?") + " model; input " + (
+        f"{inp['modality']} from {source.get(inp.get('modality_source'), inp.get('modality_source'))}"
+        if inp.get("modality") else "of unknown modality")
+    if check.get("overridden"):
+        modality += ", modality mismatch overridden"
+    print(f"model {summary['model']['name']} {summary['model']['version']} ({modality}); {s['samples']} sample(s), "
           f"{s['steps']} step(s), seed {s['seed']}; {s['device']}; {summary['timings_s']['total']:.1f} s")
 
 
@@ -330,9 +368,11 @@ def _cmd_models_list(args) -> int:
     for b in scan.broken:
         print(f"{PROG}: warning: skipping model folder {b.path}: {b.reason}", file=sys.stderr)
     shadowed = {p.name for p in scan.shadowed}
+    defaults = _defaults_by_name(scan.packages)
     if getattr(args, "json", False):
         print(json.dumps([
-            {"name": p.name, "version": p.version, "method": p.method_name, "organs": p.organ_names,
+            {"name": p.name, "version": p.version, "method": p.method_name, "modality": p.modality,
+             "default_for": defaults.get(p.name), "organs": p.organ_names,
              "origin": package_origin(p), "path": str(p.path), "shadows_builtin": p.name in shadowed}
             for p in scan.packages
         ], indent=2))
@@ -341,14 +381,36 @@ def _cmd_models_list(args) -> int:
         print(f"no models installed (built-in folder: {builtin_models_dir()}; user folder: {user_models_dir()})")
         print(f"install one with '{PROG} models install PACKAGE.zip'")
         return 0
-    rows = [("NAME", "VERSION", "METHOD", "ORGANS", "WHERE")]
+    rows = [("NAME", "VERSION", "METHOD", "MODALITY", "ORGANS", "WHERE")]
     for p in scan.packages:
         where = f"{package_origin(p)}: {p.path}"
         if p.name in shadowed:
             where += " (shadows the built-in)"
-        rows.append((p.name, p.version, p.method_name, _organ_list(p), where))
+        modality = p.modality + (" (default)" if defaults.get(p.name) else "")
+        rows.append((p.name, p.version, p.method_name, modality, _organ_list(p), where))
     _print_table(rows)
+    for modality in MODALITIES:
+        if modality in defaults.values():
+            continue
+        if any(p.modality == modality for p in scan.packages):
+            print(f"no default {modality} model: {DEFAULT_MODELS[modality]!r} is not installed and several {modality} "
+                  f"models are; 'segment' needs --model for a{'n' if modality == 'MR' else ''} {modality} input")
+        else:
+            print(f"no {modality} model installed (install one with '{PROG} models install PACKAGE.zip')")
     return 0
+
+
+def _defaults_by_name(packages) -> dict[str, str]:
+    """Package name -> the modality it is the default model for (what 'segment' uses without --model)."""
+    from ..modality import pick_default
+
+    installed = {p.name: p.modality for p in packages}
+    found = {}
+    for modality in MODALITIES:
+        name = pick_default(modality, installed)
+        if name is not None:
+            found[name] = modality
+    return found
 
 
 def _fmt_code(c: dict) -> str:
@@ -356,7 +418,7 @@ def _fmt_code(c: dict) -> str:
 
 
 def _cmd_models_info(args) -> int:
-    from ..registry.store import package_origin, resolve_model
+    from ..registry.store import package_origin, resolve_model, scan_packages
 
     pkg = resolve_model(args.name)
     if args.json:
@@ -366,6 +428,10 @@ def _cmd_models_info(args) -> int:
     if pkg.description:
         print(f"  {pkg.description}")
     print(f"method: {pkg.method_name}")
+    installed = scan_packages().packages
+    is_default = any(p.name == pkg.name and p.path == pkg.path for p in installed) and \
+        _defaults_by_name(installed).get(pkg.name) == pkg.modality
+    print(f"modality: {pkg.modality}" + (f" (the default {pkg.modality} model)" if is_default else ""))
     print(f"weights sha256: {pkg.weights_sha256}")
     print("organs (label = position of --organ on the command line):")
     rows = [("  NAME", "DISPLAY NAME", "COLOUR", "CATEGORY", "TYPE")]

@@ -16,8 +16,15 @@ Outputs (all in the input's exact voxel grid: size, spacing, origin and directio
   or FRACTIONAL from the mean probabilities) and the uncertainty as a DICOM Parametric Map,
   derived from the input series (only with ``dicom_seg``, and only for a DICOM series input);
 - ``summary.json`` -- per-organ volumes and uncertainty, timings, model and software versions,
-  run settings and the input's size and spacing. It never contains patient names, IDs, dates
-  or any DICOM tag, nor the input's path.
+  run settings, the input's size, spacing and modality, and the modality check (whether the
+  model's modality fits the input, and whether a mismatch was overridden). It never contains
+  patient names, IDs, dates or any other DICOM tag, nor the input's path.
+
+Modality (:mod:`MedDiffSegLib.modality`): without ``model``, the default model for the input's
+modality is used -- the DICOM Modality tag of a series, else the declared ``modality``; a plain
+file with neither is an :class:`InputError` asking for it. After the input is read (and before
+the network runs or anything is written) the model's modality is checked against the input's; a
+mismatch is a :class:`ModalityMismatchError` unless ``allow_modality_mismatch``.
 """
 
 from __future__ import annotations
@@ -36,8 +43,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import Cancelled, InputError, MedDiffSegError, ModelError, OutputError
+from ..modality import (
+    ModalityCheck,
+    check_model_fits,
+    dicom_modality,
+    input_modality,
+    modality_required_message,
+    normalise_modality,
+)
 from ..registry.package import ModelPackage
-from ..registry.store import package_origin, resolve_model
+from ..registry.store import default_model_for, models_for_modality, package_origin, resolve_model
 
 SEGMENTATION = "segmentation.nii.gz"
 UNCERTAINTY = "uncertainty.nii.gz"
@@ -152,11 +167,17 @@ def run_segment(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     dicom_seg: str | None = None,
+    modality: str | None = None,
+    allow_modality_mismatch: bool = False,
 ) -> dict:
     """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
 
     ``model``: an installed package name, a package folder, a :class:`ModelPackage`, or ``None``
-    for the default model. ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults.
+    for the default model of the input's modality. ``modality``: ``"CT"`` or ``"MR"``, what the
+    input is (needed without ``model`` for a file, which has no DICOM Modality tag); checked
+    against a DICOM series' tag. ``allow_modality_mismatch``: run a model made for another modality
+    than the input's (a warning is logged) instead of raising :class:`ModalityMismatchError`.
+    ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults.
     Returns the summary (the content of ``summary.json``).
 
     ``progress(stage, fraction, message)`` is called with ``stage`` one of ``read``, ``load``,
@@ -202,6 +223,9 @@ def run_segment(
     if dicom_seg is not None and not Path(input_path).expanduser().is_dir():
         raise InputError(f"a DICOM-SEG can only be derived from a DICOM series: {input_path} is not a folder. "
                          "Pass the folder of the series as INPUT (or export later with 'meddiffseg export-dicom-seg')")
+    declared = normalise_modality(modality, "modality")
+    allow_modality_mismatch = bool(allow_modality_mismatch)
+    shown = os.fspath(input_path)
 
     # 2. device
     from .device import device_description, resolve_device
@@ -209,8 +233,20 @@ def run_segment(
     torch_device = resolve_device(device)
     device_text = device_description(torch_device)
 
-    # 3. model + weights hash
-    package = model if isinstance(model, ModelPackage) else resolve_model(model)
+    # 3. model + weights hash; without a model, the default for the input's modality
+    from ..io.volume import read_volume
+
+    info = None
+    if model is None:
+        source = Path(input_path).expanduser()
+        info = input_modality(dicom_tag=dicom_modality(source), declared=declared,
+                              allow_mismatch=allow_modality_mismatch, shown=shown)
+        if info.modality is None:
+            read_volume(source)  # a missing or unreadable input says so first
+            raise InputError(modality_required_message(shown))
+        package = default_model_for(info.modality)
+    else:
+        package = model if isinstance(model, ModelPackage) else resolve_model(model)
     package.verify()
 
     # 4. organs known to the model
@@ -230,21 +266,34 @@ def run_segment(
     to_create = _check_output_dir(out_dir, input_path)
 
     # 6. input
-    from ..io.volume import read_volume
+    from ..io.volume import read_dicom_series
 
     check_cancel()
     report("read", 0.0, "reading input")
     t0 = time.perf_counter()
     dicom_source = None
-    if dicom_seg is not None:
-        from ..dicom.source import load_source_series
-        from ..io.volume import read_dicom_series
-
+    dicom_files: list[str] = []
+    if input_path.is_dir():
         image, dicom_files = read_dicom_series(input_path)
-        dicom_source = load_source_series(dicom_files, grid=image)  # checks the headers before the network runs
     else:
         image = read_volume(input_path)
+    if dicom_seg is not None:
+        from ..dicom.source import load_source_series
+
+        dicom_source = load_source_series(dicom_files, grid=image)  # checks the headers before the network runs
     t_read = time.perf_counter() - t0
+
+    # 6b. the model's modality fits the input's (tag, declaration, intensities)
+    import SimpleITK as sitk
+
+    if info is None:
+        info = input_modality(dicom_tag=dicom_modality(dicom_files[0] if dicom_files else input_path),
+                              declared=declared, allow_mismatch=allow_modality_mismatch, shown=shown)
+    modality_check = check_model_fits(
+        package.modality, package.name, info, sitk.GetArrayViewFromImage(image),
+        allow_mismatch=allow_modality_mismatch,
+        fitting_models=lambda m: [p.name for p in models_for_modality(m)],
+    )
     report("read", 1.0, "input read")
 
     # 7. network (a weights/config mismatch is a model problem, reported before any output)
@@ -277,8 +326,6 @@ def run_segment(
     # 9. write everything under temporary names, then rename
     report("write", 0.0, "writing outputs")
     t0 = time.perf_counter()
-    import SimpleITK as sitk
-
     from ..io.volume import write_image_atomic
 
     labels = result.labels
@@ -347,6 +394,7 @@ def run_segment(
             timings={"read": t_read, "load_model": t_load, "write": t_write, "total": time.perf_counter() - t_start},
             engine_timings=dict(getattr(result, "timings", {}) or {}),
             input_kind="dicom-series" if input_path.is_dir() else "file",
+            modality_check=modality_check,
         )
         if dicom_datasets:
             summary["outputs"]["dicom_seg"] = DICOM_SEG
@@ -389,7 +437,7 @@ def run_segment(
 
 def _summary(*, image, labels, result, package: ModelPackage, organ_names, samples, steps, seed,
              scheduler, staple, largest_component, device_text, prob_files, timings, engine_timings,
-             input_kind) -> dict:
+             input_kind, modality_check: ModalityCheck) -> dict:
     import SimpleITK as sitk
     import torch
 
@@ -436,6 +484,7 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
         "model": {
             "name": package.name, "version": package.version, "method": package.method_name,
             "weights_sha256": package.weights_sha256, "origin": package_origin(package),
+            "modality": package.modality,
         },
         "settings": {
             "samples": int(getattr(result, "samples", None) or samples or package.inference["samples"]),
@@ -454,7 +503,10 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "spacing_mm": spacing,
             "voxel_volume_ml": voxel_ml,
             "pixel_type": image.GetPixelIDTypeAsString(),
+            "modality": modality_check.input_modality,
+            "modality_source": modality_check.input_source,
         },
+        "modality_check": modality_check.to_dict(),
         "software": {
             "meddiffseg": __version__,
             "torch": torch.__version__,

@@ -8,9 +8,12 @@ Used by the 3D Slicer module (which must not block its GUI) and usable by any ot
 
     {"input": "/tmp/x/input.nrrd", "out_dir": "/tmp/x/out", "organs": ["liver", "spleen"],
      "model": null, "samples": 5, "steps": null, "seed": 0, "device": "auto",
-     "scheduler": null, "staple": false, "largest_component": false}
+     "scheduler": null, "staple": false, "largest_component": false,
+     "modality": "CT", "allow_modality_mismatch": false}
 
-Only ``input``, ``out_dir`` and ``organs`` are required. The worker writes exactly one JSON
+Only ``input``, ``out_dir`` and ``organs`` are required. ``modality`` declares what the input is
+(``"CT"``/``"MR"``; e.g. the DICOM Modality of the volume a front end wrote to a file), and
+``allow_modality_mismatch`` runs a model made for another modality (see :mod:`MedDiffSegLib.modality`). The worker writes exactly one JSON
 object per line to stdout (the *protocol stream*) and nothing else:
 
 - ``{"type": "start", "protocol": 1, "pid": ..., "version": ...}`` once, first;
@@ -58,6 +61,8 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     "staple": (bool,),
     "largest_component": (bool,),
     "save_probabilities": (bool,),
+    "modality": (str,),
+    "allow_modality_mismatch": (bool,),
 }
 
 
@@ -200,6 +205,7 @@ def run_request(request: dict[str, Any], emit: Callable[[dict[str, Any]], None],
         seed=request.get("seed") or 0, device=str(torch_device), scheduler=request.get("scheduler"),
         staple=bool(request.get("staple", False)), largest_component=bool(request.get("largest_component", False)),
         save_probabilities=bool(request.get("save_probabilities", False)),
+        modality=request.get("modality"), allow_modality_mismatch=bool(request.get("allow_modality_mismatch", False)),
         progress=progress, should_cancel=should_cancel,
     )
 

@@ -148,6 +148,15 @@ class ModelPackage:
         return self.path / WEIGHTS
 
     @property
+    def modality(self) -> str:
+        """``"CT"`` or ``"MR"``: the modality the package is made for (``preprocessing.modality``).
+
+        Without importing torch, :func:`MedDiffSegLib.modality.read_package_modality` reads it from
+        the folder's ``model.json``.
+        """
+        return self.preprocessing.modality
+
+    @property
     def organ_names(self) -> list[str]:
         return [o.name for o in self.organs]
 

@@ -11,6 +11,14 @@ a site install a newer or locally fine-tuned version of a shipped model without 
 library; ``meddiffseg models list`` shows where each package comes from and which built-ins are
 shadowed. Removing the user folder brings the built-in back.
 
+**Defaults per modality:** a package declares its modality (``preprocessing.modality``, CT or MR).
+When no model is named, :func:`default_model_for` picks ``DEFAULT_MODELS[modality]``
+(``abdomen-ct`` for CT, ``abdomen-mr`` for MR) when installed, else the first installed package of
+``FALLBACK_MODELS[modality]`` (``abdomen-ct-guided`` for CT, none for MR), else the only installed
+package of that modality; otherwise a ModelError says that no such model is installed and how to
+install one (the rule itself is :func:`MedDiffSegLib.modality.pick_default`). ``resolve_model(None)``
+is the CT default.
+
 Installation is offline, from a local zip (made by :func:`export_zip`), and never trusts the
 archive: its own sha256 can be checked, member paths that would escape the destination
 (absolute, ``..``, drive letters), symlinks and special files are refused, and the extracted
@@ -31,11 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ModelError
+from ..modality import DEFAULT_MODELS, FALLBACK_MODELS, missing_default_message, normalise_modality, pick_default
 from .package import MODEL_JSON, WEIGHTS, ModelPackage, sha256_file
 
 log = logging.getLogger(__name__)
 
-#: The package used when no model is named (shipped with the library).
+#: Deprecated: the one default model before defaults were per modality. Kept for existing imports: it
+#: names the guided CT package shipped with the library, which is now the CT *fallback*. The model used
+#: when none is named is :func:`default_model_for` (``DEFAULT_MODELS`` / ``FALLBACK_MODELS``).
 DEFAULT_MODEL = "abdomen-ct-guided"
 #: Files copied into an exported zip (when present).
 PACKAGE_FILES = (MODEL_JSON, WEIGHTS, "MODEL_CARD.md")
@@ -141,13 +152,46 @@ def _install_hint() -> str:
             "or pass the path of a package folder with --model")
 
 
+def models_for_modality(modality: str, packages: list[ModelPackage] | None = None) -> list[ModelPackage]:
+    """Installed packages (or ``packages``) made for ``modality``, sorted by name."""
+    modality = normalise_modality(modality)
+    packages = list_packages() if packages is None else packages
+    return [p for p in packages if p.modality == modality]
+
+
+def default_model_for(modality: str) -> ModelPackage:
+    """The package used for a ``modality`` input when no model is named (see the module docstring).
+
+    Raises :class:`ModelError` when none fits: no package of that modality is installed (the
+    message says how to install one), or several are and none is the default (choose one).
+    """
+    modality = normalise_modality(modality)
+    scan = scan_packages()
+    for b in scan.broken:
+        log.warning("skipping model folder %s: %s", b.path, b.reason)
+    installed = {p.name: p.modality for p in scan.packages}
+    name = pick_default(modality, installed)
+    if name is None:
+        message = missing_default_message(modality, installed)
+        if not any(m == modality for m in installed.values()):
+            message += f"; {_install_hint()}"
+        raise ModelError(message)
+    default = DEFAULT_MODELS.get(modality)
+    if name != default:
+        log.debug("default %s model %r is not installed; using %r", modality, default, name)
+    return next(p for p in scan.packages if p.name == name)
+
+
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage:
-    """Find a package by installed name, or load it from a folder path; ``None`` means the default.
+    """Find a package by installed name, or load it from a folder path; ``None`` means the default
+    CT model (:func:`default_model_for` ``("CT")``; use that function for another modality).
 
     The weights hash is *not* checked here (call :meth:`ModelPackage.verify`); unknown names raise
     :class:`ModelError` listing what is installed and how to install more.
     """
-    requested = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
+    if name_or_path is None:
+        return default_model_for("CT")
+    requested = os.fspath(name_or_path)
     if not requested.strip():
         raise ModelError("empty model name")
     as_path = Path(requested).expanduser()
@@ -168,8 +212,7 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage
             raise ModelError(f"{requested} is not a model package folder (to install a zip use 'meddiffseg models install')")
         return ModelPackage.from_folder(as_path)
     installed = ", ".join(p.name for p in scan.packages) or "none"
-    what = "the default model" if name_or_path is None else "model"
-    raise ModelError(f"{what} {requested!r} is not installed (installed models: {installed}); {_install_hint()}")
+    raise ModelError(f"model {requested!r} is not installed (installed models: {installed}); {_install_hint()}")
 
 
 # -- zip export / install ----------------------------------------------------------------------

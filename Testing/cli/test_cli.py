@@ -20,7 +20,7 @@ from MedDiffSegLib.errors import Cancelled, DeviceError, InputError, MedDiffSegE
 from MedDiffSegLib.inference import engine as engine_module
 from MedDiffSegLib.inference.pipeline import run_segment
 from MedDiffSegLib.io import volume as volume_module
-from MedDiffSegLib.registry import DEFAULT_MODEL, export_zip, install_zip, sha256_file
+from MedDiffSegLib.registry import DEFAULT_MODELS, export_zip, install_zip, sha256_file
 from MedDiffSegLib.registry import store
 from tinymodels import make_tiny_package
 
@@ -244,9 +244,9 @@ def test_usage_errors_keep_argparse_code(capsys):
 
 def test_default_model_not_installed(tmp_path, empty_builtin, small_volume, capsys):
     out = tmp_path / "out"
-    rc = main(["segment", str(small_volume), "--organ", "liver", "--out", str(out), "--quiet"])
+    rc = main(["segment", str(small_volume), "--modality", "CT", "--organ", "liver", "--out", str(out), "--quiet"])
     assert rc == ModelError.exit_code
-    _assert_one_error_line(capsys.readouterr().err, f"default model '{DEFAULT_MODEL}' is not installed",
+    _assert_one_error_line(capsys.readouterr().err, "no CT model is installed", f"'{DEFAULT_MODELS['CT']}'",
                            "meddiffseg models install")
     _assert_no_outputs(out)
 
@@ -263,6 +263,110 @@ def test_schedulers_match_the_sampling_module():
     from MedDiffSegLib.sampling.schedulers import SCHEDULERS
 
     assert tuple(DEFAULT_SCHEDULERS) == tuple(SCHEDULERS)
+
+
+# -- modality: default per modality, mismatch stops, override ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_mr(tiny_root) -> Path:
+    """A tiny package made for MR (preprocessing.modality = MR)."""
+    return make_tiny_package(tiny_root / "tiny-mr", "guided", modality="MR", name="tiny-mr").path
+
+
+def _install_as(src: Path, folder: Path, name: str) -> Path:
+    """Copy the package at ``src`` into ``folder`` under the package name ``name``."""
+    dest = shutil.copytree(src, folder / name)
+    meta = json.loads((dest / "model.json").read_text())
+    meta["name"] = name
+    (dest / "model.json").write_text(json.dumps(meta))
+    return dest
+
+
+@pytest.mark.parametrize("existed_before", [False, True], ids=["new-dir", "existing-dir"])
+def test_plain_file_without_model_or_modality_asks_for_the_modality(existed_before, tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    if existed_before:
+        out.mkdir()
+    ct = data_dir / "totalsegmentator" / "example_ct.nii.gz"
+    assert main(["segment", str(ct), "--organ", "liver", "--out", str(out), "--quiet"]) == InputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "example_ct.nii.gz has no modality tag",
+                           "pass --modality CT or --modality MR", "--model")
+    _assert_no_outputs(out, existed_before)
+
+
+def test_modality_mr_with_only_ct_models_says_how_to_install_one(tmp_path, empty_builtin, tiny_guided, data_dir, capsys):
+    install_zip(export_zip(tiny_guided, tmp_path / "ct.zip"))
+    out = tmp_path / "out"
+    mr = data_dir / "totalsegmentator" / "example_mr_sm.nii.gz"
+    rc = main(["segment", str(mr), "--modality", "MR", "--organ", "liver", "--out", str(out), "--quiet"])
+    assert rc == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "no MR model is installed", f"'{DEFAULT_MODELS['MR']}'",
+                           "tiny-guided (CT)", "meddiffseg models install PACKAGE.zip")
+    _assert_no_outputs(out)
+
+
+@pytest.mark.parametrize("rel,extra,fragment", [
+    ("totalsegmentator/example_mr_sm.nii.gz", (), "implausible as Hounsfield units"),
+    ("chaos_mr/imagesTr/chaos_t2_01.nii.gz", (), "implausible as Hounsfield units"),
+    ("chaos_mr/imagesTr/chaos_t2_01.nii.gz", ("--modality", "MR"), "the input is MR (--modality)"),
+], ids=["ts-mr", "chaos-mr", "chaos-mr-declared"])
+def test_ct_model_on_a_real_mr_stops_naming_the_mr_models(rel, extra, fragment, tmp_path, empty_builtin, tiny_guided,
+                                                          tiny_mr, data_dir, capsys):
+    install_zip(export_zip(tiny_mr, tmp_path / "mr.zip"))
+    out = tmp_path / "out"
+    assert main(_segment_argv(data_dir / rel, out, tiny_guided, *extra)) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "model 'tiny-guided' is a CT model", fragment,
+                           "installed MR models: tiny-mr", "--allow-modality-mismatch")
+    _assert_no_outputs(out)
+
+
+def test_allow_modality_mismatch_runs_and_records_it(tmp_path, tiny_guided, data_dir, capsys):
+    out = tmp_path / "out"
+    mr = data_dir / "totalsegmentator" / "example_mr_sm.nii.gz"
+    rc = main(_segment_argv(mr, out, tiny_guided, "--allow-modality-mismatch", "--samples", "1", "--steps", "1",
+                            "--device", "cpu"))
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "meddiffseg: warning: modality mismatch overridden (--allow-modality-mismatch)" in err
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["modality"] is None and summary["input"]["modality_source"] is None
+    check = summary["modality_check"]
+    assert check["mismatch"] is True and check["overridden"] is True and check["hu_plausible"] is False
+    assert check["model_modality"] == "CT" and "implausible as Hounsfield units" in check["reason"]
+
+
+def test_dicom_ct_series_is_detected_as_ct_without_any_option(tmp_path, empty_builtin, tiny_guided, tiny_mr, data_dir):
+    _install_as(tiny_guided, empty_builtin, DEFAULT_MODELS["CT"])
+    _install_as(tiny_mr, empty_builtin, DEFAULT_MODELS["MR"])
+    out = tmp_path / "out"
+    folder = data_dir / "totalsegmentator" / "example_ct_dicom"
+    rc = main(["segment", str(folder), "--organ", "liver", "--out", str(out), "--quiet", "--samples", "1",
+               "--steps", "1", "--device", "cpu"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["name"] == DEFAULT_MODELS["CT"] and summary["model"]["modality"] == "CT"
+    assert summary["input"]["modality"] == "CT" and summary["input"]["modality_source"] == "dicom"
+    assert summary["modality_check"]["mismatch"] is False
+
+
+def test_mr_model_on_ct_stops_and_modality_contradicting_the_tag_is_an_input_error(tmp_path, empty_builtin, tiny_guided,
+                                                                                  tiny_mr, small_volume, data_dir, capsys):
+    _install_as(tiny_guided, empty_builtin, "abdomen-ct-guided")
+    series = data_dir / "dcmqi" / "ct-3slice"
+    out = tmp_path / "out"
+    assert main(_segment_argv(series, out, tiny_mr)) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "model 'tiny-mr' is an MR model but the input is CT (its DICOM "
+                           "Modality tag)", "installed CT models: abdomen-ct-guided", "--allow-modality-mismatch")
+    assert main(_segment_argv(small_volume, out, tiny_mr, "--modality", "CT")) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "the input is CT (--modality)")
+    # no tag, nothing declared: HU intensities are not an MR
+    assert main(_segment_argv(small_volume, out, tiny_mr)) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "looks like a CT in Hounsfield units")
+    assert main(_segment_argv(series, out, tiny_guided, "--modality", "MR")) == InputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "--modality MR contradicts the DICOM Modality tag CT")
+    _assert_no_outputs(out)
 
 
 # -- atomicity: failures and cancellation leave nothing ------------------------------------------
@@ -426,6 +530,7 @@ def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "Spleen" in stdout and "Liver" in stdout and "volume (mL)" in stdout
+    assert "(CT model; input CT from its intensities)" in stdout
     ref = sitk.ReadImage(str(ct))
     summary = _check_outputs(out, ref, 2, exact=True)
     assert [o["name"] for o in summary["organs"]] == ["spleen", "liver"]
@@ -439,6 +544,11 @@ def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
         assert p.min() >= 0 and p.max() <= 1
     assert str(ct) not in (out / "summary.json").read_text()
     assert sha256_file(ct) == before
+    # no tag, no --modality: the intensities (plausible HU) say CT, and the CT model fits
+    assert summary["input"]["modality"] == "CT" and summary["input"]["modality_source"] == "intensities"
+    assert summary["model"]["modality"] == "CT"
+    assert summary["modality_check"] == {"model_modality": "CT", "hu_plausible": True, "mismatch": False,
+                                         "overridden": False, "reason": None}
 
 
 def test_end_to_end_dicom_folder(tmp_path, tiny_sdseg, data_dir):
@@ -500,7 +610,8 @@ def test_console_script(tmp_path, tiny_guided, small_volume):
     env = dict(os.environ)
     help_run = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     assert help_run.returncode == 0
-    for text in ("--organ", "--samples", "uncertainty.nii.gz", "exit codes", "--device"):
+    for text in ("--organ", "--samples", "uncertainty.nii.gz", "exit codes", "--device", "--modality",
+                 "--allow-modality-mismatch"):
         assert text in help_run.stdout
     out = tmp_path / "out"
     run = subprocess.run([str(exe), *_segment_argv(small_volume, out, tiny_guided, "--samples", "2", "--steps", "1")],

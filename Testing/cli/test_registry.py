@@ -16,10 +16,14 @@ from MedDiffSegLib.cli.main import main
 from MedDiffSegLib.errors import ModelError
 from MedDiffSegLib.registry import (
     DEFAULT_MODEL,
+    DEFAULT_MODELS,
+    FALLBACK_MODELS,
     ModelPackage,
+    default_model_for,
     export_zip,
     install_zip,
     list_packages,
+    models_for_modality,
     package_origin,
     resolve_model,
     scan_packages,
@@ -129,18 +133,74 @@ def test_unknown_name_lists_installed_and_how_to_install(builtin_dir, tiny_zips)
     assert "meddiffseg models install" in msg
 
 
+# -- defaults per modality ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_mr(tmp_path_factory) -> Path:
+    """A tiny package made for MR (preprocessing.modality = MR)."""
+    return make_tiny_package(tmp_path_factory.mktemp("tiny_mr") / "tiny-mr", "guided", modality="MR", name="tiny-mr").path
+
+
+def _as_named(src: Path, folder: Path, name: str) -> Path:
+    """A copy of the package at ``src`` renamed ``name`` in ``folder`` (weights unchanged)."""
+    dest = shutil.copytree(src, folder / name)
+    meta = json.loads((dest / "model.json").read_text())
+    meta["name"] = name
+    (dest / "model.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_packages_expose_their_modality(tiny_packages, tiny_mr):
+    assert ModelPackage.from_folder(tiny_packages["guided"]).modality == "CT"
+    assert ModelPackage.from_folder(tiny_mr).modality == "MR"
+
+
 def test_default_model_missing_is_a_clear_model_error(builtin_dir):
-    with pytest.raises(ModelError, match=f"default model '{DEFAULT_MODEL}' is not installed"):
-        resolve_model(None)
+    for call in (lambda: resolve_model(None), lambda: default_model_for("CT")):
+        with pytest.raises(ModelError) as exc:
+            call()
+        msg = str(exc.value)
+        assert msg.startswith("no CT model is installed") and f"'{DEFAULT_MODELS['CT']}'" in msg
+        assert "meddiffseg models install" in msg
 
 
-def test_default_model_resolves_when_installed(builtin_dir, tmp_path):
-    make_tiny_package(tmp_path / "src", "guided")
-    meta = json.loads((tmp_path / "src" / "model.json").read_text())
-    meta["name"] = DEFAULT_MODEL
-    (tmp_path / "src" / "model.json").write_text(json.dumps(meta))
-    shutil.copytree(tmp_path / "src", builtin_dir / DEFAULT_MODEL)
-    assert resolve_model(None).name == DEFAULT_MODEL
+def test_ct_default_falls_back_to_the_guided_package_until_abdomen_ct_is_installed(builtin_dir, tiny_packages):
+    """resolve_model(None) is the CT default: abdomen-ct, else abdomen-ct-guided (shipped today)."""
+    assert DEFAULT_MODEL == FALLBACK_MODELS["CT"][0] == "abdomen-ct-guided"
+    _as_named(tiny_packages["guided"], builtin_dir, "abdomen-ct-guided")
+    _as_named(tiny_packages["sdseg"], builtin_dir, "abdomen-ct-dts")  # another CT model is not picked
+    assert resolve_model(None).name == "abdomen-ct-guided"
+    assert default_model_for("CT").name == "abdomen-ct-guided"
+    _as_named(tiny_packages["sdseg"], builtin_dir, DEFAULT_MODELS["CT"])
+    assert resolve_model(None).name == default_model_for("ct").name == "abdomen-ct"
+
+
+def test_mr_default_needs_an_mr_package(builtin_dir, tiny_packages, tiny_mr, tmp_path):
+    _as_named(tiny_packages["guided"], builtin_dir, "abdomen-ct-guided")
+    with pytest.raises(ModelError) as exc:
+        default_model_for("MR")
+    msg = str(exc.value)
+    assert msg.startswith("no MR model is installed") and "'abdomen-mr'" in msg and "abdomen-ct-guided (CT)" in msg
+    assert "meddiffseg models install" in msg and str(user_models_dir()) in msg
+    # a package named like the default but made for CT is not the MR default
+    _as_named(tiny_packages["sdseg"], builtin_dir, "abdomen-mr")
+    with pytest.raises(ModelError, match="no MR model is installed"):
+        default_model_for("MR")
+    shutil.rmtree(builtin_dir / "abdomen-mr")
+    # the only MR package installed is used ...
+    install_zip(export_zip(tiny_mr, tmp_path / "mr.zip"))
+    assert default_model_for("MR").name == "tiny-mr"
+    assert [p.name for p in models_for_modality("MR")] == ["tiny-mr"]
+    assert [p.name for p in models_for_modality("CT")] == ["abdomen-ct-guided"]
+    # ... but of several, none is guessed
+    _as_named(tiny_mr, builtin_dir, "site-mr")
+    with pytest.raises(ModelError, match="several MR models are .*site-mr, tiny-mr.*choose one with --model"):
+        default_model_for("MR")
+    # the named default wins
+    _as_named(tiny_mr, builtin_dir, DEFAULT_MODELS["MR"])
+    assert default_model_for("MR").name == "abdomen-mr"
+    assert resolve_model(None).name == "abdomen-ct-guided"  # None stays the CT default
 
 
 # -- install / export --------------------------------------------------------------------------
@@ -276,10 +336,15 @@ def test_cli_models_list_install_info(builtin_dir, tiny_packages, tiny_zips, cap
         lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
         assert "built-in" in lines["tiny-guided"] and "guided" in lines["tiny-guided"]
         assert "user" in lines["tiny-sdseg"] and "liver, spleen" in lines["tiny-sdseg"]
+        assert "MODALITY" in out and " CT " in lines["tiny-sdseg"]
+        assert "(default)" not in out  # two CT models, neither abdomen-ct nor its fallback
+        assert "no default CT model" in out and "no MR model installed" in out
 
     assert main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {d["name"]: d["origin"] for d in listed} == {"tiny-guided": "built-in", "tiny-sdseg": "user"}
+    assert {d["name"]: (d["modality"], d["default_for"]) for d in listed} == {"tiny-guided": ("CT", None),
+                                                                             "tiny-sdseg": ("CT", None)}
 
     assert main(["models", "info", "tiny-sdseg"]) == 0
     out = capsys.readouterr().out
@@ -288,6 +353,26 @@ def test_cli_models_list_install_info(builtin_dir, tiny_packages, tiny_zips, cap
         assert text in out, text
     assert main(["models", "info", "tiny-sdseg", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "sdseg"
+
+
+def test_cli_models_list_and_info_show_modality_and_defaults(builtin_dir, tiny_packages, tiny_mr, capsys):
+    _as_named(tiny_packages["guided"], builtin_dir, "abdomen-ct-guided")
+    _as_named(tiny_packages["sdseg"], builtin_dir, "abdomen-ct-dts")
+    _as_named(tiny_mr, builtin_dir, "liver-mr")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert "CT (default)" in lines["abdomen-ct-guided"] and "(default)" not in lines["abdomen-ct-dts"]
+    assert "MR (default)" in lines["liver-mr"] and "no " not in out
+    assert main(["models", "list", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["liver-mr"]["modality"] == "MR" and listed["liver-mr"]["default_for"] == "MR"
+    assert listed["abdomen-ct-guided"]["default_for"] == "CT" and listed["abdomen-ct-dts"]["default_for"] is None
+    assert main(["models", "info", "liver-mr"]) == 0
+    assert "modality: MR (the default MR model)" in capsys.readouterr().out
+    assert main(["models", "info", "abdomen-ct-dts"]) == 0
+    out = capsys.readouterr().out
+    assert "modality: CT\n" in out and "default" not in out.split("modality: CT", 1)[1].splitlines()[0]
 
 
 def test_cli_models_errors(builtin_dir, tiny_zips, tmp_path, capsys):

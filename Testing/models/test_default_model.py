@@ -24,7 +24,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _segment(inp, out, *organs, samples=1):
-    argv = ["segment", str(inp), "--out", str(out), "--samples", str(samples), "--seed", "0", "--device", "cpu", "--quiet"]
+    # no --model: the default CT model (--modality CT: a NIfTI file has no modality tag; a DICOM series agrees)
+    argv = ["segment", str(inp), "--out", str(out), "--modality", "CT", "--samples", str(samples), "--seed", "0",
+            "--device", "cpu", "--quiet"]
     for o in organs:
         argv += ["--organ", o]
     assert main(argv) == 0
