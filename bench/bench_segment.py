@@ -66,7 +66,7 @@ def worker(args) -> None:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        summary = run_segment(args.volume, out_dir / "out", [args.organ], model=args.model, samples=args.samples,
+        summary = run_segment(args.volume, out_dir / "out", [args.organ], model=args.model, modality="CT", samples=args.samples,
                               steps=args.steps, seed=0, device=str(dev))
         wall = time.perf_counter() - t0
         if dev.type == "cuda":

@@ -263,3 +263,69 @@ def save_package(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return pkg
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_metrics(folder: str | os.PathLike, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into the ``metrics`` of the package in ``folder`` (atomic; weights untouched)."""
+    path = Path(folder) / MODEL_JSON
+    data = json.loads(path.read_text(encoding="utf-8"))
+    metrics = data.get("metrics") or {}
+    metrics.update(updates)
+    data["metrics"] = metrics
+    _write_json_atomic(path, data)
+
+
+def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float16") -> ModelPackage:
+    """Copy the package in ``src`` to a new folder ``dst`` with floating-point weights stored as ``dtype``.
+
+    fp16 halves the size on disk; loading casts back to the module's float32 parameters
+    (``load_state_dict`` copies with a dtype conversion), so only the rounding of the weights
+    differs. Check the scores of the converted package before shipping it. The new
+    ``model.json`` records the storage dtype and the source's sha256 under ``provenance``.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = ModelPackage.from_folder(src)
+    source.verify()
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise ModelError(f"unsupported storage dtype {dtype!r}; use float16, bfloat16 or float32")
+    dst = Path(dst)
+    if dst.exists():
+        raise ModelError(f"{dst} already exists; refusing to overwrite a model package")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        state = load_file(str(source.weights_path), device="cpu")
+        state = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"method": source.method_name, "name": source.name,
+                                                        "version": source.version, "dtype": dtype})
+        data = json.loads((Path(src) / MODEL_JSON).read_text(encoding="utf-8"))
+        data["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        prov = data.get("provenance") or {}
+        prov["weights_storage"] = {"dtype": dtype, "converted_from_sha256": source.weights_sha256}
+        data["provenance"] = prov
+        (tmp / MODEL_JSON).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        card = Path(src) / "MODEL_CARD.md"
+        if card.is_file():
+            shutil.copy2(card, tmp / "MODEL_CARD.md")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ModelPackage.from_folder(dst)

@@ -53,7 +53,7 @@ def test_seed_spread_is_the_sd_of_the_per_seed_means():
 
 def test_test_patients_are_never_training_patients():
     protocol = json.loads((REPO / "bench" / "protocol.json").read_text())
-    configs = {p.stem: json.loads(p.read_text()) for p in (REPO / "MedDiffSegLib" / "training" / "configs").glob("*.json")}
+    configs = {p.stem: json.loads(p.read_text()) for p in (REPO / "MedDiffSegLib" / "training" / "configs").rglob("*.json")}
     checked = 0
     for key, d in protocol["datasets"].items():
         test = set(d["test"])

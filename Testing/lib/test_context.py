@@ -152,3 +152,32 @@ def test_organ_shift_moves_each_organ_alone_and_stays_in_range():
         base.rng.bit_generator.state = shifted.rng.bit_generator.state  # realign the streams
         del lab
     assert seen_shift
+
+
+def test_mr_normalisation_ignores_the_scanner_scale(tmp_path, data_dir):
+    """The same MR stored at another intensity scale gives the same probabilities (percentile normalisation)."""
+    from MedDiffSegLib.io import read_volume
+
+    path = data_dir / "chaos_mr" / "imagesTr" / "chaos_t2_05.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"real MR not found at {path}")
+    image = read_volume(path)
+    arr = sitk.GetArrayFromImage(image)[10:14]
+    _import_builtin_methods()
+    torch.manual_seed(0)
+    cfg = _METHODS["guided"].tiny_config(len(TINY_ORGANS))
+    cfg["image_channels"] = 3
+    spec = PreprocessSpec(modality="MR", spacing=(8.0, 8.0), context_slices=3)
+    pkg = save_package(tmp_path / "mr", build_method("guided", cfg), name="tiny-mr", version="0.0.1",
+                       organs=TINY_ORGANS, preprocessing=spec,
+                       inference={"roi_size": [32, 32], "overlap": 0.25, "steps": 1, "samples": 1, "sw_batch_size": 16},
+                       provenance={"trained": False})
+    probs = []
+    for scale in (1.0, 3.7):
+        img = sitk.GetImageFromArray((arr * scale).astype(np.float32))
+        img.CopyInformation(sitk.GetImageFromArray(arr))
+        img.SetSpacing(image.GetSpacing())
+        res = segment_volume(img, pkg, ["liver"], samples=1, steps=1, seed=0, keep_probabilities=True)
+        probs.append(sitk.GetArrayFromImage(res.probabilities["liver"]))
+        assert res.extras["intensity_bounds"][1] > res.extras["intensity_bounds"][0]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)
