@@ -112,16 +112,24 @@ examples:
 """
 
 MODELS_DESCRIPTION = f"""\
-List, inspect and install model packages. Without a subcommand: list.
+List, inspect, install, update and remove model packages. Without a subcommand: list.
 
 A model package is a folder with model.json (method, organs, preprocessing,
 provenance, metrics, weights sha256) and weights.safetensors. Packages are found in
   - the built-in folder shipped with MedDiffSeg, and
   - the user folder $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models).
 A user package with the same name as a built-in one takes precedence.
-Installing is offline, from a local zip: the zip is checked (optional sha256, no unsafe
-paths or links), the weights are verified against model.json, then it is moved into
-the user folder in one step.
+Installing takes a local zip or an http(s) URL (a URL needs --sha256, the zip's
+published hash, checked before the archive is opened): the zip is checked (no unsafe
+paths or links), the weights are verified against model.json, then the package is
+moved into the user folder in one step. 'update' replaces an installed model by a
+newer version of it; 'remove' deletes a user package (built-in ones cannot be removed).
+
+examples:
+  {PROG} models info abdomen-ct-guided --verify
+  {PROG} models install https://example.org/abdomen-mr-0.2.0.zip --sha256 HEX
+  {PROG} models update abdomen-mr https://example.org/abdomen-mr-0.3.0.zip --sha256 HEX
+  {PROG} models remove abdomen-mr
 """
 
 
@@ -169,7 +177,8 @@ class _Progress:
     """A tqdm bar on stderr driven by the engine's ``progress(stage, fraction, message)`` callback."""
 
     STAGE_TEXT = {"read": "reading", "load": "loading model", "preprocess": "preprocessing",
-                  "network": "sampling", "postprocess": "postprocessing", "write": "writing"}
+                  "network": "sampling", "postprocess": "postprocessing", "write": "writing",
+                  "download": "downloading", "verify": "verifying", "extract": "extracting", "install": "installing"}
 
     def __init__(self, enabled: bool):
         self.bar = None
@@ -329,11 +338,11 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list, inspect and install model packages",
+    p = sub.add_parser("models", help="list, inspect, install, update and remove model packages",
                        description=MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_cmd_models_list)
-    msub = p.add_subparsers(dest="models_command", metavar="{list,info,install}")
+    msub = p.add_subparsers(dest="models_command", metavar="{list,info,install,update,remove}")
 
     pl = msub.add_parser("list", help="list installed models (name, version, method, organs, where)")
     pl.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -343,18 +352,37 @@ def _add_models(sub) -> None:
                          description="Show a model's card. NAME is an installed model name or a package folder.")
     pi.add_argument("name", metavar="NAME")
     pi.add_argument("--json", action="store_true", help="print model.json as JSON")
+    pi.add_argument("--verify", action="store_true", help="also check the weights file against its sha256")
     pi.set_defaults(func=_cmd_models_info)
 
     pz = msub.add_parser(
-        "install", help="install a model package from a local zip (offline)",
-        description="Install a model package from a local zip into $MEDDIFFSEG_HOME/models "
-                    "(default ~/.meddiffseg/models). The zip holds model.json and weights.safetensors, "
-                    "at its root or in one top-level folder. Nothing is downloaded.",
+        "install", help="install a model package from a local zip or an http(s) URL",
+        description="Install a model package into $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models) from a "
+                    "local zip or an http(s) URL. The zip holds model.json and weights.safetensors, at its root or "
+                    "in one top-level folder. A URL needs --sha256 (the zip's hash, published with it); the "
+                    "download is checked against it before anything is unpacked.",
     )
-    pz.add_argument("zip", metavar="ZIP", help="path of the package zip")
-    pz.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip file (as published with it)")
+    pz.add_argument("zip", metavar="ZIP_OR_URL", help="path of the package zip, or its http(s) URL")
+    pz.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip file (required for a URL)")
     pz.add_argument("--force", action="store_true", help="replace an installed user package of the same name")
     pz.set_defaults(func=_cmd_models_install)
+
+    pu = msub.add_parser(
+        "update", help="replace an installed model by a newer version (zip or URL)",
+        description="Replace installed model NAME by the package in ZIP_OR_URL, which must hold the same model "
+                    "in a newer version. It goes to the user folder (a built-in model is shadowed, not changed).",
+    )
+    pu.add_argument("name", metavar="NAME", help="installed model name")
+    pu.add_argument("source", metavar="ZIP_OR_URL", help="path of the new package zip, or its http(s) URL")
+    pu.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip file (required for a URL)")
+    pu.add_argument("--allow-downgrade", action="store_true", help="install it even when it is not newer")
+    pu.set_defaults(func=_cmd_models_update)
+
+    pr = msub.add_parser("remove", help="delete an installed user model (built-in models cannot be removed)",
+                         description="Delete user model NAME from $MEDDIFFSEG_HOME/models. A built-in model of "
+                                     "the same name, if any, is used again.")
+    pr.add_argument("name", metavar="NAME")
+    pr.set_defaults(func=_cmd_models_remove)
 
 
 def _organ_list(pkg) -> str:
@@ -421,6 +449,8 @@ def _cmd_models_info(args) -> int:
     from ..registry.store import package_origin, resolve_model, scan_packages
 
     pkg = resolve_model(args.name)
+    if getattr(args, "verify", False):
+        pkg.verify()  # raises ModelError naming the mismatch
     if args.json:
         print(json.dumps(pkg.to_dict(), indent=2))
         return 0
@@ -432,7 +462,7 @@ def _cmd_models_info(args) -> int:
     is_default = any(p.name == pkg.name and p.path == pkg.path for p in installed) and \
         _defaults_by_name(installed).get(pkg.name) == pkg.modality
     print(f"modality: {pkg.modality}" + (f" (the default {pkg.modality} model)" if is_default else ""))
-    print(f"weights sha256: {pkg.weights_sha256}")
+    print(f"weights sha256: {pkg.weights_sha256}" + (" (verified)" if getattr(args, "verify", False) else ""))
     print("organs (label = position of --organ on the command line):")
     rows = [("  NAME", "DISPLAY NAME", "COLOUR", "CATEGORY", "TYPE")]
     for o in pkg.organs:
@@ -459,12 +489,39 @@ def _cmd_models_info(args) -> int:
 
 
 def _cmd_models_install(args) -> int:
-    from ..registry.store import builtin_models_dir, install_zip
+    from ..registry.store import builtin_models_dir, install_package
 
-    pkg = install_zip(args.zip, sha256=args.sha256, force=args.force)
+    progress = _Progress(sys.stderr.isatty())
+    try:
+        pkg = install_package(args.zip, sha256=args.sha256, force=args.force, progress=progress)
+    finally:
+        progress.close()
     print(f"installed {pkg.name} {pkg.version} ({pkg.method_name}; organs: {_organ_list(pkg)}) to {pkg.path}")
     if (builtin_models_dir() / pkg.name).is_dir():
         print("note: it takes precedence over the built-in model of the same name")
+    return 0
+
+
+def _cmd_models_update(args) -> int:
+    from ..registry.store import update_package
+
+    progress = _Progress(sys.stderr.isatty())
+    try:
+        before, after = update_package(args.name, args.source, sha256=args.sha256,
+                                       allow_downgrade=args.allow_downgrade, progress=progress)
+    finally:
+        progress.close()
+    print(f"updated {after.name} from {before.version} to {after.version} ({after.path})")
+    return 0
+
+
+def _cmd_models_remove(args) -> int:
+    from ..registry.store import builtin_models_dir, remove_package
+
+    path = remove_package(args.name)
+    print(f"removed {args.name} ({path})")
+    if (builtin_models_dir() / args.name).is_dir():
+        print(f"note: the built-in {args.name} is used again")
     return 0
 
 

@@ -24,10 +24,29 @@ archive: its own sha256 can be checked, member paths that would escape the desti
 (absolute, ``..``, drive letters), symlinks and special files are refused, and the extracted
 package must parse and its weights must match the sha256 recorded in its ``model.json``
 before it is moved into place with a single rename. Nothing is ever unpickled.
+
+**Without torch.** This module imports neither torch nor :mod:`.package` at import time (the
+registry's ``__init__`` loads ``ModelPackage`` lazily). :func:`read_package_info` reads a package's
+``model.json`` into a :class:`PackageInfo` (name, version, method, modality, organs, inference
+settings, metrics) with the same checks as ``ModelPackage.from_folder`` bar the preprocessing
+spec, and :func:`scan_package_infos` / :func:`list_package_infos` / :func:`package_info` /
+:func:`default_package_info` are the torch-free twins of the listing, resolving and default-model
+functions: the 3D Slicer module lists and installs models with them before PyTorch is installed
+in Slicer's Python, and never imports torch in Slicer's process.
+
+**Managing packages** (``meddiffseg models ...`` and the Slicer panel): :func:`install_package`
+installs from a local zip *or an http(s) URL* (download streamed to the user folder with a
+progress callback, size-bounded, cancellable; a URL needs the zip's sha256, checked before the
+archive is opened), :func:`update_package` replaces an installed package by a newer version of
+the same name (from a zip or URL), :func:`remove_package` deletes a user package (built-ins are
+part of the library and cannot be removed). Model weights can so be published outside the
+repository (a release asset, an institutional file server) with their sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -35,14 +54,30 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ModelError
-from ..modality import DEFAULT_MODELS, FALLBACK_MODELS, missing_default_message, normalise_modality, pick_default
-from .package import MODEL_JSON, WEIGHTS, ModelPackage, sha256_file
+from ..errors import Cancelled, ModelError
+from ..modality import (
+    DEFAULT_MODELS,
+    FALLBACK_MODELS,
+    MODALITIES,
+    missing_default_message,
+    normalise_modality,
+    pick_default,
+)
+
+if TYPE_CHECKING:  # imported lazily: .package imports the preprocessing spec, which imports torch
+    from .package import ModelPackage
 
 log = logging.getLogger(__name__)
+
+#: The package files (the same names as :mod:`.package`'s ``MODEL_JSON`` / ``WEIGHTS``; a test checks).
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.safetensors"
+#: The ``model.json`` format this version reads (the same as ``package.FORMAT_VERSION``).
+FORMAT_VERSION = 1
 
 #: Deprecated: the one default model before defaults were per modality. Kept for existing imports: it
 #: names the guided CT package shipped with the library, which is now the CT *fallback*. The model used
@@ -52,6 +87,10 @@ DEFAULT_MODEL = "abdomen-ct-guided"
 PACKAGE_FILES = (MODEL_JSON, WEIGHTS, "MODEL_CARD.md")
 #: Upper bound on the total uncompressed size of a package zip (guards against zip bombs).
 MAX_UNCOMPRESSED_BYTES = 16 * 1024**3
+
+#: Upper bound on a downloaded package zip, and the network timeout (seconds) of each connect and read.
+MAX_DOWNLOAD_BYTES = 16 * 1024**3
+DOWNLOAD_TIMEOUT_S = 60.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -74,8 +113,8 @@ def user_models_dir() -> Path:
     return meddiffseg_home() / "models"
 
 
-def package_origin(package: ModelPackage) -> str:
-    """``"user"``, ``"built-in"`` or ``"path"`` (a folder given directly)."""
+def package_origin(package) -> str:
+    """``"user"``, ``"built-in"`` or ``"path"`` (a folder given directly) for a ModelPackage or PackageInfo."""
     try:
         parent = Path(package.path).resolve().parent
     except OSError:
@@ -87,6 +126,168 @@ def package_origin(package: ModelPackage) -> str:
     return "path"
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (the same function as :func:`.package.sha256_file`, importable without torch)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- package metadata without torch ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrganInfo:
+    """An organ of a package as ``model.json`` lists it (the fields of ``package.Organ``)."""
+
+    name: str
+    display_name: str
+    color: tuple[int, int, int]
+    category: dict
+    type: dict
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "display_name": self.display_name, "color": list(self.color),
+                "category": dict(self.category), "type": dict(self.type)}
+
+
+@dataclass
+class PackageInfo:
+    """What a package's ``model.json`` says, read without torch (see :func:`read_package_info`).
+
+    The attributes a front end needs from a :class:`~.package.ModelPackage` have the same names
+    (``name``, ``version``, ``method_name``, ``modality``, ``organs``, ``organ_names``,
+    ``organ_ids``, ``inference``, ``weights_sha256``, ``metrics``, ``verify``); :meth:`load`
+    gives the ModelPackage itself (which imports torch).
+    """
+
+    path: Path
+    name: str
+    version: str
+    method_name: str
+    modality: str
+    organs: list[OrganInfo]
+    preprocessing: dict[str, Any]
+    inference: dict[str, Any]
+    weights_sha256: str
+    description: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_path(self) -> Path:
+        return Path(self.path) / WEIGHTS
+
+    @property
+    def organ_names(self) -> list[str]:
+        return [o.name for o in self.organs]
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        """The in-plane spacing (mm) the model works at, when its preprocessing gives one."""
+        value = self.preprocessing.get("spacing")
+        try:
+            return tuple(float(v) for v in value) if value else None
+        except (TypeError, ValueError):
+            return None
+
+    def organ_ids(self, organs: list[str]) -> list[int]:
+        """Organ names (case-insensitive, also display names) -> ids, as ``ModelPackage.organ_ids``."""
+        lookup: dict[str, int] = {}
+        for i, o in enumerate(self.organs):
+            lookup[o.name.lower()] = i
+            lookup[o.display_name.lower()] = i
+        ids, unknown = [], []
+        for name in organs:
+            key = str(name).strip().lower()
+            if key in lookup:
+                ids.append(lookup[key])
+            else:
+                unknown.append(name)
+        if unknown:
+            raise ModelError(f"model {self.name!r} does not know organ(s) {', '.join(map(repr, unknown))}; "
+                             f"it segments: {', '.join(self.organ_names)}")
+        if len(set(ids)) != len(ids):
+            raise ModelError(f"an organ was given twice: {organs}")
+        return ids
+
+    def verify(self) -> None:
+        """Raise :class:`ModelError` unless the weights file exists and matches ``weights_sha256``."""
+        if not self.weights_path.is_file():
+            raise ModelError(f"model {self.name!r}: weights file {self.weights_path} not found")
+        digest = sha256_file(self.weights_path)
+        if digest != self.weights_sha256:
+            raise ModelError(f"model {self.name!r}: {WEIGHTS} does not match its sha256 (expected "
+                             f"{self.weights_sha256[:16]}…, found {digest[:16]}…); the package is corrupt or was modified")
+
+    def load(self) -> "ModelPackage":
+        """The full :class:`~.package.ModelPackage` (imports torch)."""
+        from .package import ModelPackage
+
+        return ModelPackage.from_folder(self.path)
+
+
+def read_package_info(folder: str | os.PathLike) -> PackageInfo:
+    """Read a package folder's ``model.json`` without torch; the same errors as ``ModelPackage.from_folder``
+    for a missing file, a wrong format, missing keys, organs without codes, no or repeated organs, and
+    for a modality other than CT or MR (the preprocessing spec itself is checked only when loaded)."""
+    folder = Path(folder)
+    meta_path = folder / MODEL_JSON
+    if not meta_path.is_file():
+        raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {meta_path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path} must hold a JSON object")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
+    missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]
+    if missing:
+        raise ModelError(f"{meta_path} lacks required keys: {', '.join(missing)}")
+    organs = []
+    for o in meta["organs"] if isinstance(meta["organs"], list) else []:
+        if not isinstance(o, dict):
+            raise ModelError(f"{meta_path}: every organ entry must be a JSON object")
+        try:
+            organs.append(OrganInfo(name=str(o["name"]), display_name=str(o.get("display_name", o["name"])),
+                                    color=tuple(int(c) for c in o.get("color", (128, 174, 128))),  # type: ignore[arg-type]
+                                    category=dict(o["category"]), type=dict(o["type"])))
+        except KeyError as exc:
+            raise ModelError(f"organ entry {o.get('name', '?')!r} lacks required key {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{meta_path}: organ entry {o.get('name', '?')!r} is malformed: {exc}") from None
+    if not organs:
+        raise ModelError(f"{meta_path} lists no organs")
+    names = [o.name for o in organs]
+    if len(set(names)) != len(names):
+        raise ModelError(f"{meta_path} lists an organ twice: {names}")
+    pre = meta["preprocessing"] if isinstance(meta["preprocessing"], dict) else {}
+    modality = pre.get("modality", "CT")
+    if modality not in MODALITIES:
+        raise ModelError(f"{meta_path}: preprocessing.modality must be one of {MODALITIES}, got {modality!r}")
+    inference = meta.get("inference", {})
+    return PackageInfo(
+        path=folder, name=str(meta["name"]), version=str(meta["version"]), method_name=str(meta["method"]),
+        modality=str(modality), organs=organs, preprocessing=dict(pre),
+        inference=dict(inference) if isinstance(inference, dict) else {},
+        weights_sha256=str(meta["weights_sha256"]).lower(), description=str(meta.get("description", "")),
+        provenance=dict(meta.get("provenance") or {}), metrics=dict(meta.get("metrics") or {}),
+    )
+
+
+def _load_package(folder: Path) -> "ModelPackage":
+    from .package import ModelPackage
+
+    return ModelPackage.from_folder(folder)
+
+
+# -- finding packages ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class BrokenPackage:
     path: Path
@@ -95,15 +296,18 @@ class BrokenPackage:
 
 @dataclass
 class Scan:
-    """Result of looking through both package folders."""
+    """Result of looking through both package folders (ModelPackages, or PackageInfos for the ``*_info`` functions)."""
 
-    packages: list[ModelPackage]      # effective packages, one per name (user shadows built-in)
-    shadowed: list[ModelPackage]      # built-ins hidden by a user package of the same name
+    packages: list      # effective packages, one per name (user shadows built-in)
+    shadowed: list      # built-ins hidden by a user package of the same name
     broken: list[BrokenPackage]
 
 
-def _scan_dir(root: Path, broken: list[BrokenPackage]) -> dict[str, ModelPackage]:
-    found: dict[str, ModelPackage] = {}
+Loader = Callable[[Path], Any]
+
+
+def _scan_dir(root: Path, broken: list[BrokenPackage], loader: Loader = _load_package) -> dict[str, Any]:
+    found: dict[str, Any] = {}
     if not root.is_dir():
         return found
     for entry in sorted(root.iterdir()):
@@ -111,7 +315,7 @@ def _scan_dir(root: Path, broken: list[BrokenPackage]) -> dict[str, ModelPackage
         if entry.name.startswith(".") or entry.name.startswith("__") or not entry.is_dir():
             continue
         try:
-            pkg = ModelPackage.from_folder(entry)
+            pkg = loader(entry)
         except ModelError as exc:
             broken.append(BrokenPackage(entry, str(exc)))
             continue
@@ -125,14 +329,29 @@ def _scan_dir(root: Path, broken: list[BrokenPackage]) -> dict[str, ModelPackage
     return found
 
 
-def scan_packages() -> Scan:
+def _scan(loader: Loader) -> Scan:
     broken: list[BrokenPackage] = []
-    builtin = _scan_dir(builtin_models_dir(), broken)
-    user = _scan_dir(user_models_dir(), broken)
+    builtin = _scan_dir(builtin_models_dir(), broken, loader)
+    user = _scan_dir(user_models_dir(), broken, loader)
     merged = dict(builtin)
     merged.update(user)
     shadowed = [builtin[n] for n in sorted(builtin) if n in user]
     return Scan(packages=[merged[n] for n in sorted(merged)], shadowed=shadowed, broken=broken)
+
+
+def scan_packages() -> Scan:
+    return _scan(_load_package)
+
+
+def scan_package_infos() -> Scan:
+    """:func:`scan_packages` with :class:`PackageInfo` entries (no torch)."""
+    return _scan(read_package_info)
+
+
+def _warn_broken(scan: Scan) -> Scan:
+    for b in scan.broken:
+        log.warning("skipping model folder %s: %s", b.path, b.reason)
+    return scan
 
 
 def list_packages() -> list[ModelPackage]:
@@ -141,10 +360,12 @@ def list_packages() -> list[ModelPackage]:
     Folders that are not valid packages are skipped with a warning on the
     ``MedDiffSegLib.registry.store`` logger; the listing itself never fails on them.
     """
-    scan = scan_packages()
-    for b in scan.broken:
-        log.warning("skipping model folder %s: %s", b.path, b.reason)
-    return scan.packages
+    return _warn_broken(scan_packages()).packages
+
+
+def list_package_infos() -> list[PackageInfo]:
+    """:func:`list_packages` as :class:`PackageInfo` (no torch)."""
+    return _warn_broken(scan_package_infos()).packages
 
 
 def _install_hint() -> str:
@@ -152,23 +373,16 @@ def _install_hint() -> str:
             "or pass the path of a package folder with --model")
 
 
-def models_for_modality(modality: str, packages: list[ModelPackage] | None = None) -> list[ModelPackage]:
-    """Installed packages (or ``packages``) made for ``modality``, sorted by name."""
+def models_for_modality(modality: str, packages: list | None = None) -> list:
+    """Installed packages (or ``packages``: ModelPackages or PackageInfos) made for ``modality``, sorted by name."""
     modality = normalise_modality(modality)
     packages = list_packages() if packages is None else packages
     return [p for p in packages if p.modality == modality]
 
 
-def default_model_for(modality: str) -> ModelPackage:
-    """The package used for a ``modality`` input when no model is named (see the module docstring).
-
-    Raises :class:`ModelError` when none fits: no package of that modality is installed (the
-    message says how to install one), or several are and none is the default (choose one).
-    """
+def _default_for(modality: str, scan: Scan):
     modality = normalise_modality(modality)
-    scan = scan_packages()
-    for b in scan.broken:
-        log.warning("skipping model folder %s: %s", b.path, b.reason)
+    _warn_broken(scan)
     installed = {p.name: p.modality for p in scan.packages}
     name = pick_default(modality, installed)
     if name is None:
@@ -182,15 +396,23 @@ def default_model_for(modality: str) -> ModelPackage:
     return next(p for p in scan.packages if p.name == name)
 
 
-def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage:
-    """Find a package by installed name, or load it from a folder path; ``None`` means the default
-    CT model (:func:`default_model_for` ``("CT")``; use that function for another modality).
+def default_model_for(modality: str) -> ModelPackage:
+    """The package used for a ``modality`` input when no model is named (see the module docstring).
 
-    The weights hash is *not* checked here (call :meth:`ModelPackage.verify`); unknown names raise
-    :class:`ModelError` listing what is installed and how to install more.
+    Raises :class:`ModelError` when none fits: no package of that modality is installed (the
+    message says how to install one), or several are and none is the default (choose one).
     """
+    return _default_for(modality, scan_packages())
+
+
+def default_package_info(modality: str) -> PackageInfo:
+    """:func:`default_model_for` as a :class:`PackageInfo` (no torch)."""
+    return _default_for(modality, scan_package_infos())
+
+
+def _resolve(name_or_path, scan_fn: Callable[[], Scan], loader: Loader, default_fn: Callable[[str], Any]):
     if name_or_path is None:
-        return default_model_for("CT")
+        return default_fn("CT")
     requested = os.fspath(name_or_path)
     if not requested.strip():
         raise ModelError("empty model name")
@@ -198,7 +420,7 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage
     explicit_path = (os.sep in requested or bool(os.altsep and os.altsep in requested)
                      or requested.startswith((".", "~")))
     if not explicit_path:
-        scan = scan_packages()
+        scan = scan_fn()
         for pkg in scan.packages:
             if pkg.name == requested:
                 return pkg
@@ -210,9 +432,25 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage
             raise ModelError(f"model folder {requested} does not exist")
         if not as_path.is_dir():
             raise ModelError(f"{requested} is not a model package folder (to install a zip use 'meddiffseg models install')")
-        return ModelPackage.from_folder(as_path)
+        return loader(as_path)
     installed = ", ".join(p.name for p in scan.packages) or "none"
     raise ModelError(f"model {requested!r} is not installed (installed models: {installed}); {_install_hint()}")
+
+
+def resolve_model(name_or_path: str | os.PathLike | None = None) -> ModelPackage:
+    """Find a package by installed name, or load it from a folder path; ``None`` means the default
+    CT model (:func:`default_model_for` ``("CT")``; use that function for another modality).
+
+    The weights hash is *not* checked here (call :meth:`ModelPackage.verify`); unknown names raise
+    :class:`ModelError` listing what is installed and how to install more.
+    """
+    return _resolve(name_or_path, scan_packages, _load_package, default_model_for)
+
+
+def package_info(name_or_path: str | os.PathLike | None = None) -> PackageInfo:
+    """:func:`resolve_model` as a :class:`PackageInfo` (no torch)."""
+    return _resolve(name_or_path, scan_package_infos, read_package_info, default_package_info)
+
 
 
 # -- zip export / install ----------------------------------------------------------------------
@@ -224,7 +462,7 @@ def export_zip(package: ModelPackage | str | os.PathLike, out_zip: str | os.Path
     The weights are verified first so a corrupt package is never passed on. Written to a temp
     name beside ``out_zip`` and renamed into place.
     """
-    if not isinstance(package, ModelPackage):
+    if isinstance(package, (str, os.PathLike)):
         package = resolve_model(package)
     package.verify()
     out_zip = Path(out_zip)
@@ -300,24 +538,121 @@ def _package_root(extracted: Path) -> Path:
     raise ModelError(f"the zip holds no model package: expected {MODEL_JSON} at its root or in one top-level folder")
 
 
-def install_zip(zip_path: str | os.PathLike, sha256: str | None = None, force: bool = False) -> ModelPackage:
-    """Install a package from a local zip into the user models folder (no network).
+ProgressCallback = Callable[[str, float, str], None]
+"""``progress(stage, fraction, message)``: stage ``download`` / ``verify`` / ``extract`` / ``install``;
+``fraction`` in [0, 1] of that stage (-1 when the size is unknown)."""
 
-    ``sha256``: expected hex digest of the zip file itself (checked before it is opened).
-    ``force``: replace an installed user package of the same name. A failed install leaves
-    the models folder as it was.
+
+def _check_hex(sha256: str | None, what: str = "--sha256") -> str | None:
+    if sha256 is None:
+        return None
+    expected = sha256.strip().lower()
+    if not _HEX_RE.match(expected):
+        raise ModelError(f"{what} must be 64 hexadecimal digits, got {sha256!r}")
+    return expected
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None, *, progress: ProgressCallback | None = None,
+             should_cancel: Callable[[], bool] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
+             max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+    """Download ``url`` (http or https) to ``dest`` and check its sha256 while it streams.
+
+    Raises :class:`ModelError` on a network error, a response larger than ``max_bytes``, a wrong
+    hash (the file is then removed) and :class:`~MedDiffSegLib.errors.Cancelled` when
+    ``should_cancel()`` turns true; ``timeout`` bounds each connect and read.
     """
-    zip_path = Path(zip_path).expanduser()
-    if not zip_path.is_file():
-        raise ModelError(f"package zip {zip_path} not found")
-    if sha256 is not None:
-        expected = sha256.strip().lower()
-        if not _HEX_RE.match(expected):
-            raise ModelError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
-        actual = sha256_file(zip_path)
-        if actual != expected:
-            raise ModelError(f"{zip_path} does not match the expected sha256 "
-                             f"(expected {expected[:16]}…, found {actual[:16]}…); not installed")
+    import urllib.error
+    import urllib.request
+
+    expected = _check_hex(sha256) if sha256 else None
+    if expected is None:
+        raise ModelError(f"installing from a URL needs the sha256 of the zip (published with it): {url}")
+    if not is_url(url):
+        raise ModelError(f"only http:// and https:// URLs can be downloaded, got {url!r}")
+    dest = Path(dest)
+    h = hashlib.sha256()
+    done = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "MedDiffSeg model installer"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "xb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            if total is not None and total > max_bytes:
+                raise ModelError(f"{url} is {total} bytes, more than the {max_bytes} allowed for a model package")
+            if progress is not None:
+                progress("download", 0.0 if total else -1.0, f"downloading {url}")
+            while True:
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled("download cancelled")
+                block = response.read(1 << 16)
+                if not block:
+                    break
+                done += len(block)
+                if done > max_bytes:
+                    raise ModelError(f"{url} sends more than the {max_bytes} bytes allowed for a model package")
+                h.update(block)
+                out.write(block)
+                if progress is not None:
+                    progress("download", done / total if total else -1.0, f"{done / 1e6:.1f} MB"
+                             + (f" of {total / 1e6:.1f} MB" if total else ""))
+        if total is not None and done != total:
+            raise ModelError(f"the download of {url} stopped after {done} of {total} bytes")
+    except (ModelError, Cancelled):
+        dest.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        dest.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise ModelError(f"cannot download {url}: {reason}") from None
+    actual = h.hexdigest()
+    if actual != expected:
+        dest.unlink(missing_ok=True)
+        raise ModelError(f"{url} does not match the expected sha256 (expected {expected[:16]}…, found {actual[:16]}…); "
+                         "not installed")
+    if progress is not None:
+        progress("download", 1.0, f"{done / 1e6:.1f} MB, sha256 verified")
+    return dest
+
+
+def _numeric_version(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", str(version)))
+
+
+def is_newer(version: str, than: str) -> bool:
+    """Whether package version ``version`` is newer than ``than`` (PEP 440 when both parse, else numeric parts)."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # pragma: no cover - packaging ships with pip
+        return _numeric_version(version) > _numeric_version(than)
+    try:
+        return Version(str(version)) > Version(str(than))
+    except InvalidVersion:
+        return _numeric_version(version) > _numeric_version(than)
+
+
+def install_package(source: str | os.PathLike, sha256: str | None = None, force: bool = False, *,
+                    progress: ProgressCallback | None = None, should_cancel: Callable[[], bool] | None = None,
+                    full_check: bool = True, expect_name: str | None = None,
+                    require_newer_than: str | None = None) -> PackageInfo:
+    """Install a package from a local zip or an http(s) URL into the user models folder.
+
+    ``sha256``: the expected hex digest of the zip itself (required for a URL, checked before the
+    archive is opened). ``force``: replace an installed user package of the same name.
+    ``full_check``: also parse the package with the library (its preprocessing spec and method:
+    imports torch); without it (the Slicer module's process) the method is checked when the model
+    first runs. ``expect_name`` / ``require_newer_than``: what :func:`update_package` asks of the
+    new package. A failed or cancelled install leaves the models folder as it was.
+    """
+    def report(stage: str, fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(stage, fraction, message)
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("model installation cancelled")
+
     users = user_models_dir()
     try:
         users.mkdir(parents=True, exist_ok=True)
@@ -325,6 +660,21 @@ def install_zip(zip_path: str | os.PathLike, sha256: str | None = None, force: b
         raise ModelError(f"cannot create the user models folder {users}: {exc.strerror or exc}") from None
     staging = Path(tempfile.mkdtemp(prefix=".install-", dir=users))
     try:
+        if is_url(source):
+            zip_path = download(str(source), staging / "package.zip", sha256, progress=progress,
+                                should_cancel=should_cancel)
+        else:
+            zip_path = Path(source).expanduser()
+            if not zip_path.is_file():
+                raise ModelError(f"package zip {zip_path} not found")
+            expected = _check_hex(sha256)
+            if expected is not None:
+                report("verify", 0.0, f"checking the sha256 of {zip_path.name}")
+                actual = sha256_file(zip_path)
+                if actual != expected:
+                    raise ModelError(f"{zip_path} does not match the expected sha256 "
+                                     f"(expected {expected[:16]}…, found {actual[:16]}…); not installed")
+        report("extract", 0.0, f"extracting {zip_path.name}")
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 _extract_safely(zf, staging / "x")
@@ -333,21 +683,30 @@ def install_zip(zip_path: str | os.PathLike, sha256: str | None = None, force: b
         except (OSError, EOFError, RuntimeError, NotImplementedError) as exc:
             raise ModelError(f"cannot extract {zip_path}: {exc}") from None
         root = _package_root(staging / "x")
-        pkg = ModelPackage.from_folder(root)
-        if not _NAME_RE.match(pkg.name):
-            raise ModelError(f"package name {pkg.name!r} is not usable as a folder name "
+        info = read_package_info(root)
+        if not _NAME_RE.match(info.name):
+            raise ModelError(f"package name {info.name!r} is not usable as a folder name "
                              "(letters, digits, '.', '_' and '-' only)")
-        pkg.verify()
-        from ..methods.base import available_methods
+        if expect_name is not None and info.name != expect_name:
+            raise ModelError(f"the package holds model {info.name!r}, not {expect_name!r}; not installed")
+        if require_newer_than is not None and not is_newer(info.version, require_newer_than):
+            raise ModelError(f"the package holds {info.name} {info.version}, which is not newer than the installed "
+                             f"{require_newer_than}; not installed (use --allow-downgrade to install it anyway)")
+        report("verify", 0.5, f"checking the weights of {info.name}")
+        info.verify()
+        if full_check:
+            from ..methods.base import available_methods
 
-        if pkg.method_name not in available_methods():
-            raise ModelError(f"package {pkg.name!r} needs method {pkg.method_name!r}, which this version of "
-                             f"MedDiffSeg does not have (available: {', '.join(available_methods())})")
-        dest = users / pkg.name
+            info.load()  # the preprocessing spec parses
+            if info.method_name not in available_methods():
+                raise ModelError(f"package {info.name!r} needs method {info.method_name!r}, which this version of "
+                                 f"MedDiffSeg does not have (available: {', '.join(available_methods())})")
+        report("install", 0.0, f"installing {info.name} {info.version}")
+        dest = users / info.name
         old: Path | None = None
         if dest.exists() or dest.is_symlink():
             if not force:
-                raise ModelError(f"model {pkg.name!r} is already installed at {dest}; use --force to replace it")
+                raise ModelError(f"model {info.name!r} is already installed at {dest}; use --force to replace it")
             old = staging / "previous"
             os.replace(dest, old)
         try:
@@ -356,6 +715,64 @@ def install_zip(zip_path: str | os.PathLike, sha256: str | None = None, force: b
             if old is not None:
                 os.replace(old, dest)
             raise ModelError(f"cannot move the package into {dest}: {exc.strerror or exc}") from None
-        return ModelPackage.from_folder(dest)
+        if progress is not None:
+            progress("install", 1.0, f"installed {info.name} {info.version}")
+        return read_package_info(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def install_zip(zip_path: str | os.PathLike, sha256: str | None = None, force: bool = False) -> ModelPackage:
+    """Install a package from a local zip into the user models folder (no network).
+
+    ``sha256``: expected hex digest of the zip file itself (checked before it is opened).
+    ``force``: replace an installed user package of the same name. A failed install leaves
+    the models folder as it was. (:func:`install_package` also takes URLs and works without torch.)
+    """
+    if is_url(zip_path):
+        raise ModelError(f"{zip_path} is a URL; use install_package (meddiffseg models install --url ...)")
+    return install_package(zip_path, sha256=sha256, force=force).load()
+
+
+def update_package(name: str, source: str | os.PathLike, sha256: str | None = None, *,
+                   allow_downgrade: bool = False, progress: ProgressCallback | None = None,
+                   should_cancel: Callable[[], bool] | None = None, full_check: bool = True) -> tuple[PackageInfo, PackageInfo]:
+    """Replace installed model ``name`` by the package in ``source`` (a zip or an http(s) URL).
+
+    The new package must have the same name and, unless ``allow_downgrade``, a newer version.
+    It goes to the user folder (a built-in package is then shadowed, not changed). Returns
+    ``(the package before, the package now)``.
+    """
+    before = package_info(name)
+    if os.sep in name or name.startswith((".", "~")):
+        raise ModelError(f"give the name of an installed model to update, not a path: {name!r}")
+    after = install_package(source, sha256=sha256, force=True, progress=progress, should_cancel=should_cancel,
+                            full_check=full_check, expect_name=before.name,
+                            require_newer_than=None if allow_downgrade else before.version)
+    return before, after
+
+
+def remove_package(name: str) -> Path:
+    """Delete the user package ``name``; returns the folder removed.
+
+    Built-in packages are part of the library and cannot be removed (a user package of the same
+    name can: the built-in one is then used again). A half-removed package is never left behind:
+    the folder is first renamed out of the listing.
+    """
+    if not _NAME_RE.match(name or ""):
+        raise ModelError(f"{name!r} is not a model name")
+    dest = user_models_dir() / name
+    if not dest.is_dir() or dest.is_symlink():
+        if (builtin_models_dir() / name).is_dir():
+            raise ModelError(f"model {name!r} is built in (shipped with MedDiffSeg in {builtin_models_dir()}) "
+                             "and cannot be removed")
+        installed = ", ".join(p.name for p in list_package_infos()) or "none"
+        raise ModelError(f"model {name!r} is not installed in {user_models_dir()} (installed models: {installed})")
+    trash = Path(tempfile.mkdtemp(prefix=".remove-", dir=user_models_dir()))
+    try:
+        os.replace(dest, trash / name)
+    except OSError as exc:
+        shutil.rmtree(trash, ignore_errors=True)
+        raise ModelError(f"cannot remove {dest}: {exc.strerror or exc}") from None
+    shutil.rmtree(trash, ignore_errors=True)
+    return dest

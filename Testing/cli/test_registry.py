@@ -396,3 +396,213 @@ def test_cli_models_list_empty_and_broken(builtin_dir, capsys):
     assert main(["models", "list"]) == 0
     captured = capsys.readouterr()
     assert "warning: skipping model folder" in captured.err and "junk" in captured.err
+
+
+# -- torch-free metadata, URL install, update, remove (issue 14) ------------------------------------------------
+
+
+def _local_server_module():
+    """Testing/slicer/localserver.py: the bounded 127.0.0.1 file server shared with the Slicer panel's tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "slicer" / "localserver.py"
+    spec = importlib.util.spec_from_file_location("meddiffseg_test_localserver", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LocalFileServer = _local_server_module().LocalFileServer
+
+
+def _with_version(src: Path, root: Path, version: str) -> Path:
+    """A copy of package folder ``src`` whose model.json says ``version`` (same name, same weights)."""
+    dst = root / f"{src.name}-{version}" / src.name
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    meta["version"] = version
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def versioned_zips(tiny_packages, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("versions")
+    return {v: export_zip(ModelPackage.from_folder(_with_version(tiny_packages["guided"], root, v)),
+                          root / f"tiny-guided-{v}.zip") for v in ("0.0.2", "0.1.0")}
+
+
+def test_package_info_matches_the_model_package(builtin_dir, tiny_packages):
+    from MedDiffSegLib.registry import package_info, read_package_info
+
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    full = ModelPackage.from_folder(builtin_dir / "tiny-guided")
+    info = package_info("tiny-guided")
+    assert info.path == full.path and (info.name, info.version, info.method_name) == (full.name, full.version, full.method_name)
+    assert info.modality == full.modality and info.organ_names == full.organ_names
+    assert [o.to_dict() for o in info.organs] == [o.to_dict() for o in full.organs]
+    assert info.weights_sha256 == full.weights_sha256 and info.metrics == full.metrics
+    assert info.organ_ids(["Spleen", "liver"]) == full.organ_ids(["Spleen", "liver"])
+    with pytest.raises(ModelError, match="does not know organ"):
+        info.organ_ids(["heart"])
+    assert info.spacing == tuple(full.preprocessing.spacing)
+    info.verify()
+    assert info.load().name == full.name
+    assert store.MODEL_JSON == "model.json" and store.WEIGHTS == "weights.safetensors"
+    from MedDiffSegLib.registry import package as package_module
+
+    assert (store.MODEL_JSON, store.WEIGHTS, store.FORMAT_VERSION) == (
+        package_module.MODEL_JSON, package_module.WEIGHTS, package_module.FORMAT_VERSION)
+    # Broken folders are reported the same way by both listings.
+    (builtin_dir / "junk").mkdir()
+    assert [b.path.name for b in store.scan_package_infos().broken] == [b.path.name for b in scan_packages().broken]
+    bad = builtin_dir / "bad"
+    shutil.copytree(tiny_packages["guided"], bad)
+    meta = json.loads((bad / "model.json").read_text())
+    meta["preprocessing"]["modality"] = "PET"
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="modality"):
+        read_package_info(bad)
+
+
+def test_registry_imports_and_lists_without_torch(builtin_dir, tiny_packages, tmp_path):
+    """What the Slicer module does before PyTorch is installed: list, resolve and describe models."""
+    import subprocess
+    import sys
+
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'safetensors', 'monai', 'diffusers'):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)")
+sys.meta_path.insert(0, NoTorch())
+from MedDiffSegLib.registry import store, list_package_infos, package_info, default_package_info, models_for_modality
+store.BUILTIN_MODELS_DIR = {str(builtin_dir)!r}
+infos = list_package_infos()
+assert [p.name for p in infos] == ['tiny-guided'], infos
+assert package_info('tiny-guided').organ_names == ['liver', 'spleen']
+assert default_package_info('CT').name == 'tiny-guided'
+assert [p.name for p in models_for_modality('CT', infos)] == ['tiny-guided']
+package_info('tiny-guided').verify()
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors')], 'torch was imported'
+print('ok')
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MEDDIFFSEG_HOME=str(tmp_path / "home")))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_install_from_url_checks_sha256_and_reports_progress(builtin_dir, tiny_zips):
+    from MedDiffSegLib.registry import install_package
+
+    data = tiny_zips["guided"].read_bytes()
+    digest = sha256_file(tiny_zips["guided"])
+    with LocalFileServer({"/tiny.zip": data}, chunk_size=4096) as server:
+        url = server.url("/tiny.zip")
+        with pytest.raises(ModelError, match="needs the sha256"):
+            install_package(url)
+        with pytest.raises(ModelError, match="does not match the expected sha256"):
+            install_package(url, sha256="0" * 64)
+        assert _installed_entries() == []  # nothing left behind, not even the download
+        events = []
+        info = install_package(url, sha256=digest, progress=lambda *e: events.append(e), full_check=False)
+        with pytest.raises(ModelError, match="cannot download"):
+            install_package(server.url("/missing.zip"), sha256=digest)
+    assert info.name == "tiny-guided" and package_origin(info) == "user"
+    assert _installed_entries() == ["tiny-guided"]
+    downloads = [f for stage, f, _ in events if stage == "download"]
+    assert downloads[0] == 0.0 and downloads[-1] == 1.0 and downloads == sorted(downloads) and len(downloads) > 3
+    assert [s for s, *_ in events][-1] == "install"
+    assert server.requests.count("/tiny.zip") == 2  # without a sha256 nothing is even requested
+
+
+def test_url_download_is_bounded_and_cancellable(builtin_dir, tiny_zips, tmp_path):
+    from MedDiffSegLib.errors import Cancelled
+    from MedDiffSegLib.registry import download, install_package
+
+    data = tiny_zips["guided"].read_bytes()
+    digest = sha256_file(tiny_zips["guided"])
+    with LocalFileServer({"/tiny.zip": data}, chunk_size=1024, chunk_delay=0.01) as server:
+        url = server.url("/tiny.zip")
+        with pytest.raises(ModelError, match="bytes, more than the 1000 allowed"):
+            download(url, tmp_path / "a.zip", digest, max_bytes=1000)
+        assert not (tmp_path / "a.zip").exists()
+        seen = []
+        with pytest.raises(Cancelled):
+            install_package(url, sha256=digest, progress=lambda *e: seen.append(e),
+                            should_cancel=lambda: len(seen) > 3)
+    assert _installed_entries() == []
+    with LocalFileServer({"/tiny.zip": data}, send_length=False) as server:  # size unknown: fraction -1
+        with pytest.raises(ModelError, match="sends more than the 1000 bytes"):
+            download(server.url("/tiny.zip"), tmp_path / "c.zip", digest, max_bytes=1000)
+        assert not (tmp_path / "c.zip").exists()
+        events = []
+        download(server.url("/tiny.zip"), tmp_path / "b.zip", digest, progress=lambda *e: events.append(e))
+    assert events[0][1] == -1.0 and events[-1][1] == 1.0
+    assert sha256_file(tmp_path / "b.zip") == digest
+
+
+def test_update_needs_the_same_model_in_a_newer_version(builtin_dir, tiny_packages, tiny_zips, versioned_zips):
+    from MedDiffSegLib.registry import update_package
+
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")  # built-in 0.0.1
+    with pytest.raises(ModelError, match="not newer"):
+        update_package("tiny-guided", tiny_zips["guided"])
+    with pytest.raises(ModelError, match="holds model 'tiny-sdseg', not 'tiny-guided'"):
+        update_package("tiny-guided", tiny_zips["sdseg"], allow_downgrade=True)
+    with pytest.raises(ModelError, match="not installed"):
+        update_package("tiny-nothing", versioned_zips["0.0.2"])
+    before, after = update_package("tiny-guided", versioned_zips["0.1.0"])
+    assert (before.version, after.version) == ("0.0.1", "0.1.0")
+    assert package_origin(resolve_model("tiny-guided")) == "user"  # shadows the built-in, which is unchanged
+    assert ModelPackage.from_folder(builtin_dir / "tiny-guided").version == "0.0.1"
+    with pytest.raises(ModelError, match="not newer"):
+        update_package("tiny-guided", versioned_zips["0.0.2"])
+    _, after = update_package("tiny-guided", versioned_zips["0.0.2"], allow_downgrade=True)
+    assert after.version == "0.0.2" and _installed_entries() == ["tiny-guided"]
+    assert store.is_newer("0.10.0", "0.9.1") and not store.is_newer("1.0", "1.0.0") and store.is_newer("2", "1.x")
+
+
+def test_remove_deletes_user_packages_only(builtin_dir, tiny_packages, tiny_zips):
+    from MedDiffSegLib.registry import remove_package
+
+    shutil.copytree(tiny_packages["guided"], builtin_dir / "tiny-guided")
+    with pytest.raises(ModelError, match="built in"):
+        remove_package("tiny-guided")
+    with pytest.raises(ModelError, match="not installed"):
+        remove_package("tiny-sdseg")
+    with pytest.raises(ModelError, match="not a model name"):
+        remove_package("../x")
+    install_zip(tiny_zips["guided"])  # a user copy shadows the built-in
+    assert package_origin(resolve_model("tiny-guided")) == "user"
+    assert remove_package("tiny-guided") == user_models_dir() / "tiny-guided"
+    assert package_origin(resolve_model("tiny-guided")) == "built-in" and _installed_entries() == []
+
+
+def test_cli_models_install_url_update_remove_verify(builtin_dir, tiny_zips, versioned_zips, capsys):
+    digest = sha256_file(tiny_zips["guided"])
+    with LocalFileServer({"/tiny.zip": tiny_zips["guided"].read_bytes(),
+                          "/new.zip": versioned_zips["0.1.0"].read_bytes()}) as server:
+        assert main(["models", "install", server.url("/tiny.zip")]) == ModelError.exit_code
+        assert "needs the sha256" in capsys.readouterr().err
+        assert main(["models", "install", server.url("/tiny.zip"), "--sha256", digest]) == 0
+        assert "installed tiny-guided 0.0.1" in capsys.readouterr().out
+        new_digest = sha256_file(versioned_zips["0.1.0"])
+        assert main(["models", "update", "tiny-guided", server.url("/new.zip"), "--sha256", new_digest]) == 0
+        assert "updated tiny-guided from 0.0.1 to 0.1.0" in capsys.readouterr().out
+    assert main(["models", "info", "tiny-guided", "--verify"]) == 0
+    assert "(verified)" in capsys.readouterr().out
+    weights = user_models_dir() / "tiny-guided" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert main(["models", "info", "tiny-guided", "--verify"]) == ModelError.exit_code
+    assert "does not match its sha256" in capsys.readouterr().err
+    assert main(["models", "remove", "tiny-guided"]) == 0
+    assert "removed tiny-guided" in capsys.readouterr().out
+    assert main(["models", "remove", "tiny-guided"]) == ModelError.exit_code
+    assert main(["models", "--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("update", "remove", "--sha256", "http"):
+        assert word in out
