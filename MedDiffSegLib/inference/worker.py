@@ -30,8 +30,19 @@ protocol and points descriptor 1 at stderr before importing the heavy libraries.
 
 **Cancel**: SIGTERM (or SIGINT) asks the run to stop; the engine notices before its next window
 batch, the pipeline removes any partial output, and the worker exits with status 130. A second
-signal ends the process at once. The run is also cancelled when the parent process that started
-the worker goes away (POSIX), so a closed GUI never leaves an orphan computing for nothing.
+signal ends the process at once.
+
+**Orphans**: the run is also cancelled when the process it works for dies. That is the request's
+``watch_pid`` (the 3D Slicer module sends its own process id: inside Slicer the worker is started
+through the ``PythonSlicer`` launcher, which is the worker's parent and outlives a crashed Slicer),
+else the parent process (POSIX). A watchdog thread checks every :data:`WATCH_INTERVAL_S` seconds, so
+this also works while a long network batch runs; if the run has not stopped
+:data:`ORPHAN_GRACE_S` seconds later, the process exits at once (status 130).
+
+**Device information without a run**: ``python -m MedDiffSegLib.inference.worker --device-info
+[--device auto|cpu|cuda]`` prints the ``start`` and ``device`` lines and exits (status 0; a device
+that is not available is an ``error`` line, status 4). A front end that must not import torch or
+initialise CUDA in its own process (the Slicer module) asks this way which device a run would use.
 """
 
 from __future__ import annotations
@@ -63,7 +74,13 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     "save_probabilities": (bool,),
     "modality": (str,),
     "allow_modality_mismatch": (bool,),
+    "watch_pid": (int,),
 }
+
+#: How often the watchdog checks that the watched process is alive, and how long a run may go on
+#: after it died before the worker exits at once (seconds).
+WATCH_INTERVAL_S = 0.5
+ORPHAN_GRACE_S = 10.0
 
 
 class RequestError(Exception):
@@ -150,13 +167,45 @@ def protocol_stream() -> TextIO:
     return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
 
 
-class CancelFlag:
-    """Set by SIGTERM/SIGINT (a second signal ends the process) or when the parent process is gone."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX: signal 0; Windows: its handle is not signalled)."""
+    if pid <= 0:
+        return False
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            return True
+        return True
+    import ctypes  # pragma: no cover - Windows
 
-    def __init__(self, watch_parent: bool = True):
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+    if not handle:
+        return False
+    try:
+        return kernel32.WaitForSingleObject(handle, 0) == 0x00000102  # WAIT_TIMEOUT: still running
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+class CancelFlag:
+    """Set by SIGTERM/SIGINT (a second signal ends the process) or when the watched process is gone.
+
+    ``watch_pid``: the process the worker works for (None: the parent, checked by re-parenting on POSIX).
+    :meth:`watch` starts the watchdog thread (see the module docstring).
+    """
+
+    def __init__(self, watch_parent: bool = True, watch_pid: int | None = None):
         self._event = threading.Event()
         self._parent = os.getppid() if (watch_parent and os.name == "posix") else None
+        self._watch_pid = watch_pid
         self._previous: dict[int, Any] = {}
+        self._watchdog: threading.Thread | None = None
+        self._stop_watching = threading.Event()
+        self.orphaned = False
 
     def install(self) -> "CancelFlag":
         if threading.current_thread() is not threading.main_thread():
@@ -176,9 +225,38 @@ class CancelFlag:
     def set(self) -> None:
         self._event.set()
 
+    def watch_process(self, pid: int | None) -> None:
+        """Watch ``pid`` instead of the parent (the request's ``watch_pid``)."""
+        self._watch_pid = pid if pid else None
+
+    def owner_gone(self) -> bool:
+        if self._watch_pid is not None:
+            return not pid_alive(self._watch_pid)
+        return self._parent is not None and os.getppid() != self._parent  # re-parented: our starter is gone
+
+    def watch(self, interval: float = WATCH_INTERVAL_S, grace: float = ORPHAN_GRACE_S,
+              exit: Callable[[int], None] = os._exit) -> "CancelFlag":
+        """Start the watchdog thread: on the owner's death set the flag, then ``exit(130)`` after ``grace``."""
+        def run() -> None:
+            while not self.owner_gone():
+                if self._stop_watching.wait(interval):
+                    return
+            self.orphaned = True
+            self._event.set()  # the run cancels itself at its next check...
+            if not self._stop_watching.wait(grace):
+                exit(130)  # ...or is ended here
+
+        self._watchdog = threading.Thread(target=run, name="meddiffseg-orphan-watchdog", daemon=True)
+        self._watchdog.start()
+        return self
+
+    def stop_watching(self) -> None:
+        self._stop_watching.set()
+
     def __call__(self) -> bool:
-        if self._parent is not None and os.getppid() != self._parent:
-            self._event.set()  # re-parented: whoever started us is gone
+        if not self._event.is_set() and self.owner_gone():
+            self.orphaned = True
+            self._event.set()
         return self._event.is_set()
 
 
@@ -210,12 +288,32 @@ def run_request(request: dict[str, Any], emit: Callable[[dict[str, Any]], None],
     )
 
 
+def device_info(device: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    """The ``--device-info`` mode: one ``device`` line for ``device`` (or an ``error`` line)."""
+    from ..errors import MedDiffSegError
+    from .device import device_description, resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+        emit({"type": "device", "device": device_description(torch_device), "gpu": torch_device.type == "cuda",
+              "requested": device})
+    except MedDiffSegError as exc:
+        code = int(getattr(exc, "exit_code", 1)) or 1
+        emit({"type": "error", "kind": type(exc).__name__, "message": str(exc), "exit_code": code})
+        return code
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m MedDiffSegLib.inference.worker",
         description="Run one segmentation described by a JSON request; JSON progress lines on stdout.",
     )
-    parser.add_argument("--request", required=True, help="path of the JSON request file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--request", help="path of the JSON request file")
+    what.add_argument("--device-info", action="store_true",
+                      help="only say which device a run would use (a 'device' line) and exit")
+    parser.add_argument("--device", default="auto", help="with --device-info: auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
 
     emit = ProtocolWriter(protocol_stream())
@@ -223,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     from .. import __version__
 
     emit({"type": "start", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "version": __version__})
+    if args.device_info:
+        return device_info(args.device, emit)
     try:
         request = load_request(args.request)
+        cancel.watch_process(request.get("watch_pid"))
+        cancel.watch()
         summary = run_request(request, emit, cancel)
     except RequestError as exc:
         emit({"type": "error", "kind": "RequestError", "message": str(exc), "exit_code": exc.exit_code})
