@@ -12,6 +12,11 @@ real MRML without the desktop application.
 - Export: ``MedDiffSegLogic().exportDicomSeg(result)`` writes a DICOM-SEG and the uncertainty as a
   DICOM Parametric Map for a volume loaded from the DICOM database and adds them to it;
   ``exportSegmentationFiles`` writes .seg.nrrd + NIfTI (the way out for other volumes).
+
+Slicer's own process never imports torch or initialises CUDA for the panel: models are listed and
+installed from their ``model.json`` (``MedDiffSegLib.registry``'s torch-free functions), the
+compute device is asked of a worker process (``--device-info``), and the Python packages are
+installed on the first Segment, after one question (``MedDiffSegLogicLib.dependencies``).
 """
 
 import logging
@@ -36,8 +41,16 @@ from slicer.util import VTKObservationMixin
 
 from MedDiffSegLogicLib import dependencies, dicomexport, nodes, presets
 from MedDiffSegLogicLib import modality as modalityLib
+from MedDiffSegLogicLib import models as modelsLib
+from MedDiffSegLogicLib.process import DeviceProbeError, probeDevice
 from MedDiffSegLogicLib.progress import formatDuration
-from MedDiffSegLogicLib.segmentation import BackgroundSegmentation, MedDiffSegResult, SegmentOptions, segmentInProcess
+from MedDiffSegLogicLib.segmentation import (
+    BackgroundSegmentation,
+    MedDiffSegResult,
+    SegmentOptions,
+    resultFromNodes,
+    segmentInProcess,
+)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 dependencies.ensureLibraryOnPath(MODULE_DIR)
@@ -61,7 +74,7 @@ class MedDiffSeg(ScriptedLoadableModule):
         self.parent.title = _("MedDiffSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedDiffSeg contributors"]
+        self.parent.contributors = ["MedDiffSeg contributors (MedDiffSeg project)"]
         self.parent.helpText = _(
             "Segment organs in a CT or MR volume with a diffusion model. Choose the volume, the model and "
             "the organs, pick a quality (more samples = a more reliable uncertainty map, more time) and "
@@ -93,8 +106,10 @@ class MedDiffSegParameterNode:
     organs - organ names checked in the organ list.
     quality - Fast / Standard / Thorough; sets samples and staple.
     samples, steps (0 = model default), seed, device, staple, largestComponent - run settings.
-    showUncertainty, uncertaintyOpacity, colorMap - the overlay of the last result.
-    uncertaintyVolume - the last result's uncertainty volume.
+    showUncertainty, uncertaintyOpacity, colorMap, uncertaintyThreshold (transparent below),
+    uncertaintyInSegmentsOnly, showLegend - the overlay of the last result.
+    uncertaintyVolume, resultSegmentation - the last result's nodes: saved with the scene, so that the
+    results table, jump-to-slice and the overlay come back when the scene is loaded again.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -111,7 +126,11 @@ class MedDiffSegParameterNode:
     showUncertainty: bool = True
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     colorMap: Annotated[str, Choice(list(nodes.COLOR_MAPS))] = nodes.DEFAULT_COLOR_MAP
+    uncertaintyThreshold: Annotated[float, WithinRange(0.0, nodes.UNCERTAINTY_MAX)] = nodes.DEFAULT_THRESHOLD
+    uncertaintyInSegmentsOnly: bool = False
+    showLegend: bool = True
     uncertaintyVolume: vtkMRMLScalarVolumeNode
+    resultSegmentation: vtkMRMLSegmentationNode
 
 
 #
@@ -120,7 +139,7 @@ class MedDiffSegParameterNode:
 
 
 class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: settings, Segment/Cancel, progress, results and the uncertainty overlay."""
+    """The module panel: settings, Segment/Cancel, progress, results, the uncertainty overlay, model management."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -131,8 +150,12 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job: BackgroundSegmentation | None = None
         self._batch: list = []
         self._batchTotal = 0
-        self._lastResult: MedDiffSegResult | None = None
+        self._results: list[MedDiffSegResult] = []  # this run's (or batch's) results, in order
+        self._lastResult: MedDiffSegResult | None = None  # the result the overlay, jump and export act on
         self._timer = None
+        self._modelTimer = None
+        self._modelJob: modelsLib.ModelInstallJob | None = None
+        self._modelRows: list = []
         self._updatingOrgans = False
         self._currentVolumeName = ""
         self._batchRefreshPending = False
@@ -153,9 +176,13 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollTimer)
+        self._modelTimer = qt.QTimer()
+        self._modelTimer.setInterval(POLL_INTERVAL_MS)
+        self._modelTimer.connect("timeout()", self.onModelJobTimer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
 
@@ -170,28 +197,48 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchSegmentButton.connect("clicked(bool)", self.onBatchSegmentButton)
         self.ui.refreshBatchButton.connect("clicked(bool)", self.refreshBatchList)
         self.ui.resultsTableWidget.connect("cellDoubleClicked(int,int)", self.onResultRowDoubleClicked)
+        self.ui.jumpOrganComboBox.connect("currentIndexChanged(int)", self.onJumpOrganChanged)
         self.ui.jumpToUncertainButton.connect("clicked(bool)", self.onJumpToUncertain)
         self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onOverlaySettingsChanged)
         self.ui.uncertaintyOpacitySlider.connect("valueChanged(double)", self.onOverlaySettingsChanged)
+        self.ui.uncertaintyThresholdSlider.connect("valueChanged(double)", self.onOverlaySettingsChanged)
+        self.ui.uncertaintyInSegmentsCheckBox.connect("toggled(bool)", self.onOverlaySettingsChanged)
+        self.ui.uncertaintyLegendCheckBox.connect("toggled(bool)", self.onOverlaySettingsChanged)
         self.ui.colorMapComboBox.connect("currentIndexChanged(int)", self.onColorMapChanged)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
+        self.ui.modelsTableWidget.connect("cellClicked(int,int)", self.onModelRowSelected)
+        self.ui.installModelFileButton.connect("clicked(bool)", self.onInstallModelFromFile)
+        self.ui.installModelUrlButton.connect("clicked(bool)", self.onInstallModelFromUrl)
+        self.ui.updateModelButton.connect("clicked(bool)", self.onUpdateModelFromUrl)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
 
-        self.ui.resultsTableWidget.setColumnCount(3)
-        self.ui.resultsTableWidget.setHorizontalHeaderLabels([_("Organ"), _("Volume (mL)"), _("Mean uncertainty")])
+        self.ui.resultsTableWidget.setColumnCount(4)
+        self.ui.resultsTableWidget.setHorizontalHeaderLabels([_("Volume"), _("Organ"), _("Volume (mL)"),
+                                                              _("Mean uncertainty")])
         self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.modelsTableWidget.setColumnCount(len(modelsLib.HEADERS))
+        self.ui.modelsTableWidget.setHorizontalHeaderLabels([_(h) for h in modelsLib.HEADERS])
+        self.ui.modelsTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.uncertaintyThresholdSlider.toolTip = self.ui.uncertaintyThresholdSlider.toolTip or _(
+            "Transparent below this uncertainty.")
         self.ui.progressBar.hide()
+        self.ui.modelInstallProgressBar.hide()
 
         self.populateModels()
         self.refreshBatchList()
         self.initializeParameterNode()
+        self.updateDependencyHint()
         self.updateGUIState()
 
     def cleanup(self) -> None:
         if self._job is not None and not self._job.finished:
-            self._job.cancel()
-        if self._timer is not None:
-            self._timer.stop()
+            self._job.cancel(wait=False)
+        if self._modelJob is not None and not self._modelJob.finished:
+            self._modelJob.cancel()
+        for timer in (self._timer, self._modelTimer):
+            if timer is not None:
+                timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -205,13 +252,20 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None and not self._job.finished:
-            self._job.cancel()
+            self._job.cancel(wait=False)
+            self._batch = []
             self._finishJobUI(_("Cancelled: the scene was closed."))
+        self.clearResults()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller=None, event=None) -> None:
+        """A scene was loaded: take its parameter node and show the result it refers to."""
+        self.clearResults()
+        self.initializeParameterNode()
 
     def onSceneNodesChanged(self, caller=None, event=None) -> None:
         if self._job is None and not self._batchRefreshPending:
@@ -223,8 +277,9 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode") and not first.GetAttribute(nodes.ATTRIBUTE_PREFIX + "Model"):
                 self._parameterNode.inputVolume = first
+        self.restoreResults()
 
     def setParameterNode(self, inputParameterNode: MedDiffSegParameterNode | None) -> None:
         if self._parameterNode:
@@ -236,6 +291,17 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIState)
             self.selectModelInCombo(self._parameterNode.model)
         self.updateGUIState()
+
+    def restoreResults(self) -> None:
+        """Show the result the parameter node refers to (after a scene was loaded) when none is shown."""
+        p = self._parameterNode
+        if self._results or p is None or not p.resultSegmentation:
+            return
+        result = self.logic.resultFromNodes(p.resultSegmentation)
+        if result is not None:
+            self._results = [result]
+            self.fillResultsTable()
+            self.selectResult(0, showOverlay=True)
 
     def updateGUIState(self, caller=None, event=None) -> None:
         """Enable/disable buttons and refresh texts from the current state."""
@@ -258,10 +324,25 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is not None:
             preset = presets.QUALITY_PRESETS.get(p.quality)
             self.ui.qualityDescriptionLabel.text = preset.description if preset else ""
-        hasResult = self._lastResult is not None
-        self.ui.jumpToUncertainButton.enabled = hasResult
+        result = self._lastResult
+        self.ui.jumpToUncertainButton.enabled = result is not None and result.hasUncertainty
         self.ui.uncertaintyCollapsibleButton.enabled = bool(p and p.uncertaintyVolume)
+        for w in (self.ui.showUncertaintyCheckBox, self.ui.uncertaintyOpacitySlider, self.ui.uncertaintyThresholdSlider,
+                  self.ui.uncertaintyInSegmentsCheckBox, self.ui.uncertaintyLegendCheckBox, self.ui.colorMapComboBox):
+            w.enabled = result is None or result.hasUncertainty
         self.updateExportState(running)
+        self.updateModelButtons()
+
+    def updateDependencyHint(self) -> None:
+        """Say in the panel, before any click, what the first Segment will install (nothing is imported)."""
+        try:
+            plan = self.logic.dependencyPlan()
+        except Exception as exc:
+            logging.warning("MedDiffSeg: cannot check the Python packages: %s", exc)
+            return
+        if not plan.satisfied and not self.ui.statusLabel.text:
+            self.ui.statusLabel.text = _("The first Segment installs what MedDiffSeg needs in Slicer's Python "
+                                         "(after asking): {items}.").format(items="; ".join(plan.items()))
 
     def updateExportState(self, running: bool = False) -> None:
         """Export DICOM-SEG only for a result on a volume from the DICOM database; say why otherwise."""
@@ -309,7 +390,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is not None and volume.GetImageData() is not None:
             try:
                 self._volumeModality = self.logic.volumeModality(volume)
-            except Exception as exc:  # e.g. the library is not installed yet: no modality, no filtering
+            except Exception as exc:  # no modality, no filtering
                 logging.warning("MedDiffSeg: cannot tell the modality of %s: %s", volume.GetName(), exc)
         current = self.currentModelName()
         select = current
@@ -324,19 +405,20 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModels(select=select, reload=False)
 
     def populateModels(self, select: str | None = None, reload: bool = True) -> None:
-        """Fill the model list: the models made for the input volume's modality first, then the others
-        (marked with their modality), then 'Install from file...'."""
+        """Fill the model list (read from the packages' model.json; no torch needed): the models made for
+        the input volume's modality first, then the others (marked with their modality), then
+        'Install from file...'. Also fills the model management table."""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         if reload:
             try:
                 self._packages = list(self.logic.listModels())
-            except Exception as exc:  # dependencies missing: say so, keep the GUI usable
-                logging.warning("MedDiffSeg: cannot list models: %s", exc)
+            except Exception as exc:  # e.g. an unreadable models folder: say so, keep the GUI usable
+                logging.exception("MedDiffSeg: cannot list models")
                 self._packages = []
-                self.ui.modelInfoLabel.text = _("The MedDiffSeg Python packages are not installed yet; they are "
-                                                "installed when you first click Segment.")
+                self.ui.modelInfoLabel.text = _("Cannot list the models: {error}").format(error=exc)
+            self.populateModelsTable()
         volume = self._volumeModality
         fitting, others = modalityLib.splitByModality(self._packages, volume.modality if volume else None)
         for package in fitting:
@@ -408,19 +490,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             self.populateModels()
             return
-        try:
-            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
-            try:
-                package = self.logic.installModel(path)
-            finally:
-                qt.QApplication.restoreOverrideCursor()
-        except Exception as exc:
-            logging.exception("MedDiffSeg: installing %s failed", path)
-            slicer.util.errorDisplay(_("Installing the model failed: {error}").format(error=exc))
-            self.populateModels()
-            return
-        slicer.util.showStatusMessage(_("Installed model {name}").format(name=package.name), 5000)
-        self.populateModels(select=package.name)
+        self.startModelJob(str(path), None)
 
     def populateOrgans(self, modelName: str | None) -> None:
         self._updatingOrgans = True
@@ -475,6 +545,126 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.staple = preset.staple
         self.updateGUIState()
 
+    # -- model management ---------------------------------------------------------------------------
+    def populateModelsTable(self) -> None:
+        table = self.ui.modelsTableWidget
+        try:
+            self._modelRows = modelsLib.modelRows()
+        except Exception as exc:
+            logging.exception("MedDiffSeg: cannot list models")
+            self._modelRows = []
+            self.ui.modelDetailsLabel.text = str(exc)
+        table.setRowCount(len(self._modelRows))
+        for row, model in enumerate(self._modelRows):
+            for column, text in enumerate(model.cells()):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        self.updateModelButtons()
+
+    def selectedModelRow(self):
+        row = self.ui.modelsTableWidget.currentRow()
+        return self._modelRows[row] if 0 <= row < len(self._modelRows) else None
+
+    def onModelRowSelected(self, row: int = -1, column: int = 0) -> None:
+        model = self.selectedModelRow()
+        text = ""
+        if model is not None:
+            try:
+                text = modelsLib.describe(model.name)
+            except Exception as exc:
+                text = _("Cannot read model {name}: {error}").format(name=model.name, error=exc)
+        self.ui.modelDetailsLabel.text = text
+        self.updateModelButtons()
+
+    def updateModelButtons(self) -> None:
+        busy = self._modelJob is not None
+        model = self.selectedModelRow()
+        self.ui.removeModelButton.enabled = bool(model and model.removable) and not busy and self._job is None
+        self.ui.removeModelButton.toolTip = (
+            _("Select a model in the table.") if model is None else
+            _("Delete {name} from your models folder.").format(name=model.name) if model.removable else
+            _("{name} is built into MedDiffSeg and cannot be removed.").format(name=model.name))
+        self.ui.updateModelButton.enabled = model is not None and not busy
+        self.ui.installModelFileButton.enabled = not busy
+        self.ui.installModelUrlButton.enabled = True  # it is the Cancel button while a download runs
+        self.ui.installModelUrlButton.text = _("Cancel download") if busy else _("Install from URL")
+
+    def onInstallModelFromUrl(self) -> None:
+        if self._modelJob is not None:
+            self._modelJob.cancel()
+            return
+        url, sha256 = self.ui.modelUrlLineEdit.text.strip(), self.ui.modelSha256LineEdit.text.strip()
+        if not url:
+            slicer.util.warningDisplay(_("Enter the URL of the model package (and its SHA-256) first."))
+            return
+        self.startModelJob(url, sha256)
+
+    def onUpdateModelFromUrl(self) -> None:
+        model = self.selectedModelRow()
+        if model is None or self._modelJob is not None:
+            return
+        source, sha256 = self.ui.modelUrlLineEdit.text.strip(), self.ui.modelSha256LineEdit.text.strip()
+        if not source:
+            source = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(),
+                                                    _("The new version of {name}").format(name=model.name), "",
+                                                    _("Model package (*.zip)"))
+            if not source:
+                return
+        self.startModelJob(str(source), sha256, update=model.name)
+
+    def startModelJob(self, source: str, sha256: str | None, update: str | None = None, force: bool = False) -> None:
+        """Install or update a package in the background (a URL is downloaded; progress below the table)."""
+        self._modelJob = self.logic.startModelInstall(source, sha256 or None, update=update, force=force)
+        self.ui.modelInstallProgressBar.value = 0
+        self.ui.modelInstallProgressBar.show()
+        self.ui.modelDetailsLabel.text = (_("Updating {name}...").format(name=update) if update
+                                          else _("Installing {source}...").format(source=source))
+        self._modelTimer.start()
+        self.updateModelButtons()
+
+    def onModelJobTimer(self) -> None:
+        job = self._modelJob
+        if job is None:
+            self._modelTimer.stop()
+            return
+        stage, fraction, message = job.poll()
+        self.ui.modelInstallProgressBar.value = int(round(max(fraction, 0.0) * 1000))
+        self.ui.modelDetailsLabel.text = f"{stage}: {message}" if message else stage
+        if not job.finished:
+            return
+        self._modelTimer.stop()
+        self._modelJob = None
+        self.ui.modelInstallProgressBar.hide()
+        if job.error:
+            self.ui.modelDetailsLabel.text = job.error
+            if not job.cancelled:
+                slicer.util.errorDisplay(_("Installing the model failed: {error}").format(error=job.error))
+            self.populateModels()
+            return
+        package = job.result
+        if job.update:
+            text = _("Updated {name} from {old} to {new}.").format(name=package.name, old=job.previous.version,
+                                                                  new=package.version)
+        else:
+            text = _("Installed model {name} {version}.").format(name=package.name, version=package.version)
+        self.ui.modelDetailsLabel.text = text
+        slicer.util.showStatusMessage(text, 5000)
+        self.populateModels(select=package.name)
+
+    def onRemoveModel(self) -> None:
+        model = self.selectedModelRow()
+        if model is None or not model.removable:
+            return
+        if not slicer.util.confirmOkCancelDisplay(_("Delete model {name} {version} from your models folder?").format(
+                name=model.name, version=model.version)):
+            return
+        try:
+            path = self.logic.removeModel(model.name)
+        except Exception as exc:
+            slicer.util.errorDisplay(_("Removing the model failed: {error}").format(error=exc))
+            return
+        self.ui.modelDetailsLabel.text = _("Removed {name} ({path}).").format(name=model.name, path=path)
+        self.populateModels()
+
     # -- batch list -----------------------------------------------------------------------------------
     def refreshBatchList(self) -> None:
         self._batchRefreshPending = False
@@ -517,15 +707,29 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.startQueue(volumes)
 
+    def ensureDependencies(self) -> bool:
+        """Install what is missing after one question; on a refusal or a failure say why and keep the panel."""
+        result = self.logic.ensureDependencies(confirm=lambda question: slicer.util.confirmOkCancelDisplay(
+            question, windowTitle=_("MedDiffSeg - install Python packages")))
+        if result:
+            if result.installed:
+                self.ui.statusLabel.text = _("Installed: {what}.").format(what=", ".join(result.installed))
+            return True
+        self.ui.statusLabel.text = result.message
+        if not result.declined:
+            slicer.util.errorDisplay(result.message, detailedText=result.details or None)
+        self.updateGUIState()
+        return False
+
     def startQueue(self, volumes: list) -> None:
-        if not dependencies.ensureDependencies(MODULE_DIR, confirm=lambda text: slicer.util.confirmOkCancelDisplay(text)):
-            slicer.util.errorDisplay(_("MedDiffSeg cannot run without its Python packages. See the Python console for details."))
+        if not self.ensureDependencies():
             return
         if not self.confirmModality(volumes):
             return
         options = self.currentOptions()
         if not self.confirmDevice(volumes, options):
             return
+        self.clearResults()
         self._batch = list(volumes)
         self._batchTotal = len(volumes)
         self.startNext()
@@ -553,10 +757,14 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def confirmDevice(self, volumes: list, options: SegmentOptions) -> bool:
-        """Say which device will be used; on CPU give an estimate and ask before a long run."""
+        """Say which device will be used (asked of a worker process); on CPU give an estimate and ask before a
+        long run."""
+        self.ui.statusLabel.text = _("Checking the compute device...")
         try:
-            description, isGpu = self.logic.deviceInfo(options.device)
+            with slicer.util.WaitCursor():
+                description, isGpu = self.logic.deviceInfo(options.device)
         except Exception as exc:
+            self.ui.statusLabel.text = str(exc)
             slicer.util.errorDisplay(str(exc))
             return False
         if isGpu:
@@ -609,7 +817,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.poll()
         except Exception:
             logging.exception("MedDiffSeg: polling the worker failed")
-            job.cancel()
+            job.cancel(wait=False)
         tracker = job.tracker
         self.ui.progressBar.value = int(round(tracker.fraction * 1000))
         self.ui.progressLabel.text = self.queuePrefix() + tracker.text()
@@ -621,16 +829,19 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = job.loadResults()
             except Exception as exc:
                 logging.exception("MedDiffSeg: reading the results failed")
+                self._batch = []
                 self._finishJobUI(None)
                 slicer.util.errorDisplay(_("Reading the results failed: {error}").format(error=exc))
                 return
             self.showResult(result)
             self._finishJobUI(_("Done in {time} on {device}.").format(time=formatDuration(result.durationSeconds),
-                                                                       device=result.device or tracker.device))
+                                                                       device=result.device or tracker.device)
+                              + self.oneSampleNote(result))
             if self._batch:
                 self.startNext()
             return
         if job.state == "cancelled":
+            self._batch = []
             self._finishJobUI(_("Cancelled; the scene was left as it was."))
             return
         logging.error("MedDiffSeg: segmentation failed: %s\n%s\n%s", job.errorMessage, job.errorDetails,
@@ -641,9 +852,10 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  detailedText=(job.errorDetails or "") + "\n".join(job.logLines[-50:]))
 
     def onCancel(self) -> None:
+        """Cancel at once: the worker's process tree is ended in the background, nothing enters the scene."""
         self._batch = []
         if self._job is not None:
-            self._job.cancel()
+            self._job.cancel(wait=False)
         self._timer.stop()
         self._finishJobUI(_("Cancelled; the scene was left as it was."))
 
@@ -657,42 +869,111 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIState()
 
     # -- results --------------------------------------------------------------------------------------
-    def showResult(self, result: MedDiffSegResult) -> None:
-        self._lastResult = result
-        p = self._parameterNode
-        p.uncertaintyVolume = result.uncertaintyNode
-        table = self.ui.resultsTableWidget
-        table.setRowCount(len(result.organs))
+    @staticmethod
+    def oneSampleNote(result: MedDiffSegResult) -> str:
+        if result.hasUncertainty:
+            return ""
+        return " " + _("One sample was drawn, so there is no uncertainty map: a single sample cannot disagree with "
+                       "itself. Choose Standard or Thorough quality (5 or 10 samples) to see where the model is unsure.")
+
+    def clearResults(self) -> None:
+        self._results = []
+        self._lastResult = None
+        self.ui.resultsTableWidget.setRowCount(0)
+        wasBlocked = self.ui.jumpOrganComboBox.blockSignals(True)
         self.ui.jumpOrganComboBox.clear()
-        for row, organ in enumerate(result.organs):
+        self.ui.jumpOrganComboBox.blockSignals(wasBlocked)
+        self.ui.uncertaintyInfoLabel.text = ""
+
+    def showResult(self, result: MedDiffSegResult) -> None:
+        """Add ``result`` to the results (every volume of a batch keeps its rows) and show its overlay."""
+        self._results.append(result)
+        self.fillResultsTable()
+        self.selectResult(len(self._results) - 1, showOverlay=True)
+        result.segmentationNode.CreateClosedSurfaceRepresentation()
+
+    def fillResultsTable(self) -> None:
+        table = self.ui.resultsTableWidget
+        rows = [(index, result, organ) for index, result in enumerate(self._results) for organ in result.organs]
+        table.setRowCount(len(rows))
+        combo = self.ui.jumpOrganComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for row, (index, result, organ) in enumerate(rows):
             meanUnc = organ.get("mean_uncertainty")
-            cells = [organ.get("display_name", organ.get("name", "")), f"{float(organ.get('volume_ml', 0.0)):.1f}",
-                     "-" if meanUnc is None else f"{float(meanUnc):.4g}"]
+            volumeName = result.volumeNode.GetName() if result.volumeNode is not None else "?"
+            cells = [volumeName, organ.get("display_name", organ.get("name", "")),
+                     f"{float(organ.get('volume_ml', 0.0)):.1f}",
+                     "-" if meanUnc is None or not result.hasUncertainty else f"{float(meanUnc):.4g}"]
             for column, text in enumerate(cells):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
-            self.ui.jumpOrganComboBox.addItem(organ.get("display_name", organ["name"]), organ["name"])
-        result.segmentationNode.CreateClosedSurfaceRepresentation()
-        self.logic.showUncertainty(result, p.showUncertainty, p.uncertaintyOpacity)
+            label = organ.get("display_name", organ["name"])
+            combo.addItem(f"{volumeName}: {label}" if len(self._results) > 1 else label, f"{index}|{organ['name']}")
+        combo.blockSignals(wasBlocked)
+
+    def selectResult(self, index: int, showOverlay: bool = False) -> None:
+        """Make ``self._results[index]`` the result the overlay, jump and export act on."""
+        if not 0 <= index < len(self._results):
+            return
+        result = self._results[index]
+        changed = result is not self._lastResult
+        self._lastResult = result
+        combo = self.ui.jumpOrganComboBox
+        if not str(combo.currentData or "").startswith(f"{index}|"):  # show one of its organs in the jump list
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = next((i for i in range(combo.count) if str(combo.itemData(i)).startswith(f"{index}|")),
+                                      combo.currentIndex)
+            combo.blockSignals(wasBlocked)
+        p = self._parameterNode
+        if p is not None and changed:
+            p.uncertaintyVolume = result.uncertaintyNode
+            p.resultSegmentation = result.segmentationNode
+        if result.hasUncertainty:
+            low, top = self.logic.uncertaintyRange(result)
+            self.ui.uncertaintyThresholdSlider.maximum = max(top, nodes.DEFAULT_THRESHOLD)
+            self.ui.uncertaintyInfoLabel.text = _("Colours: {units}; transparent below the threshold. The map's "
+                                                  "maximum is {top:.3f}.").format(units=nodes.UNCERTAINTY_UNITS, top=top)
+        else:
+            self.ui.uncertaintyInfoLabel.text = self.oneSampleNote(result).strip()
+        if showOverlay or changed:
+            self.applyOverlay()
         self.updateGUIState()
+
+    def onJumpOrganChanged(self, index: int = -1) -> None:
+        data = self.ui.jumpOrganComboBox.currentData
+        if data:
+            self.selectResult(int(str(data).split("|", 1)[0]))
 
     def onResultRowDoubleClicked(self, row: int, column: int) -> None:
         self.ui.jumpOrganComboBox.currentIndex = row
         self.onJumpToUncertain()
 
     def onJumpToUncertain(self) -> None:
+        data = self.ui.jumpOrganComboBox.currentData
+        if not data:
+            return
+        index, organ = str(data).split("|", 1)
+        self.selectResult(int(index))
         if self._lastResult is None:
             return
-        organ = self.ui.jumpOrganComboBox.currentData
         ras = self.logic.jumpToMostUncertainSlice(self._lastResult, organ)
         if ras is None:
             slicer.util.showStatusMessage(_("The samples agree everywhere for this organ: no uncertain slice."), 5000)
 
-    def onOverlaySettingsChanged(self, *args) -> None:
-        # Read the widgets: this slot may run before the parameter node has taken the new value.
-        if self._lastResult is None:
+    def applyOverlay(self) -> None:
+        """Show the current result's overlay with the panel's settings (read from the widgets: this may run
+        before the parameter node has taken a new value). A one-sample result shows none."""
+        result = self._lastResult
+        if result is None:
             return
-        self.logic.showUncertainty(self._lastResult, bool(self.ui.showUncertaintyCheckBox.checked),
-                                   float(self.ui.uncertaintyOpacitySlider.value))
+        visible = bool(self.ui.showUncertaintyCheckBox.checked) and result.hasUncertainty
+        self.logic.showUncertainty(result, visible, float(self.ui.uncertaintyOpacitySlider.value),
+                                   threshold=float(self.ui.uncertaintyThresholdSlider.value),
+                                   nearSegmentsOnly=bool(self.ui.uncertaintyInSegmentsCheckBox.checked),
+                                   legend=bool(self.ui.uncertaintyLegendCheckBox.checked))
+
+    def onOverlaySettingsChanged(self, *args) -> None:
+        self.applyOverlay()
 
     # -- export --------------------------------------------------------------------------------------------
     def onExportDicomSeg(self) -> None:
@@ -743,6 +1024,9 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or not p.uncertaintyVolume or colorMap not in nodes.COLOR_MAPS:
             return
         nodes.setUncertaintyDisplay(p.uncertaintyVolume, colorMap)
+        masked = p.uncertaintyVolume.GetNodeReference(nodes.SEGMENTS_OVERLAY_REFERENCE)
+        if masked is not None:
+            nodes.setUncertaintyDisplay(masked, colorMap, top=nodes.uncertaintyRange(p.uncertaintyVolume)[1])
 
 
 #
@@ -767,11 +1051,22 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self) -> MedDiffSegParameterNode:
         return MedDiffSegParameterNode(super().getParameterNode())
 
+    # -- dependencies ---------------------------------------------------------------------------------
+    def dependencyPlan(self) -> "dependencies.DependencyPlan":
+        """What the first Segment would install (read from package metadata: nothing is imported)."""
+        return dependencies.planDependencies(MODULE_DIR)
+
+    def ensureDependencies(self, confirm=None) -> "dependencies.DependencyResult":
+        """Install PyTorch (through the PyTorch extension, at least the minimum version) and the library's other
+        packages (keeping Slicer's own numpy, SimpleITK and pydicom), after ``confirm(question)``."""
+        return dependencies.ensureDependencies(MODULE_DIR, confirm=confirm, workDir=self.temporaryFolder())
+
     # -- models ---------------------------------------------------------------------------------------
     def listModels(self) -> list:
-        from MedDiffSegLib.registry import list_packages
+        """The installed model packages (``PackageInfo``: read from their model.json, no torch)."""
+        from MedDiffSegLib.registry import list_package_infos
 
-        return list_packages()
+        return list_package_infos()
 
     def defaultModelName(self, modality: str = "CT", packages=None) -> str:
         """The model used for a ``modality`` volume when none is chosen ("" when none is installed)."""
@@ -805,34 +1100,63 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
         return modalityLib.mismatchWarning(package.name, self.modelModality(package), volume)
 
     def modelPackage(self, model=None):
-        from MedDiffSegLib.registry import ModelPackage, resolve_model
+        """The package ``model`` names (installed name, folder, or a package object; None: the CT default),
+        as a torch-free ``PackageInfo``."""
+        from MedDiffSegLib.registry import package_info, read_package_info
+        from MedDiffSegLogicLib.segmentation import isPackage
 
-        return model if isinstance(model, ModelPackage) else resolve_model(model or None)
+        if isPackage(model):
+            return model if hasattr(model, "load") else read_package_info(model.path)
+        return package_info(model or None)
 
     def modelDescription(self, package) -> str:
         text = f"{package.description or package.name} - method {package.method_name}, version {package.version}"
         scores = presets.scoreSummary(package.metrics)
         return f"{text}; {scores}" if scores else text
 
-    def installModel(self, zipPath: str, sha256: str | None = None, force: bool = False):
-        """Install a model package zip (offline: the archive, its paths and the weights' hash are checked)."""
-        from MedDiffSegLib.registry import install_zip
+    def installModel(self, source: str, sha256: str | None = None, force: bool = False, progress=None):
+        """Install a model package from a zip or an http(s) URL (the archive, its paths, its sha256 - required
+        for a URL - and the weights' hash are checked); returns its ``PackageInfo``. Runs here, without torch."""
+        from MedDiffSegLib.registry import install_package
 
-        return install_zip(zipPath, sha256=sha256, force=force)
+        return install_package(source, sha256=sha256, force=force, progress=progress, full_check=False)
+
+    def startModelInstall(self, source: str, sha256: str | None = None, update: str | None = None,
+                          force: bool = False) -> "modelsLib.ModelInstallJob":
+        """Install (or, with ``update=name``, update) a package in a background thread; poll the job."""
+        return modelsLib.ModelInstallJob(source, sha256, force=force, update=update).start()
+
+    def updateModel(self, name: str, source: str, sha256: str | None = None, allowDowngrade: bool = False):
+        """Replace installed model ``name`` by a newer version of it (zip or URL); returns (before, after)."""
+        from MedDiffSegLib.registry import update_package
+
+        return update_package(name, source, sha256=sha256, allow_downgrade=allowDowngrade, full_check=False)
+
+    def removeModel(self, name: str):
+        """Delete a user-installed model package (built-in ones cannot be removed); returns its folder."""
+        from MedDiffSegLib.registry import remove_package
+
+        return remove_package(name)
 
     # -- device ---------------------------------------------------------------------------------------
-    def deviceInfo(self, device: str = "auto") -> tuple[str, bool]:
-        """(description, is a GPU) of the device a run would use; raises when a GPU is asked for but absent."""
-        from MedDiffSegLib.inference import device_description, resolve_device
+    _deviceCache: dict = {}
 
-        resolved = resolve_device(presets.deviceName(device) if device in presets.DEVICES else device)
-        return device_description(resolved), resolved.type == "cuda"
+    def deviceInfo(self, device: str = "auto") -> tuple[str, bool]:
+        """(description, is a GPU) of the device a run would use, asked of a worker process (torch and CUDA are
+        never initialised in Slicer's process); remembered for the session. Raises ``DeviceProbeError`` with
+        the worker's message when a GPU is asked for but absent."""
+        name = presets.deviceName(device) if device in presets.DEVICES else device
+        if name not in self._deviceCache:
+            libraryRoot = dependencies.libraryRoot(MODULE_DIR)
+            self._deviceCache[name] = probeDevice(name, pythonPath=[str(libraryRoot)] if libraryRoot else [])
+        info = self._deviceCache[name]
+        return info["device"], bool(info["gpu"])
 
     def estimateSeconds(self, volumeNode, options: SegmentOptions) -> float:
         """A rough CPU time for segmenting ``volumeNode`` (the progress bar refines it once running)."""
         from MedDiffSegLogicLib.geometry import directionsRAS
 
-        package = options.resolvePackage()
+        package = options.resolvePackageInfo()
         dims = volumeNode.GetImageData().GetDimensions()
         superior = abs(directionsRAS(volumeNode)[2, :])
         samples = options.samples or int(package.inference.get("samples", 1))
@@ -882,10 +1206,25 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
         return job
 
     # -- review ---------------------------------------------------------------------------------------------
-    def showUncertainty(self, result: MedDiffSegResult, visible: bool = True, opacity: float = 0.5) -> None:
-        """Show (or hide) the uncertainty map over the input volume in every slice view."""
+    def showUncertainty(self, result: MedDiffSegResult, visible: bool = True, opacity: float = 0.5,
+                        threshold: float | None = None, nearSegmentsOnly: bool = False, legend: bool = True):
+        """Show (or hide) the uncertainty map over the input volume in every slice view: transparent below
+        ``threshold`` (in the map's units), with a colour legend, over the whole image or only near the
+        segments. A one-sample result has no uncertainty: nothing is shown. Returns the node shown."""
         scene = result.volumeNode.GetScene()
-        nodes.showOverlay(scene, result.volumeNode, result.uncertaintyNode, opacity=opacity, visible=visible)
+        return nodes.showUncertaintyOverlay(scene, result.volumeNode, result.uncertaintyNode,
+                                            visible=visible and result.hasUncertainty, opacity=opacity,
+                                            threshold=threshold, legend=legend,
+                                            nearSegmentsOf=result.segmentationNode if nearSegmentsOnly else None)
+
+    @staticmethod
+    def uncertaintyRange(result: MedDiffSegResult) -> tuple[float, float]:
+        return nodes.uncertaintyRange(result.uncertaintyNode)
+
+    @staticmethod
+    def resultFromNodes(segmentationNode) -> MedDiffSegResult | None:
+        """A result rebuilt from the nodes a (re)loaded scene holds; None when they are not a MedDiffSeg result."""
+        return resultFromNodes(segmentationNode)
 
     def jumpToMostUncertainSlice(self, result: MedDiffSegResult, organ: str):
         """Move the slice views to ``organ``'s most uncertain slice; returns its RAS point (None: none)."""
@@ -950,13 +1289,37 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
 
 
 class MedDiffSegTest(ScriptedLoadableModuleTest):
-    """Self-test (Slicer's "Reload and Test"): a tiny random-weight model on a synthetic volume."""
+    """Self-test (Slicer's "Reload and Test"): a tiny random-weight model on a synthetic volume.
+
+    It needs PyTorch and the library's packages. When they are missing it installs them (after the same
+    one question the panel asks) - except in Slicer's testing mode (ctest), where nothing may change
+    Slicer's Python: it is then skipped, with the reason (``unittest.SkipTest`` under unittest; a
+    message in "Reload and Test").
+    """
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
+    def dependenciesMissing(self) -> str:
+        """Why the self-test cannot run ("" when it can), after installing what is missing when allowed."""
+        logic = MedDiffSegLogic()
+        plan = logic.dependencyPlan()
+        if plan.satisfied:
+            return ""
+        app = getattr(slicer, "app", None)
+        testing = bool(app is not None and getattr(app, "testingEnabled", lambda: False)())
+        if testing:
+            return plan.reason() + " (Slicer's testing mode installs nothing)"
+        result = logic.ensureDependencies(confirm=lambda question: slicer.util.confirmOkCancelDisplay(question))
+        return "" if result else result.message
+
     def runTest(self) -> None:
         self.setUp()
+        reason = self.dependenciesMissing()
+        if reason:
+            logging.warning("MedDiffSeg self-test skipped: %s", reason)
+            self.delayDisplay(f"MedDiffSeg self-test skipped: {reason}")
+            return
         self.test_SegmentSyntheticVolume()
 
     @staticmethod
@@ -985,6 +1348,10 @@ class MedDiffSegTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+
+        reason = self.dependenciesMissing()
+        if reason:
+            self.skipTest(reason)
 
         self.delayDisplay("Starting the MedDiffSeg self-test")
         z, y, x = np.mgrid[0:8, 0:48, 0:40]

@@ -9,6 +9,13 @@
 - :func:`readVolumeFile` / :func:`writeVolumeNode` go through storage nodes that are *not* added to
   the scene (the scene's node count does not change).
 - :func:`showOverlay` and :func:`jumpSlices` act on slice composite/slice nodes in the scene.
+- The uncertainty overlay (:func:`setUncertaintyDisplay`, :func:`showUncertaintyOverlay`): a colour
+  map over 0..the map's maximum, *transparent below a threshold* (the display node's threshold:
+  where the samples agree the image shows through, instead of a dark layer over everything), a
+  colour legend titled with the values' units (:data:`UNCERTAINTY_UNITS`), and optionally shown only
+  inside the segments and a margin around them (a derived volume, :func:`segmentsOverlayNode`,
+  referenced from the uncertainty node). All of it lives in MRML nodes, display nodes and node
+  references, so it is saved with the scene and comes back when the scene is loaded.
 """
 
 from __future__ import annotations
@@ -39,6 +46,22 @@ ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 #: Node attributes recording how a result was made (read back by the Widget and by DICOM export).
 ATTRIBUTE_PREFIX = "MedDiffSeg."
+
+#: What the uncertainty map holds (the legend's title, the panel's tooltips): per voxel, the variance of
+#: the diffusion samples' foreground probability of the organ assigned there (0: the samples agree;
+#: 0.25: they split evenly between organ and background).
+UNCERTAINTY_TITLE = "Uncertainty"
+UNCERTAINTY_UNITS = "variance of the samples' foreground probability (0 = agree, 0.25 = split evenly)"
+UNCERTAINTY_MAX = 0.25
+#: Below this the overlay is transparent (a standard deviation of 0.1 between the samples' probabilities).
+DEFAULT_THRESHOLD = 0.01
+#: Margin (voxels) around the segments when the overlay is shown only near them: a boundary the model
+#: missed is uncertain just outside the segment.
+SEGMENTS_MARGIN_VOXELS = 3
+#: Node references (saved with the scene).
+UNCERTAINTY_REFERENCE = "MedDiffSegUncertainty"      # segmentation -> uncertainty volume
+INPUT_REFERENCE = "MedDiffSegInput"                  # segmentation -> input volume
+SEGMENTS_OVERLAY_REFERENCE = "MedDiffSegOverlayNearSegments"  # uncertainty -> its masked copy
 
 
 def _slicer():
@@ -201,8 +224,10 @@ def colorNodeID(scene, colorMap: str) -> str | None:
     return None
 
 
-def setUncertaintyDisplay(uncertaintyNode, colorMap: str = DEFAULT_COLOR_MAP) -> None:
-    """Colour map and window: 0 (samples agree) to the map's maximum; values are variances."""
+def setUncertaintyDisplay(uncertaintyNode, colorMap: str = DEFAULT_COLOR_MAP, threshold: float | None = None,
+                          top: float | None = None) -> None:
+    """Colour map over 0..``top`` (default: the map's maximum), no interpolation, and values below
+    ``threshold`` (default: the node's last one, else :data:`DEFAULT_THRESHOLD`) transparent."""
     slicer = _slicer()
     scene = uncertaintyNode.GetScene()
     display = uncertaintyNode.GetDisplayNode()
@@ -212,12 +237,122 @@ def setUncertaintyDisplay(uncertaintyNode, colorMap: str = DEFAULT_COLOR_MAP) ->
     nodeID = colorNodeID(scene, colorMap)
     if nodeID:
         display.SetAndObserveColorNodeID(nodeID)
-    array = slicer.util.arrayFromVolume(uncertaintyNode)
-    top = float(array.max()) if array.size else 0.0
+    if top is None:
+        array = slicer.util.arrayFromVolume(uncertaintyNode)
+        top = float(array.max()) if array.size else 0.0
+    if threshold is None:
+        threshold = overlayThreshold(uncertaintyNode)
+    top = top if top > 0 else 1e-6
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, top if top > 0 else 1e-6)
+    display.SetWindowLevelMinMax(0.0, top)
     display.SetInterpolate(False)
+    display.AutoThresholdOff()
+    display.SetLowerThreshold(float(threshold))
+    display.SetUpperThreshold(max(top, float(threshold)) + 1.0)
+    display.SetApplyThreshold(1)
     uncertaintyNode.SetAttribute(ATTRIBUTE_PREFIX + "ColorMap", colorMap)
+    uncertaintyNode.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(threshold)))
+
+
+def overlayThreshold(uncertaintyNode) -> float:
+    """The overlay's threshold as last set (saved with the scene as a node attribute)."""
+    try:
+        return float(uncertaintyNode.GetAttribute(ATTRIBUTE_PREFIX + "Threshold") or DEFAULT_THRESHOLD)
+    except ValueError:
+        return DEFAULT_THRESHOLD
+
+
+def uncertaintyRange(uncertaintyNode) -> tuple[float, float]:
+    """(0, the map's maximum) - for the threshold control."""
+    array = _slicer().util.arrayFromVolume(uncertaintyNode)
+    return 0.0, float(array.max()) if array.size else 0.0
+
+
+def showColorLegend(displayableNode, visible: bool = True, title: str = UNCERTAINTY_TITLE,
+                    units: str = UNCERTAINTY_UNITS):
+    """The colour legend of ``displayableNode`` in the views that show it, titled with the values' units.
+
+    Returns the ``vtkMRMLColorLegendDisplayNode`` (None when hidden and there is none)."""
+    slicer = _slicer()
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(displayableNode)
+    if legend is None:
+        if not visible:
+            return None
+        legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(displayableNode)
+        if legend is None:  # pragma: no cover - a node without a colour table
+            return None
+    legend.SetTitleText(f"{title}\n({units})")
+    legend.SetLabelFormat("%.3f")
+    legend.SetVisibility(bool(visible))
+    return legend
+
+
+def segmentsMask(segmentationNode, volumeNode, marginVoxels: int = SEGMENTS_MARGIN_VOXELS) -> np.ndarray:
+    """The union of the segments on ``volumeNode``'s grid (``[K, J, I]`` bool), grown by ``marginVoxels``."""
+    slicer = _slicer()
+    shape = tuple(reversed(dimensions(volumeNode)))
+    mask = np.zeros(shape, bool)
+    segmentation = segmentationNode.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(i)
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        if array is not None and array.shape == shape:
+            mask |= array.astype(bool)
+    if marginVoxels > 0 and mask.any():
+        import SimpleITK as sitk  # bundled with Slicer
+
+        image = sitk.GetImageFromArray(mask.astype(np.uint8))
+        mask = sitk.GetArrayFromImage(sitk.BinaryDilate(image, [int(marginVoxels)] * 3)).astype(bool)
+    return mask
+
+
+def segmentsOverlayNode(uncertaintyNode, segmentationNode, volumeNode, marginVoxels: int = SEGMENTS_MARGIN_VOXELS):
+    """A copy of the uncertainty map that is 0 outside the segments (plus a margin), made from the segments as
+    they are now, referenced from the uncertainty node (so it is saved and found again with the scene).
+    The original map is not changed (exports use it)."""
+    scene = uncertaintyNode.GetScene()
+    values = np.array(_slicer().util.arrayFromVolume(uncertaintyNode), dtype=np.float32)
+    values[~segmentsMask(segmentationNode, volumeNode, marginVoxels)] = 0.0
+    node = uncertaintyNode.GetNodeReference(SEGMENTS_OVERLAY_REFERENCE)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{uncertaintyNode.GetName()} near segments"))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Model", uncertaintyNode.GetAttribute(ATTRIBUTE_PREFIX + "Model") or "")
+        node.SetAttribute(ATTRIBUTE_PREFIX + "DerivedFrom", uncertaintyNode.GetID())
+        uncertaintyNode.SetNodeReferenceID(SEGMENTS_OVERLAY_REFERENCE, node.GetID())
+    _slicer().util.updateVolumeFromArray(node, values)
+    copyGeometry(uncertaintyNode, node)
+    if uncertaintyNode.GetParentTransformNode() is not None:
+        node.SetAndObserveTransformNodeID(uncertaintyNode.GetTransformNodeID())
+    _low, top = uncertaintyRange(uncertaintyNode)
+    setUncertaintyDisplay(node, uncertaintyNode.GetAttribute(ATTRIBUTE_PREFIX + "ColorMap") or DEFAULT_COLOR_MAP,
+                          overlayThreshold(uncertaintyNode), top=top)
+    return node
+
+
+def showUncertaintyOverlay(scene, volumeNode, uncertaintyNode, *, visible: bool = True, opacity: float | None = None,
+                           threshold: float | None = None, nearSegmentsOf=None, legend: bool = True):
+    """Show the uncertainty over ``volumeNode`` in every slice view: thresholded, with its legend, over the
+    whole image or (``nearSegmentsOf``: the segmentation node) only near the segments. Returns the node
+    shown (None when hidden)."""
+    if threshold is not None:
+        setUncertaintyDisplay(uncertaintyNode, uncertaintyNode.GetAttribute(ATTRIBUTE_PREFIX + "ColorMap")
+                              or DEFAULT_COLOR_MAP, threshold)
+    masked = uncertaintyNode.GetNodeReference(SEGMENTS_OVERLAY_REFERENCE)
+    shown = uncertaintyNode
+    if visible and nearSegmentsOf is not None:
+        shown = segmentsOverlayNode(uncertaintyNode, nearSegmentsOf, volumeNode)
+    for node in (uncertaintyNode, masked):
+        if node is not None and node is not shown:
+            showOverlay(scene, volumeNode, node, visible=False)
+            showColorLegend(node, False)
+    if not visible:
+        showOverlay(scene, volumeNode, shown, visible=False)
+        showColorLegend(shown, False)
+        return None
+    showOverlay(scene, volumeNode, shown, opacity=opacity, visible=True)
+    showColorLegend(shown, bool(legend))
+    return shown
 
 
 def createUncertaintyNode(scene, volumeNode, uncertainty_kji: np.ndarray, name: str,

@@ -6,10 +6,14 @@ session / Windows process group), stdout lines collected by a reader thread into
 blocking the caller), stderr kept (the tail) for error details. :meth:`terminate` ends the whole
 process tree: SIGTERM to the group (the worker cancels cleanly), then SIGKILL to the group after
 a grace period; on Windows ``taskkill /T /F``.
+
+:func:`probeDevice` asks a short-lived worker (``--device-info``) which compute device a run would
+use, so that Slicer's own process never imports torch or initialises CUDA.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -181,6 +185,38 @@ def pythonExecutable() -> str:
 
     found = shutil.which("PythonSlicer")
     return found or str(exe)
+
+
+class DeviceProbeError(RuntimeError):
+    """The worker could not tell the device (the message is for the user)."""
+
+
+def probeDevice(device: str = "auto", python: str | None = None, pythonPath: Sequence[str] = (),
+                timeout: float = 180.0) -> dict:
+    """``{"device": description, "gpu": bool}`` for ``device`` (auto/cpu/cuda/cuda:N), from a worker process
+    started with ``--device-info``; raises :class:`DeviceProbeError` with the worker's message."""
+    args = [python or pythonExecutable(), "-u", "-m", WORKER_MODULE, "--device-info", "--device", str(device)]
+    kwargs: dict = {"start_new_session": True} if os.name == "posix" else {}
+    try:
+        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                              env=workerEnvironment(pythonPath), **kwargs)
+    except subprocess.TimeoutExpired:
+        raise DeviceProbeError(f"the worker did not say which device it would use within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise DeviceProbeError(f"cannot start the worker ({args[0]}): {exc}") from None
+    from .progress import parseWorkerLine
+
+    for raw in done.stdout.decode("utf-8", errors="replace").splitlines():
+        event = parseWorkerLine(raw)
+        if event is None:
+            continue
+        if event["type"] == "device":
+            return {"device": str(event.get("device", "")), "gpu": bool(event.get("gpu", False))}
+        if event["type"] == "error":
+            raise DeviceProbeError(event["message"])
+    tail = done.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+    raise DeviceProbeError(f"the worker ended without saying which device it would use (exit status "
+                           f"{done.returncode}): {' '.join(tail)}")
 
 
 def workerCommand(requestPath: str, python: str | None = None) -> list[str]:

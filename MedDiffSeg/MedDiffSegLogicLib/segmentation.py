@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,17 +68,32 @@ class SegmentOptions:
     allowModalityMismatch: bool = False  # run a model made for another modality than the volume's
 
     def resolvePackage(self, modality: str | None = None):
-        """The model package (validated: organs known to it); without a model, the default model for
-        ``modality`` (the volume's; CT when not given)."""
-        from MedDiffSegLib.errors import ModelError
-        from MedDiffSegLib.registry import ModelPackage, default_model_for, resolve_model
+        """The model package (a ``ModelPackage``: imports torch), validated: organs known to it; without a
+        model, the default model for ``modality`` (the volume's; CT when not given)."""
+        return self._resolve(modality, metadataOnly=False)
 
-        if isinstance(self.model, ModelPackage):
-            package = self.model
-        elif self.model in (None, ""):
-            package = default_model_for(modality or "CT")
+    def resolvePackageInfo(self, modality: str | None = None):
+        """:meth:`resolvePackage` as a torch-free ``PackageInfo`` (read from model.json): what the Slicer
+        process needs to start a worker, which loads the model itself."""
+        return self._resolve(modality, metadataOnly=True)
+
+    def _resolve(self, modality: str | None, metadataOnly: bool):
+        from MedDiffSegLib.errors import ModelError
+        from MedDiffSegLib.registry import default_package_info, package_info, read_package_info
+
+        model = self.model
+        if isPackage(model):
+            if metadataOnly:
+                package = model if hasattr(model, "load") else read_package_info(model.path)
+            else:
+                package = model.load() if hasattr(model, "load") else model
         else:
-            package = resolve_model(str(self.model))
+            if model in (None, ""):
+                package = default_package_info(modality or "CT")
+            else:
+                package = package_info(str(model))
+            if not metadataOnly:
+                package = package.load()
         organs = [self.organs] if isinstance(self.organs, str) else list(self.organs or [])
         if not organs:
             raise ModelError(f"choose at least one organ; model {package.name!r} segments: {', '.join(package.organ_names)}")
@@ -94,6 +111,7 @@ class SegmentOptions:
             "seed": int(self.seed), "device": self.device, "scheduler": self.scheduler,
             "staple": bool(self.staple), "largest_component": bool(self.largestComponent),
             "modality": modality, "allow_modality_mismatch": bool(self.allowModalityMismatch),
+            "watch_pid": os.getpid(),  # the worker stops when this process (Slicer) dies
         }
 
 
@@ -116,10 +134,28 @@ class MedDiffSegResult:
                 return o
         raise KeyError(name)
 
+    @property
+    def samples(self) -> int | None:
+        """How many diffusion samples the run drew (None when the summary does not say)."""
+        try:
+            return int(self.summary.get("settings", {}).get("samples"))
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def hasUncertainty(self) -> bool:
+        """False for a one-sample run: a single sample cannot disagree with itself, its map is all zeros."""
+        return self.samples is None or self.samples > 1
+
     def mostUncertainRAS(self, name: str) -> tuple[float, float, float] | None:
         """RAS centre of the slice where ``name``'s samples disagree most (None: they agree everywhere)."""
         position = self.organ(name).get("max_uncertainty_position_mm")
         return lpsToRas(position) if position else None
+
+
+def isPackage(model) -> bool:
+    """Whether ``model`` is a package object (a ``ModelPackage`` or a ``PackageInfo``), not a name or a path."""
+    return all(hasattr(model, a) for a in ("path", "name", "organ_ids", "weights_sha256"))
 
 
 def _packagePath(package) -> str | None:
@@ -131,7 +167,8 @@ def _organDicts(package, organNames: Sequence[str]) -> list[dict[str, Any]]:
     return [package.organs[i].to_dict() for i in package.organ_ids(list(organNames))]
 
 
-def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, Any], modelPath: str | None = None) -> None:
+def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, Any], modelPath: str | None = None,
+                         volumeNode=None) -> None:
     model = summary.get("model", {})
     settings = summary.get("settings", {})
     for node in (segmentationNode, uncertaintyNode):
@@ -142,7 +179,33 @@ def _setResultAttributes(segmentationNode, uncertaintyNode, summary: dict[str, A
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Samples", str(settings.get("samples", "")))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Seed", str(settings.get("seed", "")))
         node.SetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Summary", json.dumps(summary, default=str))
-    segmentationNode.SetNodeReferenceID("MedDiffSegUncertainty", uncertaintyNode.GetID())
+    segmentationNode.SetNodeReferenceID(nodesLib.UNCERTAINTY_REFERENCE, uncertaintyNode.GetID())
+    if volumeNode is not None:
+        segmentationNode.SetNodeReferenceID(nodesLib.INPUT_REFERENCE, volumeNode.GetID())
+
+
+def resultFromNodes(segmentationNode) -> MedDiffSegResult | None:
+    """The result a segmentation node holds, rebuilt from what the scene saved (its summary attribute and
+    its references to the uncertainty and input volumes); None when it is not a complete MedDiffSeg result.
+    After a scene is loaded this gives back the results table, jump-to-slice and the overlay."""
+    if segmentationNode is None:
+        return None
+    try:
+        summary = json.loads(segmentationNode.GetAttribute(nodesLib.ATTRIBUTE_PREFIX + "Summary") or "null")
+    except json.JSONDecodeError:
+        return None
+    uncertaintyNode = segmentationNode.GetNodeReference(nodesLib.UNCERTAINTY_REFERENCE)
+    volumeNode = segmentationNode.GetNodeReference(nodesLib.INPUT_REFERENCE)
+    if not isinstance(summary, dict) or uncertaintyNode is None or volumeNode is None:
+        return None
+    organs = [o for o in summary.get("organs", []) if isinstance(o, dict) and o.get("name")]
+    segmentation = segmentationNode.GetSegmentation()
+    segmentIds = {o["name"]: o["name"] for o in organs if segmentation.GetSegment(o["name"]) is not None}
+    timings = summary.get("timings_s") or {}
+    return MedDiffSegResult(volumeNode=volumeNode, segmentationNode=segmentationNode, uncertaintyNode=uncertaintyNode,
+                            segmentIds=segmentIds, organs=organs, summary=summary,
+                            device=str(summary.get("settings", {}).get("device", "")),
+                            durationSeconds=float(timings.get("total", 0.0) or 0.0))
 
 
 def buildResultNodes(volumeNode, labels_kji: np.ndarray, uncertainty_kji: np.ndarray, organs: Sequence[dict],
@@ -160,7 +223,7 @@ def buildResultNodes(volumeNode, labels_kji: np.ndarray, uncertainty_kji: np.nda
         else:
             transaction.protectSegmentation(segmentationNode)
         segmentIds = nodesLib.fillSegmentation(segmentationNode, volumeNode, labels_kji, organs)
-        _setResultAttributes(segmentationNode, uncertaintyNode, summary, modelPath)
+        _setResultAttributes(segmentationNode, uncertaintyNode, summary, modelPath, volumeNode)
     return MedDiffSegResult(
         volumeNode=volumeNode, segmentationNode=segmentationNode, uncertaintyNode=uncertaintyNode,
         segmentIds=segmentIds, organs=list(summary.get("organs", [])), summary=summary,
@@ -181,9 +244,9 @@ def _checkInputVolume(volumeNode) -> None:
 
 
 def _fittingModels(modality: str) -> list[str]:
-    from MedDiffSegLib.registry import models_for_modality
+    from MedDiffSegLib.registry import list_package_infos, models_for_modality
 
-    return [p.name for p in models_for_modality(modality)]
+    return [p.name for p in models_for_modality(modality, list_package_infos())]
 
 
 def _defaultDatabase(volumeNode):
@@ -199,11 +262,12 @@ def _defaultDatabase(volumeNode):
         return None
 
 
-def prepareModality(volumeNode, options: SegmentOptions, database=None):
+def prepareModality(volumeNode, options: SegmentOptions, database=None, metadataOnly: bool = False):
     """(the volume's modality, the model package) for a run: the named model, or the default model for
-    the volume's modality when none is named. Raises (ModelError) before anything is computed or added."""
+    the volume's modality when none is named. Raises (ModelError) before anything is computed or added.
+    ``metadataOnly``: a torch-free ``PackageInfo`` instead of the ``ModelPackage``."""
     volume = modalityLib.volumeModality(volumeNode, database if database is not None else _defaultDatabase(volumeNode))
-    package = options.resolvePackage(volume.modality)
+    package = options.resolvePackageInfo(volume.modality) if metadataOnly else options.resolvePackage(volume.modality)
     return volume, package
 
 
@@ -322,7 +386,8 @@ class BackgroundSegmentation:
         if self.state != "created":
             raise RuntimeError(f"this segmentation was already started (state {self.state})")
         _checkInputVolume(self.volumeNode)
-        self.volumeModality, self.package = prepareModality(self.volumeNode, self.options, self.database)
+        self.volumeModality, self.package = prepareModality(self.volumeNode, self.options, self.database,
+                                                            metadataOnly=True)  # no torch in this process
         # the worker checks again on the file it reads; checking here fails before a process starts
         modalityLib.checkVolume(self.package, self.volumeModality, self.volumeNode,
                                 allowMismatch=bool(self.options.allowModalityMismatch), fittingModels=_fittingModels)
@@ -385,12 +450,37 @@ class BackgroundSegmentation:
         self.events.extend(new)
         return new
 
-    def cancel(self, grace: float = 1.0) -> None:
-        """Stop the worker and every process it started; remove the temporary folder. Scene untouched."""
-        if self.state in ("running", "created"):
-            self.runner.terminate(grace)
+    def cancel(self, grace: float = 0.5, wait: bool = True) -> None:
+        """Stop the worker and every process it started; remove the temporary folder. Scene untouched.
+
+        ``wait=False`` (the Widget) returns at once: the job is ``cancelled`` now, and a background
+        thread ends the process tree (SIGTERM, SIGKILL after ``grace`` seconds) and removes the folder;
+        :meth:`waitStopped` waits for that.
+        """
+        running = self.state in ("running", "created")
+        if running:
             self.state = "cancelled"
-        self.cleanup()
+
+        def finish() -> None:
+            try:
+                if running:
+                    self.runner.terminate(grace)
+            finally:
+                self.cleanup()
+
+        if wait:
+            finish()
+        else:
+            self._stopper = threading.Thread(target=finish, name="MedDiffSeg-cancel", daemon=True)
+            self._stopper.start()
+
+    def waitStopped(self, timeout: float | None = None) -> bool:
+        """After ``cancel(wait=False)``: wait until the process tree is gone and the folder removed."""
+        stopper = getattr(self, "_stopper", None)
+        if stopper is not None:
+            stopper.join(timeout)
+            return not stopper.is_alive()
+        return True
 
     def wait(self, timeout: float | None = None, interval: float = 0.05,
              onEvent: Callable[[dict[str, Any]], None] | None = None) -> str:

@@ -8,9 +8,12 @@ desktop app"): a bare ``vtkMRMLScene`` cannot hold segmentations.
 
 What is stood in for - only the names the wheel lacks because they need Qt or the application:
 ``qt``, ``ctk``, ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``,
-``slicer.i18n`` and ``slicer.app``. The stand-ins are just enough for ``MedDiffSeg.py`` to import
-and for its Logic and self-test to run; the Widget is never executed here (it is checked
-structurally against the ``.ui`` file by the structure tests).
+``slicer.i18n`` and ``slicer.app``. ``qt``/``ctk`` are :mod:`qtfake`: the PythonQt widgets the
+Widget uses, with Qt's signal behaviour, and a ``.ui`` loader; :class:`GuiSession` puts the
+loader and scripted answers to the dialogs into ``slicer.util`` (``loadUI``, ``childWidgetVariables``,
+``confirmOkCancelDisplay``, ``errorDisplay``...), so that the Widget's ``setup()`` and its button
+handlers run on real MRML (Testing/slicer/test_slicer_widget.py). What the Widget shows is read
+back from those widgets; what it asked the user is recorded.
 
 The folder holding this file is named ``slicer``. ``slicer/__init__.py`` of the wheel extends its
 package path with every ``slicer`` folder on ``sys.path`` and imports all modules found there, and
@@ -72,34 +75,11 @@ def import_slicer():
 # -- stand-ins for the Qt-bound names ---------------------------------------------------------------
 
 
-class _QtStandIn:
-    """Any attribute, any call: enough for module-level references to qt/ctk names to resolve."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _QtStandIn()
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _QtStandIn()
-
-    def connect(self, *args, **kwargs):
-        return True
-
-
 def _qt_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__doc__ = f"test stand-in for {name} (no Qt in slicer-core)"
+    import qtfake
 
-    def __getattr__(attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (_QtStandIn,), {})
-
-    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    module = qtfake.make_module(name)
+    module.__doc__ = f"test stand-in for {name} (no Qt in slicer-core): see Testing/slicer/qtfake.py"
     return module
 
 
@@ -123,11 +103,14 @@ def _scripted_loadable_module(slicer) -> types.ModuleType:
 
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
-            self.parent = parent
+            self.parent = parent if parent is not None else types.SimpleNamespace(isEntered=True)
             self.moduleName = self.__class__.__name__[: -len("Widget")]
+            self.layout = None
 
         def setup(self):
-            raise RuntimeError("the Widget needs Qt; it is not run in the slicer-core test harness")
+            import qtfake
+
+            self.layout = qtfake.QVBoxLayout()  # Slicer gives the module panel's layout here
 
         def resourcePath(self, filename: str) -> str:
             return str(MODULE_DIR / "Resources" / filename)
@@ -204,8 +187,9 @@ def parameterNodeWrapper(cls):
     """Stand-in for Slicer's decorator: typed attributes stored in a vtkMRMLScriptedModuleNode.
 
     Node-typed fields are node references; other values are stored as repr-able text. ``allParameters``
-    lists the fields (name -> (type hint, default)), as the structure tests need; ``connectGui`` is
-    inert (no Qt here).
+    lists the fields (name -> (type hint, default)), as the structure tests need; ``connectGui`` binds
+    the qtfake widgets that name a parameter (``SlicerParameterName``) as the real wrapper does: the
+    widget shows the value, and the user's changes are written back; observers go to the node.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {name: (hint, cls.__dict__.get(name, _MISSING)) for name, hint in hints.items()}
@@ -245,11 +229,60 @@ def parameterNodeWrapper(cls):
             else:
                 self.parameterNode.SetParameter(name, repr(value))
 
+        # As the real wrapper: observers go to the parameter node (the Widget watches it for changes).
+        def AddObserver(self, *args):
+            return self.parameterNode.AddObserver(*args)
+
+        def RemoveObserver(self, *args):
+            return self.parameterNode.RemoveObserver(*args)
+
+        def HasObserver(self, *args):
+            return self.parameterNode.HasObserver(*args)
+
         def connectGui(self, gui):
-            return object()
+            """As the real wrapper, for the widgets that name a parameter (``SlicerParameterName``): show the
+            parameter's value, and write the widget's changes back (GUI -> parameter; a parameter changed in
+            code is not pushed to the widget again here)."""
+            connected = []
+            for widget in vars(gui).values():
+                name = getattr(widget, "SlicerParameterName", None)
+                if name not in fields:
+                    continue
+                hint, _default = fields[name]
+                value = getattr(self, name)
+                kind = type(widget).__name__
+
+                def setter(v, name=name, cast=None):
+                    setattr(self, name, cast(v) if cast else v)
+
+                if kind == "QCheckBox":
+                    widget.checked = bool(value)
+                    signal, slot = "toggled(bool)", (lambda v, f=setter: f(bool(v)))
+                elif kind in ("ctkSliderWidget", "QSpinBox", "QDoubleSpinBox"):
+                    base = _base_type(hint)
+                    for meta in typing.get_args(hint)[1:]:
+                        if isinstance(meta, WithinRange) and kind != "ctkSliderWidget":
+                            widget.minimum, widget.maximum = meta.minimum, meta.maximum
+                    widget.value = value
+                    signal, slot = "valueChanged(double)", (lambda v, f=setter, b=base: f(b(v)))
+                elif kind == "QComboBox":
+                    for meta in typing.get_args(hint)[1:]:
+                        if isinstance(meta, Choice) and widget.count == 0:
+                            widget.addItems([str(c) for c in meta.choices])
+                    widget.currentText = str(value)
+                    signal, slot = "currentTextChanged(QString)", (lambda v, f=setter: f(str(v)))
+                elif kind == "qMRMLNodeComboBox":
+                    widget.setCurrentNode(value)
+                    signal, slot = "currentNodeChanged(vtkMRMLNode*)", (lambda v, f=setter: f(v))
+                else:
+                    continue
+                widget.connect(signal, slot)
+                connected.append((widget, signal, slot))
+            return connected
 
         def disconnectGui(self, tag):
-            pass
+            for widget, signal, slot in tag or []:
+                widget.disconnect(signal, slot)
 
         def isCached(self, name):
             return False
@@ -419,3 +452,111 @@ def assert_scene_unchanged(before, mrml, volume_node):
     assert np.array_equal(after["voxels"], before["voxels"])
     assert np.array_equal(after["ijkToRas"], before["ijkToRas"])
     assert after["imageMTime"] == before["imageMTime"]
+
+
+# -- a scripted user for the Widget ------------------------------------------------------------------------
+
+
+class GuiSession:
+    """The parts of ``slicer.util`` that open windows, replaced by a scripted user (use with monkeypatch).
+
+    ``answer(True, False, ...)`` queues the replies to the next questions (confirmOkCancelDisplay /
+    confirmYesNoDisplay); a question nobody scripted fails the test, so a test also checks *how many*
+    times the user was asked. Everything shown is recorded: ``questions``, ``errors``, ``warnings``,
+    ``infos``, ``statusMessages``.
+    """
+
+    def __init__(self, slicer, monkeypatch):
+        import contextlib
+
+        import qtfake
+
+        self.slicer = slicer
+        self.answers: list[bool] = []
+        self.questions: list[str] = []
+        self.errors: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+        self.statusMessages: list[str] = []
+        util = slicer.util
+        monkeypatch.setattr(util, "loadUI", qtfake.load_ui)
+        monkeypatch.setattr(util, "childWidgetVariables", qtfake.child_widget_variables)
+        monkeypatch.setattr(util, "confirmOkCancelDisplay", self._ask)
+        monkeypatch.setattr(util, "confirmYesNoDisplay", self._ask)
+        monkeypatch.setattr(util, "errorDisplay", lambda text, *a, **kw: self.errors.append((text, kw.get("detailedText", ""))))
+        monkeypatch.setattr(util, "warningDisplay", lambda text, *a, **kw: self.warnings.append(text))
+        monkeypatch.setattr(util, "infoDisplay", lambda text, *a, **kw: self.infos.append(text))
+        monkeypatch.setattr(util, "showStatusMessage", lambda text, *a, **kw: self.statusMessages.append(text))
+        monkeypatch.setattr(util, "delayDisplay", lambda text, *a, **kw: self.infos.append(text))
+        monkeypatch.setattr(util, "mainWindow", lambda *a: None)
+        monkeypatch.setattr(util, "WaitCursor", contextlib.nullcontext)
+        qtfake.timers.clear()
+        qtfake._pending.clear()
+
+    def open(self, module):
+        """The module panel as Slicer opens it: a Widget whose ``setup()`` ran (closed by :meth:`close`)."""
+        widget = module.MedDiffSegWidget()
+        self.widgets = getattr(self, "widgets", []) + [widget]
+        widget.setup()
+        return widget
+
+    def close(self) -> None:
+        """What Slicer does when the module is torn down: the Widget's cleanup (timers, observers, jobs)."""
+        for widget in getattr(self, "widgets", []):
+            widget.cleanup()
+            job = getattr(widget, "_job", None)
+            if job is not None:
+                job.waitStopped(10)
+        self.widgets = []
+
+    def answer(self, *answers: bool) -> "GuiSession":
+        self.answers.extend(answers)
+        return self
+
+    def _ask(self, text, *args, **kwargs) -> bool:
+        detail = kwargs.get("detailedText") or ""
+        self.questions.append(text + ("\n" + detail if detail else ""))
+        if not self.answers:
+            raise AssertionError(f"the Widget asked a question the test did not expect: {text!r}")
+        return self.answers.pop(0)
+
+    @staticmethod
+    def process_events() -> None:
+        import qtfake
+
+        qtfake.process_events()
+
+
+def blocked_import_finder(prefixes):
+    """A meta-path finder that makes the top-level packages ``prefixes`` unimportable (as before they are
+    installed). Records every ``import`` of them in ``.attempts``; a mere look-up
+    (``importlib.util.find_spec``, which says whether a package is there without importing it) goes to
+    ``.lookups``."""
+
+    class Blocker:
+        def __init__(self):
+            self.stacks: list[str] = []
+            self.attempts: list[str] = []
+            self.lookups: list[str] = []
+            self.prefixes = set(prefixes)
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.prefixes:
+                frame = sys._getframe(1)
+                lookup = False
+                while frame is not None:
+                    filename = frame.f_code.co_filename.replace("\\", "/")
+                    if frame.f_code.co_name == "find_spec" and filename.endswith(("importlib/util.py", "importlib.util>")):
+                        lookup = True
+                        break
+                    frame = frame.f_back
+                (self.lookups if lookup else self.attempts).append(name)
+                if not lookup:  # where it came from, for the failure message
+                    import traceback
+
+                    self.stacks.append("".join(traceback.format_stack(limit=12)))
+                raise ModuleNotFoundError(f"No module named {name!r} (not installed in this simulated fresh Slicer)",
+                                          name=name)
+            return None
+
+    return Blocker()

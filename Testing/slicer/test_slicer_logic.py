@@ -274,13 +274,15 @@ def test_module_description_and_parameter_node(mrml, module):
 def test_device_info_and_cpu_estimate(mrml, module, ct_node, tiny_package, library_ct):
     import torch
 
-    logic = module.MedDiffSegLogic()
-    description, is_gpu = logic.deviceInfo("CPU")
-    assert description.startswith("cpu") and not is_gpu
-    if not torch.cuda.is_available():
-        from MedDiffSegLib.errors import DeviceError
+    from MedDiffSegLogicLib.process import DeviceProbeError
 
-        with pytest.raises(DeviceError, match="CUDA is not available"):
+    logic = module.MedDiffSegLogic()
+    logic._deviceCache.clear()
+    description, is_gpu = logic.deviceInfo("CPU")  # asked of a worker process (no torch/CUDA in Slicer's)
+    assert description.startswith("cpu") and not is_gpu
+    assert logic.deviceInfo("CPU") == (description, is_gpu) and "cpu" in logic._deviceCache
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceProbeError, match="CUDA is not available"):
             logic.deviceInfo("GPU")
     from MedDiffSegLogicLib.segmentation import SegmentOptions
 
@@ -297,16 +299,20 @@ def test_device_info_and_cpu_estimate(mrml, module, ct_node, tiny_package, libra
 
 def test_every_shipped_package_is_in_the_model_list(mrml, module):
     """The module lists the library's packages as they are: each built-in one, by method, with its scores."""
-    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry import ModelPackage, PackageInfo
     from MedDiffSegLib.registry.store import builtin_models_dir
 
     logic = module.MedDiffSegLogic()
-    listed = {p.name: p for p in logic.listModels() if isinstance(p, ModelPackage)}
+    packages = logic.listModels()
+    assert all(isinstance(p, PackageInfo) for p in packages)  # read from model.json: no torch in Slicer's process
+    listed = {p.name: p for p in packages}
     shipped = sorted(d.name for d in builtin_models_dir().iterdir() if (d / "model.json").is_file())
     assert len(shipped) >= 1 and set(shipped) <= set(listed)
     assert logic.defaultModelName() in shipped
     for name in shipped:
         package = logic.modelPackage(name)
+        full = ModelPackage.from_folder(package.path)
+        assert (package.method_name, package.organ_names, package.metrics) == (full.method_name, full.organ_names, full.metrics)
         text = logic.modelDescription(package)
         assert f"method {package.method_name}" in text
         assert text.endswith(presets.scoreSummary(package.metrics))

@@ -3,9 +3,13 @@
 - every ``self.ui.X`` the Widget uses exists in the ``.ui`` file;
 - every ``SlicerParameterName`` in the ``.ui`` names a parameter-node field of a type the
   parameterNodeWrapper can connect to that kind of widget;
-- ``MedDiffSeg/CMakeLists.txt`` lists every file under ``MedDiffSeg/`` and nothing else;
+- ``MedDiffSeg/CMakeLists.txt`` lists every file under ``MedDiffSeg/`` and nothing else, and the
+  top-level ``CMakeLists.txt`` lists every ``.py`` of ``MedDiffSegLib/`` for the build tree (copied and
+  byte-compiled like the module's own scripts) and ships its data files;
 - the extension metadata (EXTENSION_* in the top-level CMakeLists.txt, the ExtensionsIndex entry,
-  the icon, Resources/requirements.txt) is complete and consistent;
+  the icon, the screenshot, contributors in Slicer's "Name (Organization)" form,
+  Resources/requirements.txt) is complete and consistent, and the repository stays under the
+  Extensions Index's 100 MB;
 - the Qt-free helpers really import no Qt, and the library imports no Slicer.
 """
 
@@ -111,6 +115,11 @@ def test_the_ui_holds_the_controls_the_module_promises():
         "jumpToUncertainButton": "QPushButton", "statusLabel": "QLabel",
         "batchVolumesListWidget": "QListWidget", "batchSegmentButton": "QPushButton",
         "exportDicomSegButton": "QPushButton", "exportFilesButton": "QPushButton", "exportInfoLabel": "QLabel",
+        "uncertaintyThresholdSlider": "ctkSliderWidget", "uncertaintyInSegmentsCheckBox": "QCheckBox",
+        "uncertaintyLegendCheckBox": "QCheckBox", "uncertaintyInfoLabel": "QLabel",
+        "modelsTableWidget": "QTableWidget", "installModelFileButton": "QPushButton",
+        "installModelUrlButton": "QPushButton", "updateModelButton": "QPushButton", "removeModelButton": "QPushButton",
+        "modelUrlLineEdit": "QLineEdit", "modelSha256LineEdit": "QLineEdit", "modelInstallProgressBar": "QProgressBar",
     }
     for name, cls in expected.items():
         assert name in widgets, f"{name} missing from the .ui"
@@ -189,6 +198,33 @@ def test_module_cmakelists_lists_every_file_and_every_listed_file_exists():
                                     f"listed but missing: {sorted(set(listed) - on_disk)}")
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_top_level_cmakelists_builds_every_library_file_like_the_module_scripts():
+    """MedDiffSegLib is copied into the build tree and byte-compiled (ctkMacroCompilePythonScript, as
+    slicerMacroBuildScriptedModule does for the module), so Slicer's build-tree tests import it."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    listed = cmake_list(text, "MedDiffSegLib_PYTHON_SCRIPTS")
+    assert len(listed) == len(set(listed)), "a library file is listed twice"
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "MedDiffSegLib").rglob("*.py") if "__pycache__" not in p.parts}
+    assert set(listed) == on_disk, (f"not listed in MedDiffSegLib_PYTHON_SCRIPTS (CMakeLists.txt): {sorted(on_disk - set(listed))}; "
+                                    f"listed but missing: {sorted(set(listed) - on_disk)}")
+    call = re.search(r"ctkMacroCompilePythonScript\((.*?)\n  \)", text, re.S)
+    assert call, "the library is not built with ctkMacroCompilePythonScript"
+    args = call.group(1)
+    for needed in ('SCRIPTS "${MedDiffSegLib_PYTHON_SCRIPTS}"', 'RESOURCES "${MedDiffSegLib_PYTHON_RESOURCES}"',
+                   "SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}",
+                   "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}",
+                   "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}", "NO_INSTALL_SUBDIR"):
+        assert needed in args, f"ctkMacroCompilePythonScript lacks {needed}"
+    assert "install(DIRECTORY" not in text, "a bare install(DIRECTORY) neither copies to the build tree nor compiles"
+    # Data files are globbed by type: every file of the library that is not Python has one of those types.
+    patterns = re.findall(r"\$\{CMAKE_CURRENT_SOURCE_DIR\}/MedDiffSegLib/\*(\.\w+)", text)
+    assert {".json", ".safetensors", ".md"} <= set(patterns)
+    others = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "MedDiffSegLib").rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts and p.suffix not in {".py", ".pyc", *patterns})
+    assert not others, f"files of MedDiffSegLib/ that the extension would not ship: {others}"
+    assert "list(APPEND MedDiffSegLib_PYTHON_RESOURCES Resources/requirements.txt)" in text
 
 
 def test_top_level_cmakelists_adds_the_module_unconditionally():

@@ -323,3 +323,114 @@ def test_failing_worker_reaches_the_user_and_adds_no_nodes(mrml, slicer, module,
     assert job.wait(timeout=WORKER_TIMEOUT) == "failed"
     assert job.errorKind == "ModelError" and "does not match its sha256" in job.errorMessage
     assert nodes.nodeIDs(mrml.scene) == before and not temp.exists()
+
+
+# -- device information from a worker, orphans, a cancel that returns at once (issue 14) ----------------------------
+
+
+def test_device_info_mode_says_the_device_without_a_run(tmp_path):
+    """The Slicer module asks a worker which device a run would use: torch and CUDA stay out of Slicer's process."""
+    from MedDiffSegLogicLib.process import DeviceProbeError, probeDevice
+
+    proc = subprocess.run([sys.executable, "-u", "-m", worker.__name__, "--device-info", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["start", "device"]
+    assert events[1]["device"].startswith("cpu") and events[1]["gpu"] is False
+    info = probeDevice("cpu", python=sys.executable)
+    assert info == {"device": events[1]["device"], "gpu": False}
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-u", "-m", worker.__name__, "--device-info", "--device", "cuda"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 4
+        assert json.loads(proc.stdout.splitlines()[-1])["kind"] == "DeviceError"
+        with pytest.raises(DeviceProbeError, match="CUDA is not available"):
+            probeDevice("cuda", python=sys.executable)
+    with pytest.raises(DeviceProbeError, match="cannot start the worker"):
+        probeDevice("cpu", python=str(tmp_path / "no-python"))
+
+
+def test_cancel_flag_watches_the_given_process_not_the_launcher():
+    """Inside Slicer the worker's parent is the PythonSlicer launcher, which outlives a crashed Slicer: the
+    flag watches the process id it is given, and the watchdog ends the run (exit 130) after the grace period."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        exits = []
+        flag = worker.CancelFlag(watch_pid=sleeper.pid)
+        assert not flag() and not flag.owner_gone()
+        flag.watch(interval=0.05, grace=0.3, exit=exits.append)
+        time.sleep(0.2)
+        assert not flag() and exits == []
+        sleeper.kill()
+        sleeper.wait(10)
+        assert waitUntil(lambda: flag.orphaned, 5) and flag()
+        assert waitUntil(lambda: exits == [130], 5), "the watchdog did not end the run"
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+    assert worker.pid_alive(os.getpid()) and not worker.pid_alive(sleeper.pid)
+
+
+def test_worker_started_through_a_launcher_stops_when_slicer_dies(tmp_path, data_dir, tiny_package):
+    """Slicer -> launcher -> worker: killing "Slicer" (the watched process) ends the run even though the
+    launcher, the worker's parent, is still alive; no output is left."""
+    slicer_stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    out = tmp_path / "out"
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"input": str(data_dir / "totalsegmentator" / "example_ct.nii.gz"),
+                                   "out_dir": str(out), "organs": ORGANS, "model": str(tiny_package.path),
+                                   "samples": 8, "device": "cpu", "watch_pid": slicer_stand_in.pid}))
+    launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    runner = SubprocessRunner()
+    try:
+        runner.start(launcher + workerCommand(str(request), sys.executable))
+        events = []
+
+        def in_network():
+            events.extend(json.loads(ln) for ln in runner.readLines())
+            return any(e.get("stage") == "network" for e in events) or runner.poll() is not None
+
+        assert waitUntil(in_network, WORKER_TIMEOUT)
+        assert runner.poll() is None, "the run ended before Slicer's stand-in was killed"
+        slicer_stand_in.kill()
+        slicer_stand_in.wait(10)
+        t0 = time.monotonic()
+        code = runner.wait(worker.ORPHAN_GRACE_S + 20)
+        assert code == 130, f"exit status {code} after {time.monotonic() - t0:.1f} s"
+        events.extend(json.loads(ln) for ln in runner.readLines())
+        assert events[-1]["type"] == "error" and events[-1]["kind"] == "Cancelled"
+        assert not out.exists()
+    finally:
+        runner.terminate(0.5)
+        if slicer_stand_in.poll() is None:
+            slicer_stand_in.kill()
+
+
+def test_cancel_without_waiting_returns_at_once_and_ends_the_tree(mrml, slicer, module, tiny_package, monkeypatch):
+    """The Widget's cancel: the job is cancelled at once (well under 1 s) even when the worker ignores SIGTERM;
+    the process tree is gone after the grace period and the temporary folder is removed."""
+    import MedDiffSegLogicLib.segmentation as segmentation
+
+    stubborn = textwrap.dedent("""
+        import json, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"type": "start", "protocol": 1}), flush=True)
+        time.sleep(120)
+    """)
+    monkeypatch.setattr(segmentation, "workerCommand", lambda request, python=None: [sys.executable, "-c", stubborn])
+    volume = slicer.util.addVolumeFromArray(np.full((3, 16, 16), -1000, np.int16), name="v")
+    before = scene_state(mrml, volume)
+    job = module.MedDiffSegLogic().startBackgroundSegmentation(volume, SegmentOptions(ORGANS, model=tiny_package))
+    temp, pgid = job.tempDir, job.runner.pid
+    assert waitUntil(lambda: job.poll() is not None and bool(job.events), 30), "the stand-in worker did not start"
+    t0 = time.monotonic()
+    job.cancel(wait=False)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.2, f"cancel took {elapsed:.2f} s"
+    assert job.state == "cancelled" and job.finished
+    assert job.waitStopped(5)
+    assert not process_group_alive(pgid) and not temp.exists()
+    assert_scene_unchanged(before, mrml, volume)
