@@ -52,6 +52,8 @@ ATTRIBUTE_PREFIX = "MedDiffSeg."
 #: 0.25: they split evenly between organ and background).
 UNCERTAINTY_TITLE = "Uncertainty"
 UNCERTAINTY_UNITS = "variance of the samples' foreground probability (0 = agree, 0.25 = split evenly)"
+#: The legend's second title line: short, as a slice view's legend has little room (the panel gives the rest).
+LEGEND_UNITS = "variance of samples"
 UNCERTAINTY_MAX = 0.25
 #: Below this the overlay is transparent (a standard deviation of 0.1 between the samples' probabilities).
 DEFAULT_THRESHOLD = 0.01
@@ -269,7 +271,7 @@ def uncertaintyRange(uncertaintyNode) -> tuple[float, float]:
 
 
 def showColorLegend(displayableNode, visible: bool = True, title: str = UNCERTAINTY_TITLE,
-                    units: str = UNCERTAINTY_UNITS):
+                    units: str = LEGEND_UNITS):
     """The colour legend of ``displayableNode`` in the views that show it, titled with the values' units.
 
     Returns the ``vtkMRMLColorLegendDisplayNode`` (None when hidden and there is none)."""

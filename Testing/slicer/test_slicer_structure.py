@@ -268,6 +268,57 @@ def test_extension_metadata_is_complete():
     assert png_size(MODULE_DIR / "Resources" / "Icons" / "MedDiffSeg.png") == (128, 128, 6)
 
 
+#: Slicer's contributor form: "Name (Organization)", several separated by commas.
+CONTRIBUTOR = re.compile(r"^[^(),]+ \([^()]+\)$")
+
+
+def test_contributors_are_in_slicers_name_organization_form():
+    meta = extension_metadata()
+    listed = [c.strip() for c in meta["EXTENSION_CONTRIBUTORS"].split(",")]
+    assert listed and all(CONTRIBUTOR.match(c) for c in listed), listed
+    cls = class_node(module_ast(), "MedDiffSeg")
+    found = [n for n in ast.walk(cls) if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Attribute) and t.attr == "contributors" for t in n.targets)]
+    assert found, "the module sets no contributors"
+    contributors = ast.literal_eval(found[0].value)
+    assert contributors and all(CONTRIBUTOR.match(c) for c in contributors), contributors
+
+
+def test_the_screenshot_named_in_the_metadata_exists():
+    meta = extension_metadata()
+    for url in meta["EXTENSION_SCREENSHOTURLS"].split():
+        path = REPO / url.split("/main/", 1)[1]
+        assert path.is_file(), f"{path} (EXTENSION_SCREENSHOTURLS) does not exist"
+        width, height, _ = png_size(path)
+        assert width >= 400 and height >= 300, f"{path.name} is only {width}x{height}"
+
+
+#: The Extensions Index does not accept repositories larger than this.
+INDEX_MAX_BYTES = 100 * 1000**2
+
+
+def test_the_repository_stays_under_the_extensions_index_limit():
+    """What a clone downloads (the packed history) and what HEAD holds must stay under 100 MB: model weights
+    belong in a package zip published elsewhere (``meddiffseg models install URL --sha256``), not in git."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the repository size cannot be measured")
+    counts = dict(line.split(": ", 1) for line in subprocess.run(
+        ["git", "count-objects", "-v"], cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines())
+    history = (int(counts["size-pack"]) + int(counts["size"])) * 1024  # KiB
+    tree = subprocess.run(["git", "ls-tree", "-r", "-l", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    sizes = sorted(((int(parts[3]), parts[4]) for parts in (line.split(None, 4) for line in tree)
+                    if parts[3].isdigit()), reverse=True)
+    head = sum(size for size, _ in sizes)
+    largest = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for size, name in sizes[:5])
+    assert head < INDEX_MAX_BYTES, f"HEAD holds {head / 1e6:.1f} MB (largest: {largest})"
+    assert history < INDEX_MAX_BYTES, (f"the git history is {history / 1e6:.1f} MB; the Extensions Index accepts "
+                                       f"at most {INDEX_MAX_BYTES / 1e6:.0f} MB (largest files at HEAD: {largest})")
+
+
 def test_extensions_index_entry_matches_the_schema_and_the_metadata():
     entry = json.loads((REPO / "Resources" / "ExtensionsIndex" / "MedDiffSeg.json").read_text(encoding="utf-8"))
     meta = extension_metadata()
