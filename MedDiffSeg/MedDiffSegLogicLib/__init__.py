@@ -6,7 +6,9 @@ result nodes (:mod:`.nodes`), the worker process behind a small protocol (:mod:`
 JSON progress lines (:mod:`.progress`), one segmentation in this or a worker process
 (:mod:`.segmentation`), the volume's modality and the models that fit it (:mod:`.modality`),
 DICOM-SEG / file export of a result (:mod:`.dicomexport`), quality presets
-(:mod:`.presets`) and Python dependencies (:mod:`.dependencies`). Nothing here imports ``qt`` or ``ctk``.
+(:mod:`.presets`), Python dependencies (:mod:`.dependencies`) and the model management of the panel
+(:mod:`.models`). Nothing here imports ``qt`` or ``ctk``; torch is imported only by the in-process
+segmentation (:func:`.segmentation.segmentInProcess`, for scripts) and the DICOM export, when called.
 """
 
 from .presets import DEFAULT_PRESET, DEVICES, QUALITY_PRESETS, QualityPreset

@@ -271,7 +271,12 @@ def pipInstall(requirements: list[str], constraints: Path) -> None:
             continue
         ensure = getattr(module, "pip_ensure", None)
         if ensure is not None:
-            ensure(list(requirements), constraints=str(constraints), prompt_install=False, requester=REQUESTER)
+            try:
+                ensure(list(requirements), constraints=str(constraints), prompt_install=False, requester=REQUESTER)
+            except TypeError as exc:  # a 5.11 preview without prompt_install: it asks once more itself
+                if "prompt_install" not in str(exc):
+                    raise
+                ensure(list(requirements), constraints=str(constraints), requester=REQUESTER)
             return
     import slicer  # Slicer <= 5.10: pip_install(list) passes each item to pip as one argument
 
