@@ -8,9 +8,9 @@ For every dataset of ``bench/protocol.json`` whose modality is the package's, ea
 case (patients used for nothing else: no training, no tuning, no choice between runs) is
 segmented with the package's organs that the dataset labels (all prompted together, as a user
 would), once per seed, and scored with :func:`MedDiffSegLib.evaluation.evaluate` (Dice, HD95,
-ASSD in mm; failures counted apart). For a CT model the protocol's ``extra_ct`` volumes are
-scored too (a non-contrast CT from another hospital, model-made labels: a check that organs are
-still found, not a benchmark). Prints per-organ mean ± sd over cases with the number of cases,
+ASSD in mm; failures counted apart). The protocol's ``extra`` volumes of the package's modality
+are scored too (a non-contrast CT and an MR of another sequence from other hospitals, with
+model-made labels: a check that organs are still found, not a benchmark). Prints per-organ mean ± sd over cases with the number of cases,
 failures apart, and the sd over seeds; writes
 
 - ``DIR/<dataset>/seed<S>/<case>.json``: every case report, with the segmentation time;
@@ -18,7 +18,8 @@ failures apart, and the sd over seeds; writes
 - with ``--doc``: the tables into that Markdown file, between markers for this model (and
   label), replacing the previous tables of the same model and label;
 - with ``--record``: the summary under ``metrics.protocol`` in the package's ``model.json``
-  (atomic; weights untouched).
+  (atomic; weights untouched), including each case's Dice at the first seed, which
+  ``Testing/models`` reproduces.
 
 Threads: set ``OMP_NUM_THREADS`` as for any run; the command line is recorded with the numbers.
 """
@@ -59,13 +60,12 @@ def _cases(protocol: dict, pkg, only: list[str] | None) -> list[dict]:
             c = by_name[name]
             out.append({"group": key, "name": name, "image": c.image, "label": c.label, "table": ds.labels,
                         "organs": organs, "role": "test"})
-    if pkg.preprocessing.modality == "CT":
-        for e in protocol.get("extra_ct", []):
-            if only and e["name"] not in only:
-                continue
-            organs = [o for o in pkg.organ_names if o in e["table"]]
-            out.append({"group": "extra_ct", "name": e["name"], "image": root / e["image"], "label": root / e["label"],
-                        "table": e["table"], "organs": organs, "role": e["what"]})
+    for e in protocol.get("extra", []):
+        if e["modality"] != pkg.preprocessing.modality or (only and e["name"] not in only):
+            continue
+        organs = [o for o in pkg.organ_names if o in e["table"]]
+        out.append({"group": e["name"], "name": e["name"], "image": root / e["image"], "label": root / e["label"],
+                    "table": e["table"], "organs": organs, "role": e["what"]})
     return out
 
 
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     for group in dict.fromkeys(c["group"] for c in cases):
         group_cases = [c for c in cases if c["group"] == group]
         per_seed = []
+        per_case: dict[str, dict[str, float]] = {}
         times = []
         for seed in args.seeds:
             reports = []
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
                 rep = evaluate(res.labels, sitk.ReadImage(str(c["label"])), specs)
                 rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2)})
                 reports.append(rep)
+                if seed == args.seeds[0]:
+                    per_case[c["name"]] = {o["name"]: round(float(o["dice"]), 4) for o in rep["organs"]}
                 dst = out / group / f"seed{seed}" / f"{c['name']}.json"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_text(json.dumps(to_json_ready(rep), indent=1), encoding="utf-8")
@@ -144,6 +147,7 @@ def main(argv=None) -> int:
         results[group] = {"role": group_cases[0]["role"], "cases": [c["name"] for c in group_cases],
                           "per_seed": {str(s): a for s, a in zip(args.seeds, per_seed)},
                           "seed_spread": seed_spread(per_seed) if len(per_seed) > 1 else None,
+                          "dice_per_case_first_seed": per_case,
                           "seconds_per_case_median": round(float(sorted(times)[len(times) // 2]), 1)}
 
     hardware = f"{device_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), {platform.machine()}"

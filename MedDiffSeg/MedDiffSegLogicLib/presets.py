@@ -91,8 +91,10 @@ def estimateCpuSeconds(dimensionsIJK, spacing, package, organs: int, samples: in
 def scoreSummary(metrics) -> str:
     """A short text of the scores a package records, for its description in the model list.
 
-    Held-out numbers first (``metrics.evaluation`` cases whose role says UNSEEN, written by
-    ``bench/record_evaluation.py``), else the trainer's last validation Dice; "" when none.
+    The real-data protocol first (``metrics.protocol``, written by ``bench/evaluate_protocol.py``:
+    mean Dice per organ over the test patients of each dataset), then held-out numbers
+    (``metrics.evaluation`` cases whose role says UNSEEN, written by ``bench/record_evaluation.py``),
+    else the trainer's last validation Dice; "" when none.
     """
     metrics = metrics if isinstance(metrics, dict) else {}
 
@@ -100,6 +102,19 @@ def scoreSummary(metrics) -> str:
         return ", ".join(f"{name} {value:.2f}" for name, value in dice.items() if isinstance(value, (int, float)))
 
     parts = []
+    protocol = metrics.get("protocol")
+    results = protocol.get("results") if isinstance(protocol, dict) else None
+    for group, result in (results.items() if isinstance(results, dict) else ()):
+        per_seed = result.get("per_seed") if isinstance(result, dict) else None
+        if not isinstance(per_seed, dict) or not per_seed or str(result.get("role")) != "test":
+            continue
+        first = next(iter(per_seed.values()))
+        organs = first.get("organs") if isinstance(first, dict) else None
+        dice = {name: o.get("dice_mean") for name, o in (organs or {}).items() if isinstance(o, dict)}
+        if dice_text(dice):
+            parts.append(f"mean Dice on {first.get('cases')} {group} test patients: {dice_text(dice)}")
+    if parts:
+        return "; ".join(parts)
     evaluation = metrics.get("evaluation")
     for case, result in (evaluation.items() if isinstance(evaluation, dict) else ()):
         if not isinstance(result, dict) or not str(result.get("role", "")).upper().startswith("UNSEEN"):

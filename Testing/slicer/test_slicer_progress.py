@@ -143,3 +143,13 @@ def test_score_summary_falls_back_to_validation_and_tolerates_missing_or_odd_met
     assert presets.scoreSummary(training_only) == "validation Dice during training: liver 0.50"
     for odd in (None, {}, [], {"evaluation": "x"}, {"validation": {"dice": {"liver": None}}}):
         assert presets.scoreSummary(odd) == ""
+
+
+def test_score_summary_shows_the_protocol_test_patients_first():
+    metrics = {"protocol": {"results": {
+        "btcv": {"role": "test", "per_seed": {"0": {"cases": 6, "organs": {"liver": {"dice_mean": 0.951},
+                                                                          "spleen": {"dice_mean": 0.9}}}}},
+        "ts-example-ct": {"role": "a check, not a benchmark", "per_seed": {"0": {"cases": 1, "organs": {
+            "liver": {"dice_mean": 0.5}}}}}}},
+        "evaluation": {"dcmqi": {"role": "UNSEEN patient", "organs": {"liver": {"dice": 0.7}}}}}
+    assert presets.scoreSummary(metrics) == "mean Dice on 6 btcv test patients: liver 0.95, spleen 0.90"
