@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="default", help="names this evaluation in --doc (e.g. an ablation arm)")
     ap.add_argument("--record", action="store_true", help="record the summary in the package's model.json")
     ap.add_argument("--cases", nargs="+", help="score only these cases (a quick check; not for reporting)")
+    ap.add_argument("--from-summary", type=Path, metavar="SUMMARY_JSON",
+                    help="compute nothing: take the numbers of an earlier run's summary.json (it must be of MODEL's "
+                         "weights, same sha256) and only print / --doc / --record them")
     args = ap.parse_args(argv)
 
     import SimpleITK as sitk
@@ -109,6 +112,14 @@ def main(argv=None) -> int:
 
     protocol = json.loads(args.protocol.read_text(encoding="utf-8"))
     pkg = resolve_model(args.model)
+    if args.from_summary:
+        summary = json.loads(args.from_summary.read_text(encoding="utf-8"))
+        pkg.verify()
+        if summary.get("weights_sha256") != pkg.weights_sha256:
+            print(f"{args.from_summary} scores other weights (sha256 {summary.get('weights_sha256')}) than "
+                  f"{pkg.name} ({pkg.weights_sha256})", file=sys.stderr)
+            return 2
+        return _report(summary, pkg, args, update_metrics)
     method = pkg.load_method("cpu")  # verifies the sha256
     cases = _cases(protocol, pkg, args.cases)
     if not cases:
@@ -155,21 +166,30 @@ def main(argv=None) -> int:
                "samples": samples, "steps": steps, "seeds": args.seeds, "label": args.label,
                "hardware": hardware, "command": command, "results": results}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(to_json_ready(summary), indent=1), encoding="utf-8")
+    summary = to_json_ready(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return _report(summary, pkg, args, update_metrics)
 
+
+def _report(summary: dict, pkg, args, update_metrics) -> int:
+    """Print the tables of ``summary``; write them into ``--doc`` and the numbers into the package (``--record``)."""
+    from MedDiffSegLib.evaluation.protocol import markdown_table
+
+    seeds = summary["seeds"]
     lines = [f"### {pkg.name} {pkg.version} — {args.label}", "",
-             f"`{command}` ({samples} sample(s) × {steps} step(s), seeds {args.seeds}; {hardware})", ""]
-    for group, r in results.items():
-        first = r["per_seed"][str(args.seeds[0])]
+             f"`{summary['command']}` ({summary['samples']} sample(s) × {summary['steps']} step(s), seeds {seeds}; "
+             f"{summary['hardware']})", ""]
+    for group, r in summary["results"].items():
+        first = r["per_seed"][str(seeds[0])]
         lines += [f"**{group}** ({r['role']}; {len(r['cases'])} cases: {', '.join(r['cases'])}; "
-                  f"median {r['seconds_per_case_median']} s per case). Seed {args.seeds[0]}:", "",
+                  f"median {r['seconds_per_case_median']} s per case). Seed {seeds[0]}:", "",
                   markdown_table(first, r["seed_spread"]), ""]
     text = "\n".join(lines)
     print(text)
     if args.doc:
         _write_doc(args.doc, pkg.name, args.label, text)
     if args.record:
-        update_metrics(pkg.path, {"protocol": to_json_ready(summary)})
+        update_metrics(pkg.path, {"protocol": summary})
         print(f"recorded in {pkg.path / 'model.json'}", file=sys.stderr)
     return 0
 

@@ -79,10 +79,11 @@ WEIGHTS = "weights.safetensors"
 #: The ``model.json`` format this version reads (the same as ``package.FORMAT_VERSION``).
 FORMAT_VERSION = 1
 
-#: Deprecated: the one default model before defaults were per modality. Kept for existing imports: it
-#: names the guided CT package shipped with the library, which is now the CT *fallback*. The model used
-#: when none is named is :func:`default_model_for` (``DEFAULT_MODELS`` / ``FALLBACK_MODELS``).
-DEFAULT_MODEL = "abdomen-ct-guided"
+#: Deprecated: the one default model before defaults were per modality, kept for existing imports; it
+#: now names the CT default. The model used when none is named is :func:`default_model_for`
+#: (``DEFAULT_MODELS`` / ``FALLBACK_MODELS``: ``abdomen-ct-guided``, the CT default until 2026-12-01 and no
+#: longer shipped, is still used for CT when a user installed it and ``abdomen-ct`` is missing).
+DEFAULT_MODEL = "abdomen-ct"
 #: Files copied into an exported zip (when present).
 PACKAGE_FILES = (MODEL_JSON, WEIGHTS, "MODEL_CARD.md")
 #: Upper bound on the total uncompressed size of a package zip (guards against zip bombs).

@@ -166,8 +166,8 @@ def test_default_model_missing_is_a_clear_model_error(builtin_dir):
 
 
 def test_ct_default_falls_back_to_the_guided_package_until_abdomen_ct_is_installed(builtin_dir, tiny_packages):
-    """resolve_model(None) is the CT default: abdomen-ct, else abdomen-ct-guided (shipped today)."""
-    assert DEFAULT_MODEL == FALLBACK_MODELS["CT"][0] == "abdomen-ct-guided"
+    """resolve_model(None) is the CT default: abdomen-ct, else abdomen-ct-guided (the default shipped before it)."""
+    assert DEFAULT_MODEL == DEFAULT_MODELS["CT"] == "abdomen-ct" and FALLBACK_MODELS["CT"][0] == "abdomen-ct-guided"
     _as_named(tiny_packages["guided"], builtin_dir, "abdomen-ct-guided")
     _as_named(tiny_packages["sdseg"], builtin_dir, "abdomen-ct-dts")  # another CT model is not picked
     assert resolve_model(None).name == "abdomen-ct-guided"

@@ -8,7 +8,7 @@ units), and drawn by Slicer's own pipeline: ``vtkMRMLSliceLogic`` blends the CT 
 axial slice view, and the slice view's displayable managers (segmentation outlines and fill, colour
 legend) draw into a VTK render window that renders offscreen (EGL/OSMesa; no desktop needed).
 
-    meddiffseg segment example_ct.nii.gz --modality CT --model abdomen-ct-guided \\
+    meddiffseg segment example_ct.nii.gz --modality CT --model abdomen-ct \\
         --organ liver --organ spleen --organ kidney_right --organ kidney_left --samples 5 --out /tmp/shot
     python Testing/slicer/render_screenshot.py --ct example_ct.nii.gz --results /tmp/shot \\
         --out Resources/Screenshot01.png
