@@ -218,9 +218,13 @@ def test_pretrain_and_init_from_errors(data_dir, tmp_path, capsys):
     rc = main(["train", "--config", str(train_path), "--out", str(tmp_path / "run"), "--method", "dts",
                "--max-steps", "2", "--data-root", str(data_dir), "--device", "cpu", "--quiet"])
     assert rc == 3 and "cond_channels" in capsys.readouterr().err
-    # methods without a pretrained part say so
+    # a method that starts from trained packages (guided) refuses a dts encoder file: it does not fit
     rc = main(["train", "--config", str(train_path), "--out", str(tmp_path / "run2"), "--max-steps", "2",
                "--data-root", str(data_dir), "--device", "cpu", "--quiet"])
+    assert rc == 3 and "do not fit this model" in capsys.readouterr().err
+    # methods without a pretrained part say so
+    rc = main(["train", "--config", str(train_path), "--out", str(tmp_path / "run3"), "--method", "medsegdiff_v2",
+               "--max-steps", "2", "--data-root", str(data_dir), "--device", "cpu", "--quiet"])
     assert rc == 1 and "cannot start from pretrained weights" in capsys.readouterr().err
     # config errors, before any data is read
     for bad, msg in (({"batch": 1}, "negatives"), ({"roi": 30}, "multiple"), ({"colour": 1}, "unknown config keys"),
