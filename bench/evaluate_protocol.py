@@ -135,16 +135,18 @@ def main(argv=None) -> int:
         per_seed = []
         per_case: dict[str, dict[str, float]] = {}
         times = []
+        images = {c["name"]: read_volume(c["image"]) for c in group_cases}  # read once, segmented per seed
+        truths = {c["name"]: sitk.ReadImage(str(c["label"])) for c in group_cases}
         for seed in args.seeds:
             reports = []
             for c in group_cases:
-                image = read_volume(c["image"])
+                image = images[c["name"]]
                 t0 = time.perf_counter()
                 res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method)
                 seconds = time.perf_counter() - t0
                 times.append(seconds)
                 specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]
-                rep = evaluate(res.labels, sitk.ReadImage(str(c["label"])), specs)
+                rep = evaluate(res.labels, truths[c["name"]], specs)
                 rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2)})
                 reports.append(rep)
                 if seed == args.seeds[0]:

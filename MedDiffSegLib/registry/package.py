@@ -25,6 +25,7 @@ checked against ``weights_sha256`` before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -223,6 +224,23 @@ class ModelPackage:
         }
 
 
+@contextlib.contextmanager
+def _staged_package_folder(folder: Path):
+    """A temporary folder beside ``folder`` that is renamed to it when the block succeeds (removed otherwise)."""
+    import shutil
+
+    if folder.exists():
+        raise ModelError(f"{folder} already exists; refusing to overwrite a model package")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_package(
     folder: str | os.PathLike,
     method,
@@ -240,11 +258,7 @@ def save_package(
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists():
-        raise ModelError(f"{folder} already exists; refusing to overwrite a model package")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with _staged_package_folder(folder) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"method": method.name, "name": name, "version": version})
         inf = dict(DEFAULT_INFERENCE)
@@ -256,12 +270,6 @@ def save_package(
             provenance=dict(provenance or {}), metrics=dict(metrics or {}),
         )
         (tmp / MODEL_JSON).write_text(json.dumps(pkg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return pkg
 
 
@@ -309,11 +317,7 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: str =
     if torch_dtype is None:
         raise ModelError(f"unsupported storage dtype {dtype!r}; use float16, bfloat16 or float32")
     dst = Path(dst)
-    if dst.exists():
-        raise ModelError(f"{dst} already exists; refusing to overwrite a model package")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with _staged_package_folder(dst) as tmp:
         state = load_file(str(source.weights_path), device="cpu")
         state = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"method": source.method_name, "name": source.name,
@@ -327,8 +331,4 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: str =
         card = Path(src) / "MODEL_CARD.md"
         if card.is_file():
             shutil.copy2(card, tmp / "MODEL_CARD.md")
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ModelPackage.from_folder(dst)
