@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +13,9 @@ DESCRIPTION = """\
 Score a predicted label map against a ground-truth label map, per organ: Dice, HD95 and
 ASSD in millimetres (MONAI metrics with the physical voxel spacing), volumes, and whether
 the organ is a failure. Optionally, how well an uncertainty map finds the wrong voxels
-(AUROC) and how well probability maps are calibrated (ECE).
+(AUROC) and how well probability maps are calibrated (ECE), over all voxels and, per organ,
+within --band-mm millimetres of the organ's predicted or true voxels (whole-volume figures
+of a CT are dominated by easy background far from any organ).
 
 Both maps must share the voxel grid (size, spacing, origin, direction). A ground truth
 stored on the same physical grid with other axis conventions (e.g. a NIfTI label map of a
@@ -38,6 +41,8 @@ examples:
   meddiffseg evaluate --pred out/segmentation.nii.gz --gt gt.nii.gz --labels liver=1:5 \\
       --uncertainty out/uncertainty.nii.gz --probabilities liver=out/probability_liver.nii.gz \\
       --json scores.json
+  meddiffseg evaluate --pred seg.nii.gz --gt gt.nii.gz --labels liver=1:5 --uncertainty unc.nii.gz \\
+      --band-mm 5 --flag-threshold 0.05
 """
 
 
@@ -51,6 +56,12 @@ def add_parser(sub) -> None:
     p.add_argument("--probabilities", nargs="+", metavar="[NAME=]FILE",
                    help="mean foreground probability per organ: NAME=FILE, or files in --labels order")
     p.add_argument("--bins", type=int, default=20, metavar="N", help="calibration bins (default: 20)")
+    p.add_argument("--band-mm", type=float, default=10.0, metavar="MM",
+                   help="near-organ AUROC and ECE use the voxels within MM millimetres of the organ's predicted or "
+                        "true voxels (default: 10)")
+    p.add_argument("--flag-threshold", type=float, default=None, metavar="U",
+                   help="uncertainty value at which a voxel counts as flagged: report the share of missed and "
+                        "wrongly added voxels with uncertainty >= U (default: none)")
     p.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the table")
     p.set_defaults(func=_cmd_evaluate)
@@ -83,10 +94,14 @@ def _cmd_evaluate(args) -> int:
 
     if args.bins < 1:
         raise MedDiffSegError(f"--bins must be >= 1, got {args.bins}")
+    if not (math.isfinite(args.band_mm) and args.band_mm > 0):
+        raise MedDiffSegError(f"--band-mm must be a positive number of millimetres, got {args.band_mm:g}")
+    if args.flag_threshold is not None and not math.isfinite(args.flag_threshold):
+        raise MedDiffSegError(f"--flag-threshold must be a finite number, got {args.flag_threshold:g}")
     labels = parse_label_specs(args.labels) if args.labels else None
     probs = _probability_map(args.probabilities, labels) if args.probabilities else None
     report = evaluate(args.pred, args.gt, labels, uncertainty=args.uncertainty, probabilities=probs,
-                      num_bins=args.bins)
+                      num_bins=args.bins, band_mm=args.band_mm, flag_threshold=args.flag_threshold)
     if args.json:
         out = Path(args.json)
         tmp = None

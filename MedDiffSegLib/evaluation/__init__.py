@@ -1,4 +1,4 @@
-"""Evaluation: per-organ Dice, HD95 and ASSD in mm (MONAI), uncertainty AUROC and calibration (ECE)."""
+"""Evaluation: per-organ Dice, HD95 and ASSD in mm (MONAI), uncertainty AUROC and calibration (ECE), near the organ too."""
 
 from .evaluate import (
     LabelSpec,
@@ -11,10 +11,10 @@ from .evaluate import (
     to_json_ready,
 )
 from .metrics import CONVENTIONS, OrganScore, mask_metrics, organ_score, summarise
-from .uncertainty import auroc, calibration
+from .uncertainty import auroc, calibration, near_band, organ_uncertainty, spearman
 
 __all__ = [
     "CONVENTIONS", "LabelSpec", "OrganScore", "auroc", "calibration", "evaluate", "format_report",
-    "geometry_differences", "mask_metrics", "on_reference_grid", "organ_score", "parse_label_specs",
-    "same_physical_grid", "summarise", "to_json_ready",
+    "geometry_differences", "mask_metrics", "near_band", "on_reference_grid", "organ_score", "organ_uncertainty",
+    "parse_label_specs", "same_physical_grid", "spearman", "summarise", "to_json_ready",
 ]

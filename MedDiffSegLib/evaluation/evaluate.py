@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..errors import InputError, MedDiffSegError
 from ..io import read_volume
 from .metrics import CONVENTIONS, OrganScore, organ_score, summarise
-from .uncertainty import auroc, calibration
+from .uncertainty import _auroc_sorted, _organ_uncertainty, _sorted_scores, calibration, near_band
 
 _SPACING_TOL = 1e-4  # mm, relative to the spacing
 _ORIGIN_TOL = 1e-3  # in voxels
@@ -164,16 +164,27 @@ def evaluate(
     uncertainty=None,
     probabilities: dict[str, object] | None = None,
     num_bins: int = 20,
+    band_mm: float = 10.0,
+    flag_threshold: float | None = None,
 ) -> dict:
     """Evaluate ``pred`` against ``gt`` (paths or SimpleITK images); returns a JSON-ready report.
 
     ``labels``: the organs to score (default: every non-zero value found in either map, named
     by its value, with the same value in both). ``uncertainty``: a voxel-wise uncertainty map
     (AUROC for finding the voxels where the evaluated labels of prediction and ground truth
-    differ, over all voxels and over the predicted-or-true foreground). ``probabilities``:
-    organ name → mean foreground probability map (ECE per organ, over all voxels and over the
-    organ's neighbourhood: the bounding box of its predicted and true voxels).
+    differ, over all voxels and over the predicted-or-true foreground; and per organ, over all
+    voxels and within ``band_mm`` mm of the organ's predicted or true voxels, with the share of
+    its missed / wrongly added voxels whose uncertainty is >= ``flag_threshold``).
+    ``probabilities``: organ name → mean foreground probability map (ECE per organ, over all
+    voxels and within ``band_mm`` mm of the organ's predicted or true voxels).
     """
+    band_mm = float(band_mm)
+    if not (math.isfinite(band_mm) and band_mm > 0):
+        raise MedDiffSegError(f"band_mm must be a positive number of millimetres, got {band_mm}")
+    if flag_threshold is not None:
+        flag_threshold = float(flag_threshold)
+        if not math.isfinite(flag_threshold):
+            raise MedDiffSegError(f"flag_threshold must be a finite number, got {flag_threshold}")
     pred_img, pred_shown = _read(pred, "the prediction")
     gt_img, gt_shown = _read(gt, "the ground truth")
     gt_img, resampled = on_reference_grid(gt_img, pred_img, f"the ground truth {gt_shown}", f"the prediction {pred_shown}")
@@ -204,6 +215,7 @@ def evaluate(
         report["note"] = ("the ground truth is stored on the same physical grid with other axis conventions; "
                           "it was mapped onto the prediction grid voxel for voxel (nearest neighbour)")
 
+    u = None
     if uncertainty is not None:
         u_img, u_shown = _read(uncertainty, "the uncertainty map")
         u_img, _ = on_reference_grid(u_img, pred_img, f"the uncertainty map {u_shown}", f"the prediction {pred_shown}")
@@ -212,6 +224,38 @@ def evaluate(
             raise InputError(f"{u_shown} must hold one value per voxel")
         if u.dtype.kind == "f" and not np.isfinite(u).all():
             raise InputError(f"{u_shown} holds NaN or infinite values")
+
+    by_name = {s.name: s for s in labels}
+    prob_maps: dict[str, tuple[np.ndarray, str]] = {}
+    for name, src in (probabilities or {}).items():
+        if name not in by_name:
+            raise MedDiffSegError(f"probability map given for {name!r}, which is not among the evaluated organs "
+                                  f"({', '.join(by_name)})")
+        pr_img, pr_shown = _read(src, f"the probability map of {name}")
+        pr_img, _ = on_reference_grid(pr_img, pred_img, f"the probability map {pr_shown}", f"the prediction {pred_shown}")
+        prob_maps[name] = (sitk.GetArrayViewFromImage(pr_img), pr_shown)
+
+    bands: dict[str, np.ndarray] = {}
+
+    def band_of(spec: LabelSpec) -> np.ndarray:
+        if spec.name not in bands:
+            bands[spec.name] = near_band(p == spec.pred_value, g == spec.gt_value, spacing_zyx, band_mm)
+        return bands[spec.name]
+
+    cal: dict = {}
+    for name, (prob, pr_shown) in prob_maps.items():
+        spec = by_name[name]
+        target = g == spec.gt_value
+        band = band_of(spec)
+        try:
+            whole = calibration(prob, target, num_bins)
+            near = calibration(prob[band], target[band], num_bins)
+        except ValueError as exc:
+            raise InputError(f"{pr_shown}: {exc}") from None
+        cal[name] = {"file": pr_shown, "ece": whole["ece"], "ece_near_organ": near["ece"],
+                     "near_organ_voxels": near["voxels"], "bins": whole["bins"]}
+
+    if u is not None:
         pi = np.zeros(p.shape, dtype=np.int16)
         gi = np.zeros(g.shape, dtype=np.int16)
         for i, spec in enumerate(labels, 1):
@@ -219,49 +263,44 @@ def evaluate(
             gi[g == spec.gt_value] = i
         errors = pi != gi
         fg = (pi > 0) | (gi > 0)
+        sorted_u = _sorted_scores(u)  # one sort for every whole-volume AUROC below
+        organs: dict = {}
+        for spec in labels:
+            prob = prob_maps.get(spec.name, (None, None))[0]
+            organs[spec.name] = _organ_uncertainty(
+                p == spec.pred_value, g == spec.gt_value, u, prob, spacing_zyx=spacing_zyx, band_mm=band_mm,
+                flag_threshold=flag_threshold, num_bins=num_bins, band=band_of(spec), sorted_score=sorted_u,
+                ece=cal[spec.name]["ece"] if spec.name in cal else None)
         report["uncertainty"] = {
             "file": u_shown,
-            "auroc": auroc(u, errors),
-            "auroc_foreground": auroc(u[fg], errors[fg]) if fg.any() else None,
+            "auroc": _auroc_sorted(sorted_u, u[errors]),
+            "auroc_foreground": _auroc_sorted(np.sort(u[fg]), u[fg & errors]) if fg.any() else None,
             "error_voxels": int(errors.sum()),
             "foreground_voxels": int(fg.sum()),
             "voxels": int(errors.size),
+            "band_mm": band_mm,
+            "flag_threshold": flag_threshold,
             "definition": "AUROC of the uncertainty for finding voxels where the evaluated labels of prediction and "
                           "ground truth differ (rank-based, ties count 1/2); 'auroc' over all voxels, "
                           "'auroc_foreground' over voxels that are foreground in the prediction or the ground truth; "
-                          "null when there are no errors or no correct voxels",
+                          "null when there are no errors or no correct voxels. Per organ ('organs'): errors are the "
+                          "voxels where the organ's predicted and true masks differ; 'auroc' over all voxels, "
+                          "'auroc_near' within band_mm mm (Euclidean, physical spacing) of the union of the two "
+                          "masks; 'ece'/'ece_near' the calibration of the organ's probability map over the same "
+                          "voxels (null without one); 'fn_flagged'/'fp_flagged' the share of missed / wrongly "
+                          "added voxels whose uncertainty is >= flag_threshold (null without a threshold or without "
+                          "such voxels)",
+            "organs": organs,
         }
 
-    if probabilities:
-        by_name = {s.name: s for s in labels}
-        cal: dict = {}
-        for name, src in probabilities.items():
-            if name not in by_name:
-                raise MedDiffSegError(f"probability map given for {name!r}, which is not among the evaluated organs "
-                                      f"({', '.join(by_name)})")
-            spec = by_name[name]
-            pr_img, pr_shown = _read(src, f"the probability map of {name}")
-            pr_img, _ = on_reference_grid(pr_img, pred_img, f"the probability map {pr_shown}", f"the prediction {pred_shown}")
-            prob = sitk.GetArrayViewFromImage(pr_img)
-            target = g == spec.gt_value
-            try:
-                whole = calibration(prob, target, num_bins)
-                box = (p == spec.pred_value) | target
-                if box.any():
-                    sl = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(box))
-                    near = calibration(prob[sl], target[sl], num_bins)
-                else:
-                    near = {"ece": None, "voxels": 0}
-            except ValueError as exc:
-                raise InputError(f"{pr_shown}: {exc}") from None
-            cal[name] = {"file": pr_shown, "ece": whole["ece"], "ece_near_organ": near["ece"],
-                         "near_organ_voxels": near["voxels"], "bins": whole["bins"]}
+    if prob_maps:
         report["calibration"] = {
             "num_bins": num_bins,
+            "band_mm": band_mm,
             "definition": "expected calibration error of the mean foreground probability against the ground truth: "
                           "sum over equal-width bins of (bin share of voxels) × |mean probability − foreground "
-                          "fraction|; 'ece' over all voxels, 'ece_near_organ' within the bounding box of the "
-                          "organ's predicted and true voxels",
+                          "fraction|; 'ece' over all voxels, 'ece_near_organ' over the voxels within band_mm mm "
+                          "(Euclidean, physical spacing) of the organ's predicted or true voxels",
             "organs": cal,
         }
     return report
@@ -316,6 +355,18 @@ def format_report(report: dict) -> str:
         u = report["uncertainty"]
         lines.append(f"uncertainty AUROC for voxel errors: {_num(u['auroc'])} (all voxels), "
                      f"{_num(u['auroc_foreground'])} (foreground); {u['error_voxels']} error voxels of {u['voxels']}")
+        band = u.get("band_mm")
+        for name, o in u.get("organs", {}).items():
+            parts = []
+            if o.get("auroc_near") is not None:
+                parts.append(f"AUROC {_num(o['auroc_near'])} (within {o.get('band_mm', band):g} mm)")
+            if o.get("ece_near") is not None:
+                parts.append(f"ECE {_num(o['ece_near'], 4)}")
+            if o.get("fn_flagged") is not None:
+                parts.append(f"missed voxels flagged {100.0 * o['fn_flagged']:.1f}%")
+            if not parts:
+                parts.append(f"no figure (no errors or no correct voxels within {o.get('band_mm', band):g} mm)")
+            lines.append(f"uncertainty near {name}: " + ", ".join(parts))
     if "calibration" in report:
         for name, c in report["calibration"]["organs"].items():
             lines.append(f"calibration {name}: ECE {_num(c['ece'], 4)} (all voxels), "

@@ -13,7 +13,9 @@ from MedDiffSegLib.cli.main import main
 from MedDiffSegLib.errors import InputError, MedDiffSegError
 from MedDiffSegLib.evaluation import (
     LabelSpec,
+    calibration,
     evaluate,
+    near_band,
     on_reference_grid,
     parse_label_specs,
     same_physical_grid,
@@ -76,7 +78,19 @@ def test_evaluate_with_two_code_tables(case):
     assert u["error_voxels"] == 4 * 12 * 2 + 2 * 4 * 4
     assert 0.5 < u["auroc"] < 1.0
     cal = r["calibration"]["organs"]["liver"]
-    assert 0 <= cal["ece"] <= cal["ece_near_organ"] <= 1
+    assert 0 <= cal["ece"] <= 1 and 0 <= cal["ece_near_organ"] <= 1
+    # "near the organ" is the 10 mm band around the liver's predicted and true voxels, not the whole volume
+    pred_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case["pred"])))
+    gt_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case["gt"])))
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(case["prob"])))
+    band = near_band(pred_arr == 1, gt_arr == 5, SPACING[::-1], 10.0)
+    assert 0 < cal["near_organ_voxels"] == band.sum() < band.size
+    assert cal["ece_near_organ"] == pytest.approx(calibration(prob[band], gt_arr[band] == 5)["ece"])
+    assert r["calibration"]["band_mm"] == 10.0 and u["band_mm"] == 10.0 and u["flag_threshold"] is None
+    liver = u["organs"]["liver"]
+    assert liver["ece_near"] == pytest.approx(cal["ece_near_organ"]) and liver["ece"] == pytest.approx(cal["ece"])
+    assert u["organs"]["spleen"]["ece"] is None and u["organs"]["spleen"]["auroc"] is None  # exact: no errors
+    assert liver["error_voxels"] == 4 * 12 * 2 and liver["near_voxels"] == band.sum()
     text = json.dumps(to_json_ready(r), allow_nan=False)  # strictly valid JSON
     assert '"inf"' in text
 
