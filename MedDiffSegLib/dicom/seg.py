@@ -145,7 +145,8 @@ def build_dicom_seg(
     order = source.frames_to_slices()
     fractional = fractional_probabilities is not None
     if fractional:
-        probs = list(fractional_probabilities)  # type: ignore[arg-type]
+        # A Sequence is indexed one organ at a time (the engine builds each map on access); anything else is listed.
+        probs = fractional_probabilities if isinstance(fractional_probabilities, Sequence) else list(fractional_probabilities)
         if len(probs) != len(organs):
             raise InputError(f"{len(probs)} probability map(s) for {len(organs)} organ(s): give one per organ, in label order")
         pixel = np.empty((len(order), *source.grid.shape_zyx[1:], len(organs)), dtype=np.float32)

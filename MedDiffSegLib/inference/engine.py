@@ -55,7 +55,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,6 +64,9 @@ import torch
 from ..errors import Cancelled, InputError, ModelError
 from ..preprocessing.spec import context_indices, inplane_size, intensity_bounds, normalise_intensity, resample_inplane
 from ..uncertainty import binary_entropy, ensemble_mean_variance, keep_largest_component, staple_fuse
+from ..uncertainty.continuation import BLOCK_MM, block_size, coarse_mask, find_continuations
+from ..uncertainty.ensemble import (dequantise_probability, dequantise_variance, quantise_probability,
+                                    quantise_variance)
 from .device import resolve_device
 
 ProgressFn = Callable[[str, float, str], None]
@@ -74,6 +77,16 @@ DEFAULT_CHUNK_MEMORY = 1 << 30
 MAX_OVERLAP = 0.5
 #: Progress fractions: preprocess up to 2 %, network up to 95 %, then post-processing.
 _P_NETWORK0, _P_NETWORK1 = 0.02, 0.95
+#: STAPLE's EM stops after this many iterations if it has not converged (SimpleITK's own default
+#: is unbounded); the iterations used and the seconds per organ are reported in ``extras``.
+STAPLE_MAX_ITERATIONS = 100
+
+
+def organ_seed(seed: int, organ_index: int) -> int:
+    """The seed of one organ's noise stream: a hash of the run's seed and the organ's index in the
+    model (numpy's SeedSequence), so an organ's samples never depend on which other organs are prompted."""
+    state = np.random.SeedSequence([int(seed), int(organ_index)]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63
 
 
 @dataclass
@@ -95,6 +108,9 @@ class OrganStats:
     max_uncertainty_position: tuple[float, float, float] | None = None
     #: numpy axis (0 = z, 1 = y, 2 = x) of the input array that ``max_uncertainty_slice`` indexes.
     slice_axis: int | None = None
+    #: Where the organ probably continues unsegmented (see :mod:`MedDiffSegLib.uncertainty.continuation`):
+    #: one dict per run of slices, with input slice indices, the anatomical side and the peak slice's position.
+    possible_continuation: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +120,7 @@ class OrganStats:
             "max_uncertainty_slice": self.max_uncertainty_slice,
             "max_uncertainty_position_mm": list(self.max_uncertainty_position) if self.max_uncertainty_position else None,
             "slice_axis": self.slice_axis,
+            "possible_continuation": [dict(c) for c in self.possible_continuation],
         }
 
 
@@ -125,9 +142,11 @@ class SegmentationResult:
     staple: bool = False
     largest_component: bool = False
     chunk_slices: int = 0
-    probabilities: dict[str, sitk.Image] | None = None  # mean foreground probability per organ
-    variances: dict[str, sitk.Image] | None = None  # population variance over samples per organ
-    entropy: dict[str, sitk.Image] | None = None  # binary entropy (bits) of the mean probability
+    # Per-organ maps (with keep_probabilities): read-only mappings organ name -> float32 image, built
+    # on access from 8-bit storage (see OrganMaps), so that only one organ's float32 volume exists at a time.
+    probabilities: Mapping[str, sitk.Image] | None = None  # mean foreground probability per organ
+    variances: Mapping[str, sitk.Image] | None = None  # population variance over samples per organ
+    entropy: Mapping[str, sitk.Image] | None = None  # binary entropy (bits) of the mean probability
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +158,30 @@ class SegmentationResult:
             "largest_component": self.largest_component, "chunk_slices": self.chunk_slices,
             "timings": dict(self.timings),
         }
+
+
+class OrganMaps(Mapping):
+    """Organ name -> float32 image on the input grid, decoded from compact per-organ storage on access.
+
+    The engine keeps per-organ volumes as uint8 codes (probability to 1/255, standard deviation to
+    1/510; :mod:`MedDiffSegLib.uncertainty.ensemble`): 8 organs of a 512×512×300 CT take 629 MB per
+    kind instead of 2.5 GB. Indexing builds that one organ's float32 image (and nothing is cached),
+    so writers that take one organ at a time never hold more than one float32 volume.
+    """
+
+    def __init__(self, names: list[str], codes: np.ndarray, decode: Callable[[np.ndarray], np.ndarray],
+                 to_image: Callable[[np.ndarray], sitk.Image]):
+        self._index = {n: i for i, n in enumerate(names)}
+        self._codes, self._decode, self._to_image = codes, decode, to_image
+
+    def __getitem__(self, name: str) -> sitk.Image:
+        return self._to_image(self._decode(self._codes[self._index[name]]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,9 +251,9 @@ def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, sta
     """Rough float32 working set of one slice in a chunk (MONAI buffers, stats, resampled maps)."""
     p = max(model_hw[0], roi[0]) * max(model_hw[1], roi[1])
     q = canon_hw[0] * canon_hw[1]
-    on = n_organs * n_samples
-    model_side = p * (on * 2 + 2 * n_organs + 2 + channels)  # output buffer + in-place products, mean/var, input
-    canon_side = q * (1 + channels + 2 * n_organs + 2 * n_organs + (on if staple else 0))
+    out = 2 * n_organs + (n_organs * n_samples if staple else 0)  # blended mean and variance (+ samples for STAPLE)
+    model_side = p * (out * 2 + 2 + channels)  # output buffer + in-place products, input
+    canon_side = q * (1 + channels + 2 * n_organs + 2 * n_organs + (n_organs * n_samples if staple else 0))
     return 4 * (model_side + canon_side)
 
 
@@ -353,49 +396,73 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices)
     total_batches = -(-(n_k * num_win) // swb)
 
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(seed)
+    # One noise stream per organ (seeded from the run's seed and the organ's index in the model):
+    # an organ's samples depend on the seed, the organ and the image only, never on the other prompts.
     ids_row = torch.tensor(organ_ids, dtype=torch.long, device=dev)
+    generators = []
+    for oid in organ_ids:
+        g = torch.Generator(device=dev)
+        g.manual_seed(organ_seed(seed, oid))
+        generators.append(g)
 
     # ---- canonical-space outputs -------------------------------------------------------
     labels_c = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
     unc_c = np.zeros((n_k, n_j, n_i), dtype=np.float32)
     # Voxels that largest_component turns into background need "max variance over organs".
     maxvar_c = np.zeros((n_k, n_j, n_i), dtype=np.float32) if (largest_component and not staple) else None
-    mean_c = np.zeros((n_org, n_k, n_j, n_i), dtype=np.float32) if keep_probabilities else None
-    var_c = np.zeros((n_org, n_k, n_j, n_i), dtype=np.float32) if (keep_probabilities or staple) else None
+    # Per-organ volumes are kept as 8-bit codes (OrganMaps): 2 bytes per organ and voxel for both maps.
+    mean_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if keep_probabilities else None
+    var_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if (keep_probabilities or staple) else None
     # STAPLE needs every binarised sample of the whole volume (its EM is global). They are kept
     # as bits packed along the column axis: N·O·V/8 bytes instead of N·O·V as uint8 (and 32x
     # less than float32), then unpacked to uint8 for one organ at a time just before fusion.
     packed_i = (n_i + 7) // 8
     bits_c = np.zeros((n_org, samples, n_k, n_j, packed_i), dtype=np.uint8) if staple else None
     slice_var = np.zeros((n_org, n_k), dtype=np.float32)  # per-organ variance summed over each slice
+    # Block-mean of each organ's mean probability on a ~4 mm in-plane grid: the missed-structure signal.
+    blk = block_size((sj, si), BLOCK_MM)
+    coarse_hw = (-(-n_j // blk[0]), -(-n_i // blk[1]))
+    coarse_q = np.zeros((n_org, n_k, *coarse_hw), dtype=np.uint8)
     timings["preprocess"] += time.perf_counter() - t0
     report("preprocess", _P_NETWORK0, f"{n_k} slices in chunks of {chunk}, {num_win} window(s) per slice, "
            f"{n_org} organ(s) x {samples} sample(s)")
 
     state = {"batches": 0}
+    name = getattr(method, "name", type(method).__name__)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
+        """Per window: each organ's ensemble mean and variance (+ its samples for STAPLE) as channels.
+
+        The moments are taken per window and blended by MONAI like any channel, so the variance is
+        the within-window sample variance everywhere: blending samples first would average
+        independent noise across overlapping windows and shrink the variance in the seams.
+        Each organ is sampled in its own call with its own generator, so the batch the network
+        sees, and therefore every bit of the organ's result on CPU, is the same whatever else is
+        prompted.
+        """
         check_cancel()
-        b = int(x.shape[0])
+        b, h, w = int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1])
         cond = method.condition(x)
-        cond = method.expand_condition(cond, n_org)
-        ids = ids_row.repeat(b)  # window-major, organ-minor: matches repeat_interleave
-        probs = method.sample(cond, ids, samples, steps, generator, scheduler)
-        expected = (b * n_org, samples, x.shape[-2], x.shape[-1])
-        if tuple(probs.shape) != expected:
-            raise ModelError(
-                f"method {getattr(method, 'name', type(method).__name__)!r} returned probabilities of shape "
-                f"{tuple(probs.shape)}, expected {expected}"
-            )
-        if not bool(torch.isfinite(probs).all()):
-            raise ModelError(f"method {getattr(method, 'name', type(method).__name__)!r} produced non-finite probabilities")
+        means, variances, draws = [], [], []
+        for o in range(n_org):
+            ids = ids_row[o:o + 1].repeat(b)
+            probs = method.sample(cond, ids, samples, steps, generators[o], scheduler)
+            if tuple(probs.shape) != (b, samples, h, w):
+                raise ModelError(f"method {name!r} returned probabilities of shape {tuple(probs.shape)}, "
+                                 f"expected {(b, samples, h, w)}")
+            if not bool(torch.isfinite(probs).all()):
+                raise ModelError(f"method {name!r} produced non-finite probabilities")
+            probs = probs.to(torch.float32)
+            m, v = ensemble_mean_variance(probs, dim=1)
+            means.append(m)
+            variances.append(v)
+            if staple:
+                draws.append(probs)
         state["batches"] += 1
         done = state["batches"] / max(1, total_batches)
         report("network", _P_NETWORK0 + (_P_NETWORK1 - _P_NETWORK0) * done,
                f"window batch {state['batches']}/{total_batches}")
-        return probs.to(torch.float32).reshape(b, n_org * samples, x.shape[-2], x.shape[-1])
+        return torch.cat([torch.stack(means, 1), torch.stack(variances, 1), *draws], dim=1)
 
     # ---- 2. stream chunks of slices ------------------------------------------------------
     for k0 in range(0, n_k, chunk):
@@ -422,17 +489,17 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
 
         t0 = time.perf_counter()
         h, w = out.shape[-2:]
-        per_sample = out.reshape(kk, n_org, samples, h, w)
-        mean, var = ensemble_mean_variance(per_sample, dim=2)  # [kk, O, h, w]
-        mean = resample_inplane(mean, canon_hw).clamp_(0.0, 1.0)
-        var = resample_inplane(var, canon_hw).clamp_(min=0.0)
+        mean = resample_inplane(out[:, :n_org], canon_hw).clamp_(0.0, 1.0)  # [kk, O, J, I]
+        var = resample_inplane(out[:, n_org:2 * n_org], canon_hw).clamp_(min=0.0)
         if staple:
-            full = resample_inplane(out.reshape(kk, n_org * samples, h, w), canon_hw)
+            full = resample_inplane(out[:, 2 * n_org:], canon_hw)
             binary = (full >= threshold).reshape(kk, n_org, samples, n_j, n_i).permute(1, 2, 0, 3, 4)
             bits_c[:, :, k0:k1] = np.packbits(binary.cpu().numpy(), axis=-1)
             del full, binary
-        del out, per_sample
+        del out
         slice_var[:, k0:k1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
+        pooled = torch.nn.functional.avg_pool2d(mean, blk, ceil_mode=True)  # partial blocks: mean of their pixels
+        coarse_q[:, k0:k1] = quantise_probability(pooled).transpose(1, 0, 2, 3)
         if not staple:
             best_p, best_o = _best_organ(mean)
             lab = torch.where(best_p >= threshold, best_o + 1, torch.zeros_like(best_o))
@@ -442,36 +509,42 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
             unc_c[k0:k1] = unc.cpu().numpy()
             if maxvar_c is not None:
                 maxvar_c[k0:k1] = vmax.cpu().numpy()
-        mean_np = mean.cpu().numpy()
-        var_np = var.cpu().numpy()
-        if mean_c is not None:
-            mean_c[:, k0:k1] = mean_np.transpose(1, 0, 2, 3)
-        if var_c is not None:
-            var_c[:, k0:k1] = var_np.transpose(1, 0, 2, 3)
-        del mean, var, mean_np, var_np
+        if mean_q is not None:
+            mean_q[:, k0:k1] = quantise_probability(mean).transpose(1, 0, 2, 3)
+        if var_q is not None:
+            var_q[:, k0:k1] = quantise_variance(var).transpose(1, 0, 2, 3)
+        del mean, var, pooled
         timings["postprocess"] += time.perf_counter() - t0
 
     # ---- 3./4. labels: STAPLE, largest component -------------------------------------------
     t0 = time.perf_counter()
+    extras: dict[str, Any] = {}
     if staple:
         best = np.zeros((n_k, n_j, n_i), dtype=np.float32)
+        staple_info = []
         for o in range(n_org):
             check_cancel()
             report("postprocess", _P_NETWORK1 + 0.03 * o / n_org, f"STAPLE fusion of {organs[o]}")
+            t_s = time.perf_counter()
             binary = np.unpackbits(bits_c[o], axis=-1, count=n_i)  # [N, K, J, I] uint8
-            prob = staple_fuse(binary)
+            fused = staple_fuse(binary, max_iterations=STAPLE_MAX_ITERATIONS, return_details=True)
             del binary
+            prob = fused.probability
             take = (prob >= threshold) & (prob > best)  # strict: the organ named first wins ties
             labels_c[take] = o + 1
             best[take] = prob[take]
             del prob, take
+            staple_info.append({"organ": organs[o], "iterations": fused.iterations,
+                                "max_iterations": STAPLE_MAX_ITERATIONS, "seconds": time.perf_counter() - t_s})
         del bits_c, best
-        vmax = var_c.max(axis=0)
-        unc_c[:] = vmax
+        extras["staple"] = staple_info
+        vmax_q = var_q.max(axis=0)  # codes are monotonic in the variance
+        unc_c[:] = dequantise_variance(vmax_q)
         for o in range(n_org):
             sel = labels_c == o + 1
-            unc_c[sel] = var_c[o][sel]
-        maxvar_c = vmax if largest_component else None
+            unc_c[sel] = dequantise_variance(var_q[o][sel])
+        maxvar_c = dequantise_variance(vmax_q) if largest_component else None
+        del vmax_q
     if largest_component:
         for o in range(n_org):
             check_cancel()
@@ -488,6 +561,18 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     spacing = image.GetSpacing()
     voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
     counts = np.bincount(labels_c.reshape(-1), minlength=n_org + 1)
+    per_slice = np.stack([np.bincount(labels_c[k].reshape(-1), minlength=n_org + 1) for k in range(n_k)])
+    toward = _SIDE[view.orientation[2]]  # where the canonical slice index increases (e.g. "superior" for LPS)
+    away = _SIDE[_OPPOSITE[view.orientation[2]]]
+
+    def slice_centre(k: int) -> tuple[int, int, tuple[float, float, float]]:
+        """(input array axis, input slice index, LPS centre in mm) of canonical slice ``k``."""
+        axis, index = view.input_index_of_canonical_slice(k)
+        z0, y0, x0 = view.input_index_of_canonical((k, 0, 0))
+        z1, y1, x1 = view.input_index_of_canonical((k, n_j - 1, n_i - 1))
+        centre = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (z0 + z1) / 2.0)
+        return int(axis), int(index), tuple(float(v) for v in image.TransformContinuousIndexToPhysicalPoint(centre))
+
     stats: list[OrganStats] = []
     for o in range(n_org):
         label = o + 1
@@ -497,19 +582,32 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
             mean_unc = float(unc_c[labels_c == label].mean(dtype=np.float32))
         axis, index, position = view.input_index_of_canonical_slice(0)[0], None, None
         if slice_var[o].max() > 0:  # no slice stands out when the samples agree everywhere
-            k_best = int(np.argmax(slice_var[o]))
-            axis, index = view.input_index_of_canonical_slice(k_best)
-            z0, y0, x0 = view.input_index_of_canonical((k_best, 0, 0))
-            z1, y1, x1 = view.input_index_of_canonical((k_best, n_j - 1, n_i - 1))
-            centre = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (z0 + z1) / 2.0)
-            position = tuple(float(v) for v in image.TransformContinuousIndexToPhysicalPoint(centre))
+            axis, index, position = slice_centre(int(np.argmax(slice_var[o])))
+        runs = find_continuations(
+            dequantise_probability(coarse_q[o]), per_slice[:, label],
+            lambda k, lab=label: coarse_mask(labels_c[k] == lab, blk, coarse_hw),
+            block_mm=(blk[0] * sj, blk[1] * si), slice_mm=sk,
+        )
+        continuation = []
+        for run in runs:
+            _, peak_index, peak_pos = slice_centre(run.peak_slice)
+            continuation.append({
+                "kind": "beyond_mask" if run.kind in ("before", "after") else run.kind,
+                "side": toward if run.kind == "after" else away if run.kind == "before" else None,
+                "slices": [slice_centre(k)[1] for k in run.slices],
+                "extent_mm": float(len(run.slices) * sk),
+                "area_mm2": [round(a, 1) for a in run.area_mm2],
+                "peak_slice": peak_index, "peak_position_mm": list(peak_pos),
+            })
         org = organ_objs[o]
         stats.append(OrganStats(
             name=org.name, display_name=org.display_name, label=label, voxel_count=count,
             volume_ml=count * voxel_ml, mean_uncertainty=mean_unc,
             max_uncertainty_slice=None if index is None else int(index),
             max_uncertainty_position=position, slice_axis=int(axis),  # type: ignore[arg-type]
+            possible_continuation=continuation,
         ))
+    del coarse_q, per_slice
 
     # ---- 5. back to the input's exact grid ------------------------------------------------
     def to_image(array_kji: np.ndarray) -> sitk.Image:
@@ -523,9 +621,9 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     probabilities = variances = entropy = None
     if keep_probabilities:
         names = [o.name for o in organ_objs]
-        probabilities = {n: to_image(mean_c[o]) for o, n in enumerate(names)}
-        variances = {n: to_image(var_c[o]) for o, n in enumerate(names)}
-        entropy = {n: to_image(binary_entropy(mean_c[o])) for o, n in enumerate(names)}
+        probabilities = OrganMaps(names, mean_q, dequantise_probability, to_image)
+        variances = OrganMaps(names, var_q, dequantise_variance, to_image)
+        entropy = OrganMaps(names, mean_q, lambda q: binary_entropy(dequantise_probability(q)), to_image)
     timings["postprocess"] += time.perf_counter() - t0
     report("postprocess", 1.0, "done")
 
@@ -534,8 +632,13 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         samples=samples, steps=steps, scheduler=scheduler, seed=seed, device=str(dev), threshold=threshold,
         staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
         probabilities=probabilities, variances=variances, entropy=entropy,
-        extras={"windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds)},
+        extras={"windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds),
+                **extras},
     )
+
+
+_SIDE = {"S": "superior", "I": "inferior", "L": "left", "R": "right", "A": "anterior", "P": "posterior"}
+_OPPOSITE = {"S": "I", "I": "S", "L": "R", "R": "L", "A": "P", "P": "A"}
 
 
 def _best_organ(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -341,15 +341,19 @@ def run_segment(
     if save_probabilities:
         probs = getattr(result, "probabilities", None) or {}
         for name in organ_names:
-            if probs.get(name) is None:
+            if name not in probs:
                 raise RuntimeError(f"engine returned no probability map for {name!r} although it was requested")
-            prob = probs[name]
-            if prob.GetPixelID() != sitk.sitkFloat32:
-                prob = sitk.Cast(prob, sitk.sitkFloat32)
-            _check_geometry(prob, image, f"the probability map of {name}")
+
+            def load(name=name):  # built when written: one organ's float32 volume in memory at a time
+                prob = probs[name]
+                if prob.GetPixelID() != sitk.sitkFloat32:
+                    prob = sitk.Cast(prob, sitk.sitkFloat32)
+                _check_geometry(prob, image, f"the probability map of {name}")
+                return prob
+
             fname = probability_filename(name)
             prob_files[name] = fname
-            images.append((fname, prob))
+            images.append((fname, load))
     dicom_datasets: list[tuple[str, Any]] = []
     if dicom_source is not None:  # built in memory: every DICOM check fails before any output exists
         from ..dicom.export import build_dicom_outputs
@@ -357,7 +361,7 @@ def run_segment(
         probs = getattr(result, "probabilities", None) or {}
         seg_ds, _, pmap_ds, _ = build_dicom_outputs(
             labels, dicom_source, [package.organs[i] for i in organ_ids], uncertainty=uncertainty,
-            fractional_probabilities=[probs[n] for n in organ_names] if dicom_seg == "fractional" else None,
+            fractional_probabilities=_OrganSequence(probs, organ_names) if dicom_seg == "fractional" else None,
             model_name=package.name, model_version=package.version,
             algorithm_parameters={"method": package.method_name, "samples": getattr(result, "samples", None) or samples,
                                   "steps": getattr(result, "steps", None) or steps, "seed": seed},
@@ -377,7 +381,7 @@ def run_segment(
             raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
         for i, (fname, img) in enumerate(images):
             check_cancel()
-            write_image_atomic(img, staging / fname)
+            write_image_atomic(img() if callable(img) else img, staging / fname)
             report("write", (i + 1) / (len(images) + 1), f"wrote {fname}")
         if dicom_datasets:
             from ..dicom.source import write_dataset_atomic
@@ -455,8 +459,10 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
         entry = {"name": name, "display_name": organ.display_name, "label": label, "voxel_count": count,
                  "color": list(organ.color), "category": dict(organ.category), "type": dict(organ.type),
                  "volume_ml": count * voxel_ml, "mean_uncertainty": None, "max_uncertainty_slice": None,
-                 "slice_axis": None, "max_uncertainty_position_mm": None}
+                 "slice_axis": None, "max_uncertainty_position_mm": None, "possible_continuation": []}
         st = engine_stats.get(name)  # the engine's per-organ statistics (OrganStats)
+        if st is not None:  # also for an empty mask: "not segmented" is the signal that matters then
+            entry["possible_continuation"] = [dict(c) for c in (getattr(st, "possible_continuation", None) or [])]
         if count and st is not None and st.mean_uncertainty is not None:
             entry["mean_uncertainty"] = _finite_or_none(st.mean_uncertainty)
             if getattr(st, "max_uncertainty_slice", None) is not None:
@@ -513,3 +519,18 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "python": ".".join(map(str, sys.version_info[:3])),
         },
     }
+
+
+class _OrganSequence(Sequence):
+    """The organs' maps in label order, each built from the engine's compact storage when indexed."""
+
+    def __init__(self, maps, names: list[str]):
+        self._maps, self._names = maps, list(names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._maps[n] for n in self._names[i]]
+        return self._maps[self._names[i]]
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -48,3 +48,39 @@ def binary_entropy(p):
         t1 = np.where(x > 0, x * np.log2(np.where(x > 0, x, np.float32(1))), np.float32(0))
         t2 = np.where(q > 0, q * np.log2(np.where(q > 0, q, np.float32(1))), np.float32(0))
     return np.clip(np.float32(0) - (t1 + t2), np.float32(0), np.float32(1)).astype(np.float32, copy=False)
+
+
+# -- compact storage of per-organ maps ------------------------------------------------------------
+#: A mean probability is stored as round(p · 255): the resolution of an 8-bit fractional DICOM-SEG.
+PROBABILITY_LEVELS = 255
+#: A variance is stored as its standard deviation (at most 0.5 for values in [0, 1]) times 510, so
+#: 255 steps of 1/510 ≈ 0.002 in standard deviation; the smallest non-zero variance kept is (1/510)².
+STD_LEVELS = 510
+
+
+def quantise_probability(p) -> np.ndarray:
+    """uint8 ``round(p · 255)`` of probabilities (clipped to [0, 1]); torch or numpy in, numpy out."""
+    if isinstance(p, torch.Tensor):
+        return (p.to(torch.float32).clamp(0.0, 1.0) * PROBABILITY_LEVELS).round_().to(torch.uint8).cpu().numpy()
+    x = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0) * np.float32(PROBABILITY_LEVELS)
+    return np.rint(x).astype(np.uint8)
+
+
+def dequantise_probability(q: np.ndarray) -> np.ndarray:
+    """float32 probabilities ``q / 255`` of :func:`quantise_probability`'s codes."""
+    return np.asarray(q, dtype=np.float32) * np.float32(1.0 / PROBABILITY_LEVELS)
+
+
+def quantise_variance(v) -> np.ndarray:
+    """uint8 ``round(sqrt(v) · 510)`` of variances of [0, 1]-valued samples (at most 0.25)."""
+    if isinstance(v, torch.Tensor):
+        s = v.to(torch.float32).clamp(0.0, 0.25).sqrt_()
+        return (s * STD_LEVELS).round_().clamp_(max=255).to(torch.uint8).cpu().numpy()
+    s = np.sqrt(np.clip(np.asarray(v, dtype=np.float32), 0.0, 0.25))
+    return np.rint(np.minimum(s * np.float32(STD_LEVELS), 255)).astype(np.uint8)
+
+
+def dequantise_variance(q: np.ndarray) -> np.ndarray:
+    """float32 variances ``(q / 510)²`` of :func:`quantise_variance`'s codes (0 stays exactly 0)."""
+    s = np.asarray(q, dtype=np.float32) * np.float32(1.0 / STD_LEVELS)
+    return np.square(s, out=s)

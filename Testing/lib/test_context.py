@@ -180,4 +180,5 @@ def test_mr_normalisation_ignores_the_scanner_scale(tmp_path, data_dir):
         res = segment_volume(img, pkg, ["liver"], samples=1, steps=1, seed=0, keep_probabilities=True)
         probs.append(sitk.GetArrayFromImage(res.probabilities["liver"]))
         assert res.extras["intensity_bounds"][1] > res.extras["intensity_bounds"][0]
-    np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)
+    # Equal up to float rounding, which can move a value across one step of the 8-bit storage (1/255).
+    np.testing.assert_allclose(probs[0], probs[1], atol=1.0 / 255 + 1e-6)

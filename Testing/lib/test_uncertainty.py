@@ -152,3 +152,75 @@ def test_keep_largest_component_connectivity():
     m[0, 3, 3] = 1  # now the diagonal joins the block when corners count
     assert keep_largest_component(m, fully_connected=True).sum() == 8
     assert keep_largest_component(m).sum() == 4
+
+
+# ---- missed structure (continuation) ---------------------------------------------------------------
+from MedDiffSegLib.uncertainty.continuation import coarse_mask, find_continuations  # noqa: E402
+from MedDiffSegLib.uncertainty.ensemble import (dequantise_probability, dequantise_variance,  # noqa: E402
+                                                quantise_probability, quantise_variance)
+
+
+def _organ_grid(n_k=20, size=16):
+    """Coarse [K, h, w] probabilities of an organ present (p = 1) on slices 5..12 in a 6x6-block square."""
+    p = np.zeros((n_k, size, size), dtype=np.float32)
+    p[5:13, 5:11, 5:11] = 1.0
+    counts = (p >= 0.5).sum(axis=(1, 2)) * 16  # 16 voxels per block
+    return p, counts
+
+
+def _edge(p):
+    return lambda k: p[k] >= 0.5
+
+
+def test_continuation_follows_faint_probability_and_stops():
+    p, counts = _organ_grid()
+    p[13:16, 5:11, 5:11] = 0.3  # 36 blocks x 16 mm² x 0.3 = 172.8 mm² per slice
+    p[17, 5:11, 5:11] = 0.3  # after a slice without probability: not part of the run
+    runs = find_continuations(p, counts, _edge((p >= 0.5)), block_mm=(4.0, 4.0), slice_mm=2.0)
+    assert [(r.kind, r.slices) for r in runs] == [("after", [13, 14, 15])]
+    np.testing.assert_allclose(runs[0].area_mm2, [172.8] * 3, rtol=1e-5)
+
+
+def test_continuation_ignores_faint_mass_far_from_the_organ_and_below_the_minimum():
+    p, counts = _organ_grid()
+    p[3:5, 12:16, 12:16] = 0.9  # far corner, next to the first slice: outside the dilated footprint
+    p[13, 5:11, 5:11] = 0.09  # below min_probability
+    assert find_continuations(p, counts, _edge(p >= 0.5), block_mm=(4.0, 4.0), slice_mm=2.0) == []
+    # With a 40 mm dilation the corner is within reach.
+    runs = find_continuations(p, counts, _edge(p >= 0.5), block_mm=(4.0, 4.0), slice_mm=2.0, dilate_mm=40.0)
+    assert [(r.kind, r.slices) for r in runs] == [("before", [4, 3])]
+
+
+def test_continuation_gap_max_extent_and_not_segmented():
+    p, counts = _organ_grid(n_k=40)
+    p[8] = 0.0
+    p[8, 5:11, 5:11] = 0.4  # a slice missing inside the organ
+    counts = (p >= 0.5).sum(axis=(1, 2)) * 16
+    p[13:40, 5:11, 5:11] = 0.5 - 1e-3  # a long faint tail: capped at max_extent_mm
+    runs = {r.kind: r for r in find_continuations(p, counts, _edge(p >= 0.5), block_mm=(4.0, 4.0), slice_mm=5.0)}
+    assert runs["gap"].slices == [8]
+    assert runs["after"].slices == list(range(13, 23))  # 50 mm / 5 mm
+    empty = np.zeros_like(p)
+    empty[20, 0:5, 0:5] = 0.45
+    nothing = np.zeros(40, dtype=int)
+    (run,) = find_continuations(empty, nothing, _edge(empty >= 0.5), block_mm=(4.0, 4.0), slice_mm=5.0)
+    assert run.kind == "not_segmented" and run.slices == [20] and run.peak_slice == 20
+    assert find_continuations(np.zeros_like(p), nothing, _edge(empty), block_mm=(4.0, 4.0), slice_mm=5.0) == []
+
+
+def test_coarse_mask_marks_blocks_with_any_voxel():
+    m = np.zeros((9, 10), dtype=bool)
+    m[8, 9] = True
+    cm = coarse_mask(m, (4, 4), (3, 3))
+    assert cm.sum() == 1 and cm[2, 2]
+
+
+def test_quantised_storage_round_trip():
+    p = np.linspace(0, 1, 1001, dtype=np.float32)
+    np.testing.assert_allclose(dequantise_probability(quantise_probability(p)), p, atol=0.5 / 255 + 1e-7)
+    np.testing.assert_array_equal(quantise_probability(torch.from_numpy(p)), quantise_probability(p))
+    v = np.linspace(0, 0.25, 1001, dtype=np.float32)
+    back = dequantise_variance(quantise_variance(v))
+    assert back[0] == 0.0 and back.dtype == np.float32
+    np.testing.assert_allclose(np.sqrt(back), np.sqrt(v), atol=0.5 / 510 + 1e-6)
+    np.testing.assert_array_equal(quantise_variance(torch.from_numpy(v)), quantise_variance(v))
