@@ -43,30 +43,9 @@ def _data_root() -> Path:
 
 
 def _cases(protocol: dict, pkg, only: list[str] | None) -> list[dict]:
-    """Every (dataset, case) to score for ``pkg``: image, label, name table, organs."""
-    from MedDiffSegLib.training.datasets import read_dataset
+    from MedDiffSegLib.evaluation.protocol import protocol_cases
 
-    root = _data_root()
-    out = []
-    for key, d in protocol["datasets"].items():
-        if d["modality"] != pkg.preprocessing.modality:
-            continue
-        ds = read_dataset(root / d["dataset"])
-        by_name = {c.name: c for c in ds.cases("training")}
-        organs = [o for o in pkg.organ_names if o in ds.labels]
-        for name in d["test"]:
-            if only and name not in only:
-                continue
-            c = by_name[name]
-            out.append({"group": key, "name": name, "image": c.image, "label": c.label, "table": ds.labels,
-                        "organs": organs, "role": "test"})
-    for e in protocol.get("extra", []):
-        if e["modality"] != pkg.preprocessing.modality or (only and e["name"] not in only):
-            continue
-        organs = [o for o in pkg.organ_names if o in e["table"]]
-        out.append({"group": e["name"], "name": e["name"], "image": root / e["image"], "label": root / e["label"],
-                    "table": e["table"], "organs": organs, "role": e["what"]})
-    return out
+    return protocol_cases(protocol, pkg.preprocessing.modality, pkg.organ_names, _data_root(), only)
 
 
 def _write_doc(doc: Path, model: str, label: str, text: str) -> None:

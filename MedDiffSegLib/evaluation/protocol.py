@@ -122,3 +122,38 @@ def markdown_table(agg: dict, spread: dict | None = None) -> str:
         mean += f" {_f(spread.get('mean_dice_sd_over_seeds'), 3)} |"
     rows.append(mean)
     return "\n".join(rows)
+
+
+def protocol_cases(protocol: dict, modality: str, organ_names: Sequence[str], data_root, only: Sequence[str] | None = None
+                   ) -> list[dict]:
+    """Every (dataset, case) of ``bench/protocol.json`` to score for a model of ``modality``.
+
+    Test cases of each dataset of that modality, then the protocol's ``extra`` volumes of that
+    modality. Each entry: ``group``, ``name``, ``image`` and ``label`` paths, the dataset's label
+    ``table`` (organ name -> value), the model's ``organs`` that the dataset labels, and ``role``.
+    """
+    from pathlib import Path
+
+    from ..training.datasets import read_dataset
+
+    root = Path(data_root)
+    out = []
+    for key, d in protocol["datasets"].items():
+        if d["modality"] != modality:
+            continue
+        ds = read_dataset(root / d["dataset"])
+        by_name = {c.name: c for c in ds.cases("training")}
+        organs = [o for o in organ_names if o in ds.labels]
+        for name in d["test"]:
+            if only and name not in only:
+                continue
+            c = by_name[name]
+            out.append({"group": key, "name": name, "image": c.image, "label": c.label, "table": ds.labels,
+                        "organs": organs, "role": "test"})
+    for e in protocol.get("extra", []):
+        if e["modality"] != modality or (only and e["name"] not in only):
+            continue
+        organs = [o for o in organ_names if o in e["table"]]
+        out.append({"group": e["name"], "name": e["name"], "image": root / e["image"], "label": root / e["label"],
+                    "table": e["table"], "organs": organs, "role": e["what"]})
+    return out
