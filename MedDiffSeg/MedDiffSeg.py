@@ -325,7 +325,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             preset = presets.QUALITY_PRESETS.get(p.quality)
             self.ui.qualityDescriptionLabel.text = preset.description if preset else ""
         result = self._lastResult
-        self.ui.jumpToUncertainButton.enabled = result is not None and result.hasUncertainty
+        self.ui.jumpToUncertainButton.enabled = result is not None and result.hasReviewTarget
         self.ui.uncertaintyCollapsibleButton.enabled = bool(p and p.uncertaintyVolume)
         for w in (self.ui.showUncertaintyCheckBox, self.ui.uncertaintyOpacitySlider, self.ui.uncertaintyThresholdSlider,
                   self.ui.uncertaintyInSegmentsCheckBox, self.ui.uncertaintyLegendCheckBox, self.ui.colorMapComboBox):
@@ -956,9 +956,12 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.selectResult(int(index))
         if self._lastResult is None:
             return
-        ras = self.logic.jumpToMostUncertainSlice(self._lastResult, organ)
+        ras, why = self.logic.jumpToReviewSlice(self._lastResult, organ)
         if ras is None:
             slicer.util.showStatusMessage(_("The samples agree everywhere for this organ: no uncertain slice."), 5000)
+        elif why == "missed":
+            slicer.util.showStatusMessage(_("{organ} probably continues here but was not segmented: review and "
+                                            "paint it if so.").format(organ=organ), 8000)
 
     def applyOverlay(self) -> None:
         """Show the current result's overlay with the panel's settings (read from the widgets: this may run
@@ -1232,6 +1235,14 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
         if ras is not None:
             nodes.jumpSlices(result.volumeNode.GetScene(), ras)
         return ras
+
+    def jumpToReviewSlice(self, result: MedDiffSegResult, organ: str):
+        """Move the slice views to where ``organ`` needs review first: a slice where it probably continues
+        unsegmented, else its most uncertain slice. Returns ``(RAS point or None, "missed" | "uncertain" | "")``."""
+        ras, why = result.reviewTarget(organ)
+        if ras is not None:
+            nodes.jumpSlices(result.volumeNode.GetScene(), ras)
+        return ras, why
 
     # -- export ---------------------------------------------------------------------------------------------
     def dicomDatabase(self):

@@ -152,6 +152,32 @@ class MedDiffSegResult:
         position = self.organ(name).get("max_uncertainty_position_mm")
         return lpsToRas(position) if position else None
 
+    def possibleMisses(self, name: str) -> list[dict[str, Any]]:
+        """Runs of slices where ``name`` probably continues unsegmented (the summary's ``possible_continuation``:
+        beyond the mask's first/last slice, gaps inside it, or the whole organ when nothing was segmented)."""
+        return list(self.organ(name).get("possible_continuation") or [])
+
+    @property
+    def hasReviewTarget(self) -> bool:
+        """Whether "jump to the slice to review" has somewhere to go: samples that can disagree, or a possible miss."""
+        return self.hasUncertainty or any(self.possibleMisses(o.get("name")) for o in self.organs)
+
+    def reviewTarget(self, name: str) -> tuple[tuple[float, float, float] | None, str]:
+        """Where to look first for ``name``: ``(RAS point, "missed" | "uncertain")``, or ``(None, "")``.
+
+        A possible miss comes first (the samples agree there, so the variance cannot show it): the peak
+        slice of the run with the largest probability-weighted area. Otherwise the most uncertain slice.
+        """
+        runs = [r for r in self.possibleMisses(name) if r.get("peak_position_mm")]
+        if runs:
+            best = max(runs, key=lambda r: max(r.get("area_mm2") or [0.0]))
+            return lpsToRas(best["peak_position_mm"]), "missed"
+        if self.hasUncertainty:
+            ras = self.mostUncertainRAS(name)
+            if ras is not None:
+                return ras, "uncertain"
+        return None, ""
+
 
 def isPackage(model) -> bool:
     """Whether ``model`` is a package object (a ``ModelPackage`` or a ``PackageInfo``), not a name or a path."""

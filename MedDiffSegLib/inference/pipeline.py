@@ -503,6 +503,8 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "device": device_text,
         },
         "timings_s": {k: round(float(v), 4) for k, v in t.items()},
+        # STAPLE's EM per organ: iterations used (capped), voxels of the box it ran in, seconds.
+        "staple": [dict(v) for v in (getattr(result, "extras", None) or {}).get("staple", [])] or None,
         "input": {
             "kind": input_kind,
             "size": [int(s) for s in image.GetSize()],

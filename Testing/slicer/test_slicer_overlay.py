@@ -30,7 +30,7 @@ BLOCK = (slice(None), slice(10, 30), slice(10, 24))
 FAR_SPOT = (slice(None), slice(5, 9), slice(38, 44))  # uncertain, but far from the segment
 
 
-def make_result(slicer, mrml, samples: int = 5, name: str = "patient"):
+def make_result(slicer, mrml, samples: int = 5, name: str = "patient", continuation=None):
     array = np.full(SHAPE, -100, np.int16)
     array[:, :, 24:] = 100
     volume = slicer.util.addVolumeFromArray(array, name=name)
@@ -46,7 +46,8 @@ def make_result(slicer, mrml, samples: int = 5, name: str = "patient"):
         uncertainty[FAR_SPOT] = 0.15
     summary = {"organs": [{"name": "liver", "display_name": "Liver", "label": 1, "volume_ml": 8.4,
                            "mean_uncertainty": float(uncertainty[BLOCK].mean()),
-                           "max_uncertainty_position_mm": [-10.0, -20.0, 1.0]}],
+                           "max_uncertainty_position_mm": [-10.0, -20.0, 1.0],
+                           "possible_continuation": list(continuation or [])}],
                "model": {"name": "tiny-guided", "version": "0.0.1"},
                "settings": {"samples": samples, "seed": 0, "device": "cpu: test"},
                "timings_s": {"total": 1.5}}
@@ -197,6 +198,33 @@ def test_one_sample_shows_no_overlay_and_says_why(slicer, mrml, module, monkeypa
         assert "One sample" in widget.oneSampleNote(result)
     finally:
         gui.close()
+
+
+def test_jump_goes_to_a_possibly_missed_slice_first_even_with_one_sample(slicer, mrml, module, monkeypatch):
+    """One sample has no variance, but the missed-structure signal still says where to look."""
+    gui = GuiSession(slicer, monkeypatch)
+    mrml.add_slice_views()
+    run = {"kind": "beyond_mask", "side": "superior", "slices": [3, 4], "extent_mm": 2.0, "area_mm2": [150.0, 120.0],
+           "peak_slice": 3, "peak_position_mm": [-10.0, -20.0, 3.0]}
+    weak = dict(run, area_mm2=[101.0], peak_position_mm=[-10.0, -20.0, 0.0])
+    result = make_result(slicer, mrml, samples=1, continuation=[weak, run])
+    assert not result.hasUncertainty and result.hasReviewTarget
+    assert result.reviewTarget("liver") == (pytest.approx((10.0, 20.0, 3.0)), "missed")
+    messages = []
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda text, ms=0: messages.append(text), raising=False)
+    widget = gui.open(module)
+    try:
+        widget.showResult(result)
+        assert widget.ui.jumpToUncertainButton.enabled
+        widget.ui.jumpToUncertainButton.click()
+        red = mrml.scene.GetSingletonNode("Red", "vtkMRMLSliceNode")
+        assert red.GetSliceOffset() == pytest.approx(3.0)
+        assert messages and "probably continues" in messages[-1]
+    finally:
+        gui.close()
+    # Without a possible miss, a one-sample result has nowhere to jump; with samples, the most uncertain slice.
+    assert not make_result(slicer, mrml, samples=1, name="b").hasReviewTarget
+    assert make_result(slicer, mrml, name="c").reviewTarget("liver") == (pytest.approx((10.0, 20.0, 1.0)), "uncertain")
 
 
 def test_results_overlay_and_jump_come_back_after_the_scene_is_reloaded(slicer, mrml, module, monkeypatch, tmp_path):
