@@ -66,8 +66,9 @@ def worker(args) -> None:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        summary = run_segment(args.volume, out_dir / "out", [args.organ], model=args.model, modality="CT", samples=args.samples,
-                              steps=args.steps, seed=0, device=str(dev))
+        summary = run_segment(args.volume, out_dir / "out", list(args.organ), model=args.model, modality="CT",
+                              samples=args.samples, steps=args.steps, seed=0, device=str(dev), staple=args.staple,
+                              save_probabilities=args.save_probabilities)
         wall = time.perf_counter() - t0
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -81,6 +82,10 @@ def worker(args) -> None:
         rss_kib //= 1024
     organ = summary["organs"][0]
     print(json.dumps({
+        "organs": len(summary["organs"]),
+        "staple": summary["settings"]["staple"],
+        "save_probabilities": bool(args.save_probabilities),
+        "staple_per_organ": summary.get("staple"),
         "samples": summary["settings"]["samples"],
         "steps": summary["settings"]["steps"],
         "scheduler": summary["settings"]["scheduler"],
@@ -104,7 +109,9 @@ def worker(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="installed model name or package folder (default: the default model)")
-    p.add_argument("--organ", default="liver", help="organ to segment (default: liver)")
+    p.add_argument("--organ", nargs="+", default=["liver"], help="organ(s) to segment (default: liver)")
+    p.add_argument("--staple", action="store_true", help="fuse the samples with STAPLE")
+    p.add_argument("--save-probabilities", action="store_true", help="also write every organ's probability map")
     p.add_argument("--samples", type=int, nargs="+", default=[1, 10], help="sample counts to run (default: 1 10)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -136,7 +143,9 @@ def main(argv=None) -> int:
         results = []
         for n in args.samples:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--volume", str(volume),
-                   "--organ", args.organ, "--samples", str(n), "--device", args.device]
+                   "--organ", *args.organ, "--samples", str(n), "--device", args.device]
+            cmd += ["--staple"] if args.staple else []
+            cmd += ["--save-probabilities"] if args.save_probabilities else []
             if args.model is not None:
                 cmd += ["--model", str(args.model)]
             if args.steps is not None:
