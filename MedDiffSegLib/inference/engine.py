@@ -55,7 +55,9 @@ labels (``_staple_box``), so only that box is unpacked and fused; its EM is capp
 Per-organ volumes (``keep_probabilities``, and the variances STAPLE needs) are kept as 8-bit
 codes - the mean probability to 1/255 (a fractional DICOM-SEG's own resolution) and the standard
 deviation to 1/510 - and decoded to float32 one organ at a time when read (:class:`OrganMaps`).
-The main uncertainty map stays float32.
+The main uncertainty map stays float32. A package with ``inference.calibration`` (per-organ
+temperatures, :mod:`MedDiffSegLib.uncertainty.calibration`) has its reported probabilities (and
+their entropy) calibrated; labels, variance and the missed-structure signal use the raw mean.
 
 Uncertainty
 -----------
@@ -85,6 +87,7 @@ import torch
 from ..errors import Cancelled, InputError, ModelError
 from ..preprocessing.spec import context_indices, inplane_size, intensity_bounds, normalise_intensity, resample_inplane
 from ..uncertainty import binary_entropy, ensemble_mean_variance, keep_largest_component, staple_fuse
+from ..uncertainty.calibration import apply_temperature, temperatures
 from ..uncertainty.continuation import BLOCK_MM, block_size, coarse_mask, find_continuations
 from ..uncertainty.ensemble import (dequantise_probability, dequantise_variance, quantise_probability,
                                     quantise_variance)
@@ -420,6 +423,9 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     # One noise stream per organ (seeded from the run's seed and the organ's index in the model):
     # an organ's samples depend on the seed, the organ and the image only, never on the other prompts.
     ids_row = torch.tensor(organ_ids, dtype=torch.long, device=dev)
+    # Temperature calibration of the probabilities the run reports (labels use the raw mean).
+    temps = temperatures(package.inference, [o.name for o in organ_objs], package.name)
+    temp_col = torch.tensor(temps, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
     generators = []
     for oid in organ_ids:
         g = torch.Generator(device=dev)
@@ -531,7 +537,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
             if maxvar_c is not None:
                 maxvar_c[k0:k1] = vmax.cpu().numpy()
         if mean_q is not None:
-            mean_q[:, k0:k1] = quantise_probability(mean).transpose(1, 0, 2, 3)
+            mean_q[:, k0:k1] = quantise_probability(apply_temperature(mean, temp_col)).transpose(1, 0, 2, 3)
         if var_q is not None:
             var_q[:, k0:k1] = quantise_variance(var).transpose(1, 0, 2, 3)
         del mean, var, pooled
@@ -661,7 +667,8 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         samples=samples, steps=steps, scheduler=scheduler, seed=seed, device=str(dev), threshold=threshold,
         staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
         probabilities=probabilities, variances=variances, entropy=entropy,
-        extras={"windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds),
+        extras={"calibration": {o.name: t for o, t in zip(organ_objs, temps) if t != 1.0} or None,
+                "windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds),
                 **extras},
     )
 

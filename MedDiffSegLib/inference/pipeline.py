@@ -501,6 +501,8 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "staple": bool(staple),
             "largest_component": bool(largest_component),
             "device": device_text,
+            # per-organ temperatures applied to the reported probabilities (None: uncalibrated)
+            "calibration": (getattr(result, "extras", None) or {}).get("calibration"),
         },
         "timings_s": {k: round(float(v), 4) for k, v in t.items()},
         # STAPLE's EM per organ: iterations used (capped), voxels of the box it ran in, seconds.

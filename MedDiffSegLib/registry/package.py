@@ -290,11 +290,20 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def update_metrics(folder: str | os.PathLike, updates: dict[str, Any]) -> None:
     """Merge ``updates`` into the ``metrics`` of the package in ``folder`` (atomic; weights untouched)."""
+    _update_section(folder, "metrics", updates)
+
+
+def update_inference(folder: str | os.PathLike, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into the ``inference`` settings of the package in ``folder`` (atomic; weights untouched)."""
+    _update_section(folder, "inference", updates)
+
+
+def _update_section(folder: str | os.PathLike, section: str, updates: dict[str, Any]) -> None:
     path = Path(folder) / MODEL_JSON
     data = json.loads(path.read_text(encoding="utf-8"))
-    metrics = data.get("metrics") or {}
-    metrics.update(updates)
-    data["metrics"] = metrics
+    merged = data.get(section) or {}
+    merged.update(updates)
+    data[section] = merged
     _write_json_atomic(path, data)
 
 

@@ -650,3 +650,25 @@ def test_missed_slices_beyond_the_mask_are_reported(tmp_path):
     clean = segment_volume(make_image(np.where(organ, ORGAN_HU, BACKGROUND_HU), spacing=(1.0, 1.0, 2.5),
                                       direction=np.eye(3).reshape(-1)), pkg, ["liver"], method=method)
     assert clean.stats[0].possible_continuation == []
+
+
+def test_calibrated_package_reports_softened_probabilities_with_the_same_labels(tmp_path):
+    volume, _ = sphere_volume((12, 14, 36))
+    image = make_image(volume)
+    band = (norm(ORGAN_HU) - 0.01, norm(ORGAN_HU) + 0.01)
+    pkg, method = profile_package(tmp_path, noise=0.25, band=band)
+    raw = segment_volume(image, pkg, ["liver", "spleen"], method=method, seed=2, keep_probabilities=True)
+    pkg.inference["calibration"] = {"method": "temperature", "temperature": {"liver": 2.0}}
+    cal = segment_volume(image, pkg, ["liver", "spleen"], method=method, seed=2, keep_probabilities=True)
+    np.testing.assert_array_equal(arr(cal.labels), arr(raw.labels))
+    np.testing.assert_array_equal(arr(cal.uncertainty), arr(raw.uncertainty))
+    np.testing.assert_array_equal(arr(cal.probabilities["spleen"]), arr(raw.probabilities["spleen"]))
+    p_raw, p_cal = arr(raw.probabilities["liver"]), arr(cal.probabilities["liver"])
+    sure = p_raw > 0.9
+    assert sure.any() and np.all(p_cal[sure] < p_raw[sure])  # softened towards 0.5
+    assert cal.extras["calibration"] == {"liver": 2.0} and raw.extras["calibration"] is None
+    assert stats_continuations_equal(raw, cal)
+
+
+def stats_continuations_equal(a, b) -> bool:
+    return [s.possible_continuation for s in a.stats] == [s.possible_continuation for s in b.stats]

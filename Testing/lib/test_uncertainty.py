@@ -224,3 +224,42 @@ def test_quantised_storage_round_trip():
     assert back[0] == 0.0 and back.dtype == np.float32
     np.testing.assert_allclose(np.sqrt(back), np.sqrt(v), atol=0.5 / 510 + 1e-6)
     np.testing.assert_array_equal(quantise_variance(torch.from_numpy(v)), quantise_variance(v))
+
+
+# ---- temperature calibration -------------------------------------------------------------------------
+from MedDiffSegLib.errors import ModelError  # noqa: E402
+from MedDiffSegLib.uncertainty.calibration import apply_temperature, fit_temperature, temperatures  # noqa: E402
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0.0, 4.0, 200_000)
+    p = 1.0 / (1.0 + np.exp(-z))  # the model's (over-confident) probability
+    y = rng.random(z.size) < 1.0 / (1.0 + np.exp(-z / 2.5))  # the truth follows logits / 2.5
+    fit = fit_temperature(p, y)
+    assert fit["temperature"] == pytest.approx(2.5, rel=0.05)
+    assert fit["nll_after"] < fit["nll_before"]
+    calibrated = apply_temperature(p.astype(np.float32), fit["temperature"])
+    assert abs(float(np.mean(calibrated)) - float(np.mean(y))) < 0.01
+
+
+def test_apply_temperature_keeps_half_and_order_and_t1_is_identity():
+    p = np.array([0.0, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0], dtype=np.float32)
+    assert apply_temperature(p, 1.0) is p
+    q = apply_temperature(p, 2.0)
+    assert q[3] == pytest.approx(0.5) and np.all(np.diff(q) > 0)
+    assert q[1] > p[1] and q[5] < p[5]  # T > 1 softens
+    np.testing.assert_allclose(apply_temperature(torch.from_numpy(p), 2.0).numpy(), q, atol=1e-6)
+    t = torch.tensor([1.0, 1.0]).view(1, 2, 1, 1)
+    x = torch.rand(1, 2, 3, 3)
+    assert apply_temperature(x, t) is x
+
+
+def test_temperatures_from_a_package_and_bad_values():
+    inf = {"calibration": {"method": "temperature", "temperature": {"liver": 1.5}}}
+    assert temperatures(inf, ["spleen", "liver"]) == [1.0, 1.5]
+    assert temperatures({}, ["liver"]) == [1.0]
+    with pytest.raises(ModelError, match="liver"):
+        temperatures({"calibration": {"method": "temperature", "temperature": {"liver": -1}}}, ["liver"])
+    with pytest.raises(ModelError, match="must be"):
+        temperatures({"calibration": {"method": "platt"}}, ["liver"])
