@@ -23,16 +23,12 @@ Conventions
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
-
-try:  # torch is a dependency of the library, but geometry does not need it
-    import torch
-except ImportError:  # pragma: no cover - torch is always installed with MedDiffSegLib
-    torch = None  # type: ignore[assignment]
 
 ArrayT = TypeVar("ArrayT")
 
@@ -85,6 +81,9 @@ def orientation_code(image: sitk.Image) -> str:
 
 
 def _is_torch(array) -> bool:
+    """Whether ``array`` is a torch tensor, without importing torch (geometry never needs it: it is also used
+    in Slicer's process before torch is installed; a tensor can only exist once torch is imported)."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(array, torch.Tensor)
 
 

@@ -26,11 +26,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import sys
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import ModelError
+
+# torch is imported only by the functions that work on tensors: the spec itself (read with every
+# model package, also in Slicer's process before torch is installed) must not need it.
 
 MODALITIES = ("CT", "MR")
 
@@ -121,7 +124,8 @@ def normalise_intensity(array: np.ndarray | torch.Tensor, bounds: tuple[float, f
     """Clip to ``bounds`` and scale linearly to [-1, 1]; float32, works on numpy or torch."""
     lo, hi = bounds
     scale = 2.0 / (hi - lo)
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported
+    if torch is not None and isinstance(array, torch.Tensor):
         x = array.to(torch.float32).clamp(lo, hi)
         return (x - lo) * scale - 1.0
     x = np.clip(array.astype(np.float32, copy=False), lo, hi)
@@ -140,6 +144,8 @@ def resample_inplane(slices: torch.Tensor, size_hw: Sequence[int], mode: str = "
     and back returns to the exact input grid (the output keeps the input's geometry by
     construction). ``mode='nearest'`` is used for label maps at training time.
     """
+    import torch.nn.functional as F
+
     size_hw = tuple(int(v) for v in size_hw)
     if tuple(slices.shape[-2:]) == size_hw:
         return slices

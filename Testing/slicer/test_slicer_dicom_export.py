@@ -194,6 +194,23 @@ def test_export_dicom_seg_round_trip(mrml, slicer, module, series, database, dic
         assert np.array_equal(pixels[f], uncertainty[k]), f"frame {f + 1} (slice {k})"
 
 
+def test_export_runs_in_a_slicer_where_torch_is_not_installed(mrml, slicer, series, database, dicom_result, tmp_path,
+                                                              monkeypatch):
+    """DICOM export needs highdicom, never torch: nothing on its path may import torch in Slicer's process."""
+    from test_slicer_widget import NOT_BUNDLED, FreshSlicer
+
+    env = FreshSlicer(slicer, monkeypatch)
+    try:
+        for name in NOT_BUNDLED:  # everything the export needs is installed; torch is not
+            env.make_installed(name)
+        report = env.module.MedDiffSegLogic().exportDicomSeg(dicom_result, str(tmp_path / "export"), database=database)
+        assert report.dicom and all(Path(p).is_file() for p in report.paths)
+        torch_imports = [a for a in env.blocker.attempts if a.split(".")[0] == "torch"]
+        assert not torch_imports, "\n".join(env.blocker.stacks)
+    finally:
+        env.restore()
+
+
 def test_export_into_a_new_temporary_folder_by_default(mrml, slicer, module, database, dicom_result, tmp_path,
                                                        monkeypatch):
     monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path))
