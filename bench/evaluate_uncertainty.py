@@ -120,7 +120,18 @@ def main(argv=None) -> int:
     ap.add_argument("--band-mm", type=float, default=10.0)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--doc", type=Path)
+    ap.add_argument("--from-summary", type=Path, metavar="SUMMARY_JSON",
+                    help="run nothing: print (and --doc) the table of an earlier run's summary.json")
     args = ap.parse_args(argv)
+    if args.from_summary:
+        from evaluate_protocol import _write_doc
+
+        summary = json.loads(args.from_summary.read_text(encoding="utf-8"))
+        text = _table(summary)
+        print(text)
+        if args.doc:
+            _write_doc(args.doc, summary["model"], "uncertainty", text)
+        return 0
 
     import SimpleITK as sitk
     import torch
