@@ -8,6 +8,7 @@ set -euo pipefail
 MODEL=${1:-abdomen-ct-guided}
 OUT=${2:-bench/results/eval-$(basename "$MODEL")}
 SAMPLES=${3:-5}
+ONLY=${ONLY:-}   # space-separated case names to run (default: all), e.g. ONLY=dcmqi-ct-3slice
 DATA=${MEDDIFFSEG_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 TS=$DATA/totalsegmentator
 ORGANS=(liver spleen kidney_right kidney_left pancreas stomach gallbladder aorta)
@@ -20,6 +21,7 @@ done
 mkdir -p "$OUT"
 run() {  # name input gt labels...
   local name=$1 input=$2 gt=$3; shift 3
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   local dir=$OUT/$name
   rm -rf "$dir"
   /usr/bin/time -o "$OUT/$name.time.json" -f '{"wall_s": %e, "peak_rss_kb": %M}' \

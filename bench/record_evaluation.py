@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--package", type=Path, help="record the numbers in this package folder's model.json")
     ap.add_argument("--command", help="the evaluate_model.sh call that produced EVAL_DIR (recorded with the numbers)")
     ap.add_argument("--samples", type=int, help="the SAMPLES given to evaluate_model.sh (default: the package's)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the cases found in EVAL_DIR (an ONLY=... run), keep the package's other cases")
     args = ap.parse_args(argv)
     samples = args.samples
     if samples is None and args.package:
@@ -131,6 +133,9 @@ def main(argv=None) -> int:
         print(f"record_evaluation: no <case>/scores.json under {args.eval_dir}", file=sys.stderr)
         return 2
     if args.package:
+        if args.merge:
+            recorded = json.loads((args.package / "model.json").read_text(encoding="utf-8")).get("metrics") or {}
+            evaluation = {**(recorded.get("evaluation") or {}), **evaluation}
         write_metrics(args.package, evaluation, args.command, samples)
         print(f"recorded {len(evaluation)} case(s) in {args.package / 'model.json'}", file=sys.stderr)
     return 0
