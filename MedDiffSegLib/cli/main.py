@@ -315,6 +315,14 @@ def _print_segment_result(summary: dict, out: str) -> None:
         sl = "-" if o["max_uncertainty_slice"] is None else str(o["max_uncertainty_slice"])
         rows.append((str(o["label"]), o["display_name"], f"{o['volume_ml']:.1f}", mu, sl))
     _print_table(rows)
+    for o in summary["organs"]:  # where an organ probably continues unsegmented (the samples agree there)
+        for run in o.get("possible_continuation") or []:
+            where = {"beyond_mask": f"beyond its {run.get('side') or 'end'} end", "gap": "in gaps inside it",
+                     "not_segmented": "although nothing was segmented"}.get(run["kind"], run["kind"])
+            first, last = min(run["slices"]), max(run["slices"])
+            slices = f"slice {first}" if first == last else f"slices {first}-{last}"
+            print(f"review {o['display_name']}: it probably continues {where} ({slices}, {run['extent_mm']:.0f} mm; "
+                  f"most at slice {run['peak_slice']})")
     s = summary["settings"]
     check = summary.get("modality_check") or {}
     source = {"dicom": "its DICOM tag", "declared": "--modality", "intensities": "its intensities"}

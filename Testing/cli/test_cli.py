@@ -623,3 +623,22 @@ def test_console_script(tmp_path, tiny_guided, small_volume):
                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("meddiffseg: error: samples must be at least 1")
     assert not (tmp_path / "o2").exists()
+
+
+def test_segment_output_names_slices_to_review(capsys):
+    """The missed-structure runs of summary.json are printed as a line a reader can act on."""
+    from MedDiffSegLib.cli.main import _print_segment_result
+
+    organ = {"label": 1, "name": "liver", "display_name": "Liver", "volume_ml": 1500.0, "mean_uncertainty": None,
+             "max_uncertainty_slice": None,
+             "possible_continuation": [{"kind": "beyond_mask", "side": "superior", "slices": [88, 89, 90],
+                                        "extent_mm": 7.5, "area_mm2": [300.0, 200.0, 120.0], "peak_slice": 88,
+                                        "peak_position_mm": [0.0, 0.0, 10.0]}]}
+    summary = {"outputs": {"segmentation": "segmentation.nii.gz", "uncertainty": "uncertainty.nii.gz", "probabilities": {}},
+               "organs": [organ, {**organ, "label": 2, "name": "spleen", "display_name": "Spleen",
+                                  "possible_continuation": []}],
+               "settings": {"samples": 1, "steps": 1, "seed": 0, "device": "cpu"}, "model": {"name": "m", "version": "1"},
+               "timings_s": {"total": 1.0}, "input": {}, "modality_check": {}}
+    _print_segment_result(summary, "out")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("review")]
+    assert lines == ["review Liver: it probably continues beyond its superior end (slices 88-90, 8 mm; most at slice 88)"]
