@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--band-mm", type=float, default=10.0)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--doc", type=Path)
+    ap.add_argument("--label", default="uncertainty", help="names this table in --doc (e.g. calibrated)")
     ap.add_argument("--from-summary", type=Path, metavar="SUMMARY_JSON",
                     help="run nothing: print (and --doc) the table of an earlier run's summary.json")
     args = ap.parse_args(argv)
@@ -127,10 +128,10 @@ def main(argv=None) -> int:
         from evaluate_protocol import _write_doc
 
         summary = json.loads(args.from_summary.read_text(encoding="utf-8"))
-        text = _table(summary)
+        text = _table(summary, args.label)
         print(text)
         if args.doc:
-            _write_doc(args.doc, summary["model"], "uncertainty", text)
+            _write_doc(args.doc, summary["model"], args.label, text)
         return 0
 
     import SimpleITK as sitk
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
             del res
 
     summary = {"model": pkg.name, "version": pkg.version, "weights_sha256": pkg.weights_sha256, "seed": args.seed,
+               "calibration": (pkg.inference.get("calibration") or {}).get("temperature"),
                "band_mm": args.band_mm, "variance_flag": VARIANCE_FLAG, "entropy_flag": ENTROPY_FLAG,
                "hardware": f"{device_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), "
                            f"{platform.machine()}",
@@ -233,10 +235,10 @@ def main(argv=None) -> int:
         summary["settings"][f"{steps}x{samples}"] = agg
     summary = to_json_ready(summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    text = _table(summary)
+    text = _table(summary, args.label)
     print(text)
     if args.doc:
-        _write_doc(args.doc, pkg.name, "uncertainty", text)
+        _write_doc(args.doc, pkg.name, args.label, text)
     return 0
 
 
@@ -244,8 +246,9 @@ def _n(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def _table(summary: dict) -> str:
-    lines = [f"`{summary['command']}` (seed {summary['seed']}; {summary['hardware']}); "
+def _table(summary: dict, label: str = "") -> str:
+    lines = [f"### {summary['model']} {summary['version']}" + (f" — {label}" if label else ""), "",
+             f"`{summary['command']}` (seed {summary['seed']}; {summary['hardware']}); "
              f"{len(summary['cases'])} test patients: {', '.join(summary['cases'])}. Per organ and case, mean ± sd "
              f"over organ-cases with the organ in the truth (n); band: ≤ {summary['band_mm']:g} mm from the predicted "
              "or true organ. ρ: Spearman over organ-cases of the map's mean inside the prediction vs 1 − Dice.",
