@@ -42,7 +42,8 @@ Memory
 The per-chunk working set (the float32 input, MONAI's ``[k, 2·O, h, w]`` blending buffer (plus
 ``O·N`` sample channels with STAPLE), the
 mean/variance maps) is kept under a budget (1 GiB, ``$MEDDIFFSEG_CHUNK_MB`` to change) by the
-chunk size. What outlives a chunk scales with the volume ``V`` only as much as the options
+chunk size; when the whole-volume arrays below exceed 1.5 GiB the budget shrinks by the excess
+(to at least 256 MiB). What outlives a chunk scales with the volume ``V`` only as much as the options
 need: always a uint8 label map and a float32 uncertainty map (labels are decided chunk by
 chunk); ``largest_component`` adds one float32 map (the max variance, for voxels it turns
 into background); ``keep_probabilities`` adds mean and variance per organ (8-bit codes, below);
@@ -97,6 +98,10 @@ ProgressFn = Callable[[str, float, str], None]
 
 #: Default memory (bytes) the per-chunk working set may use; ``MEDDIFFSEG_CHUNK_MB`` overrides it.
 DEFAULT_CHUNK_MEMORY = 1 << 30
+#: Whole-volume arrays up to this size leave the chunk budget at its default; beyond it the budget
+#: shrinks by the excess (down to MIN_CHUNK_MEMORY), so chunk + volume arrays stay near 2.5 GiB.
+VOLUME_MEMORY_ALLOWANCE = 1536 << 20
+MIN_CHUNK_MEMORY = 256 << 20
 #: Largest overlap between neighbouring windows the engine accepts (0.8 = 20x the work for nothing).
 MAX_OVERLAP = 0.5
 #: Progress fractions: preprocess up to 2 %, network up to 95 %, then post-processing.
@@ -261,14 +266,29 @@ def _chunk_unit(num_win: int, sw_batch_size: int) -> int:
     return sw_batch_size // math.gcd(num_win, sw_batch_size)
 
 
-def _memory_budget() -> int:
+def _memory_budget(volume_bytes: int = 0) -> int:
+    """Bytes the per-chunk working set may use: ``$MEDDIFFSEG_CHUNK_MB`` if set, else 1 GiB, less what
+    the run's whole-volume arrays (``volume_bytes``) take beyond :data:`VOLUME_MEMORY_ALLOWANCE`, and
+    never under :data:`MIN_CHUNK_MEMORY` (many organs and samples on a long CT keep ~2.4 GB of
+    whole-volume arrays; the chunks then shrink so that the total stays bounded)."""
     env = os.environ.get("MEDDIFFSEG_CHUNK_MB")
     if env:
         try:
             return max(1, int(float(env) * (1 << 20)))
         except ValueError:
             pass
-    return DEFAULT_CHUNK_MEMORY
+    return max(MIN_CHUNK_MEMORY, min(DEFAULT_CHUNK_MEMORY, DEFAULT_CHUNK_MEMORY + VOLUME_MEMORY_ALLOWANCE - volume_bytes))
+
+
+def _volume_bytes(n_voxels: int, n_organs: int, n_samples: int, *, staple: bool, keep_probabilities: bool,
+                  largest_component: bool) -> int:
+    """Bytes of the whole-volume arrays a run keeps (labels, uncertainty, per-organ codes, STAPLE's bits)."""
+    per_voxel = 1 + 4  # uint8 labels, float32 uncertainty
+    per_voxel += 4 if (largest_component and not staple) else 0
+    per_voxel += n_organs if keep_probabilities else 0  # mean codes
+    per_voxel += n_organs if (keep_probabilities or staple) else 0  # variance codes
+    per_voxel += n_organs * n_samples / 8 if staple else 0  # packed binary samples
+    return int(n_voxels * per_voxel)
 
 
 def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, staple: bool, channels: int = 1) -> int:
@@ -281,12 +301,12 @@ def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, sta
     return 4 * (model_side + canon_side)
 
 
-def _choose_chunk(n_slices: int, unit: int, per_slice: int, chunk_slices: int | None) -> int:
+def _choose_chunk(n_slices: int, unit: int, per_slice: int, chunk_slices: int | None, volume_bytes: int = 0) -> int:
     if chunk_slices is not None:
         requested = _positive_int(chunk_slices, "chunk_slices")
         chunk = -(-requested // unit) * unit  # round up to whole window batches
     else:
-        fit = max(1, _memory_budget() // max(1, per_slice))
+        fit = max(1, _memory_budget(volume_bytes) // max(1, per_slice))
         chunk = max(unit, (fit // unit) * unit)
     return max(1, min(chunk, n_slices))
 
@@ -417,7 +437,9 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     num_win = windows_per_slice(model_hw, roi, overlap)
     unit = _chunk_unit(num_win, swb)
     per_slice = _bytes_per_slice(model_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
-    chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices)
+    volume_bytes = _volume_bytes(n_k * n_j * n_i, n_org, samples, staple=staple, keep_probabilities=keep_probabilities,
+                                 largest_component=largest_component)
+    chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices, volume_bytes)
     total_batches = -(-(n_k * num_win) // swb)
 
     # One noise stream per organ (seeded from the run's seed and the organ's index in the model):

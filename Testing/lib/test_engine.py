@@ -672,3 +672,19 @@ def test_calibrated_package_reports_softened_probabilities_with_the_same_labels(
 
 def stats_continuations_equal(a, b) -> bool:
     return [s.possible_continuation for s in a.stats] == [s.possible_continuation for s in b.stats]
+
+
+def test_chunk_budget_shrinks_when_whole_volume_arrays_are_large(monkeypatch):
+    from MedDiffSegLib.inference import engine
+
+    monkeypatch.delenv("MEDDIFFSEG_CHUNK_MB", raising=False)
+    assert engine._memory_budget(0) == engine.DEFAULT_CHUNK_MEMORY
+    small = engine._volume_bytes(512 * 512 * 200, 1, 1, staple=False, keep_probabilities=False, largest_component=False)
+    assert small == 512 * 512 * 200 * 5 and engine._memory_budget(small) == engine.DEFAULT_CHUNK_MEMORY
+    big = engine._volume_bytes(512 * 512 * 300, 8, 10, staple=True, keep_probabilities=True, largest_component=False)
+    assert big == 512 * 512 * 300 * (5 + 8 + 8 + 10)
+    assert engine._memory_budget(big) == engine.MIN_CHUNK_MEMORY
+    mid = engine.VOLUME_MEMORY_ALLOWANCE + (300 << 20)
+    assert engine._memory_budget(mid) == engine.DEFAULT_CHUNK_MEMORY - (300 << 20)
+    monkeypatch.setenv("MEDDIFFSEG_CHUNK_MB", "64")
+    assert engine._memory_budget(big) == 64 << 20  # an explicit budget is taken as given
