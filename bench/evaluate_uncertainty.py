@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from evaluate_protocol import _data_root, _write_doc
     from MedDiffSegLib.evaluation.evaluate import on_reference_grid, to_json_ready
     from MedDiffSegLib.evaluation.protocol import protocol_cases
-    from MedDiffSegLib.evaluation.uncertainty import organ_uncertainty, spearman
+    from MedDiffSegLib.evaluation.uncertainty import organ_uncertainty
     from MedDiffSegLib.inference import segment_volume
     from MedDiffSegLib.inference.device import device_description
     from MedDiffSegLib.io import read_volume
@@ -156,6 +156,12 @@ def main(argv=None) -> int:
         return 2
     out_dir = args.out or REPO / "bench" / "results" / f"uncertainty-{pkg.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": pkg.name, "version": pkg.version, "weights_sha256": pkg.weights_sha256, "seed": args.seed,
+            "calibration": (pkg.inference.get("calibration") or {}).get("temperature"),
+            "band_mm": args.band_mm, "variance_flag": VARIANCE_FLAG, "entropy_flag": ENTROPY_FLAG,
+            "hardware": f"{device_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), "
+                        f"{platform.machine()}",
+            "command": "python bench/evaluate_uncertainty.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows: list[dict] = []
     for c in cases:
         image = read_volume(c["image"])
@@ -211,16 +217,29 @@ def main(argv=None) -> int:
                 for r in rows if r["case"] == c["name"] and r["steps"] == steps and r["samples"] == samples),
                 file=sys.stderr)
             del res
+        # Written after every case: a run cut short keeps the cases it finished (``cases`` says which).
+        summary = _summarise(meta, [c["name"] for c in cases if any(r["case"] == c["name"] for r in rows)],
+                             args.settings, rows)
+        summary = to_json_ready(summary)
+        tmp = out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        tmp.replace(out_dir / "summary.json")
+    text = _table(summary, args.label)
+    print(text)
+    if args.doc:
+        _write_doc(args.doc, pkg.name, args.label, text)
+    return 0
 
-    summary = {"model": pkg.name, "version": pkg.version, "weights_sha256": pkg.weights_sha256, "seed": args.seed,
-               "calibration": (pkg.inference.get("calibration") or {}).get("temperature"),
-               "band_mm": args.band_mm, "variance_flag": VARIANCE_FLAG, "entropy_flag": ENTROPY_FLAG,
-               "hardware": f"{device_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), "
-                           f"{platform.machine()}",
-               "command": "python bench/evaluate_uncertainty.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "cases": list(dict.fromkeys(c["name"] for c in cases)), "settings": {}, "rows": rows}
-    for steps, samples in args.settings:
+
+def _summarise(meta: dict, case_names: list[str], settings, rows: list[dict]) -> dict:
+    """The run's summary: per setting, the aggregates over the organ-cases of ``rows``."""
+    from MedDiffSegLib.evaluation.uncertainty import spearman
+
+    summary = dict(meta, cases=list(case_names), settings={}, rows=rows)
+    for steps, samples in settings:
         sel = [r for r in rows if r["steps"] == steps and r["samples"] == samples]
+        if not sel:
+            continue
         agg = {"seconds_median": float(np.median([r["seconds"] for r in sel]))}
         for key in ("dice", "variance_auroc_near", "entropy_auroc_near", "entropy_smoothed_auroc_near",
                     "boundary_distance_auroc_near", "ece_near", "variance_fn_flagged", "entropy_fn_flagged"):
@@ -233,13 +252,7 @@ def main(argv=None) -> int:
         ends = [r["ends"] for r in sel]
         agg["ends"] = {k: int(sum(e[k] for e in ends)) for k in ("missed_ends", "detected", "runs", "false_alarms")}
         summary["settings"][f"{steps}x{samples}"] = agg
-    summary = to_json_ready(summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    text = _table(summary, args.label)
-    print(text)
-    if args.doc:
-        _write_doc(args.doc, pkg.name, args.label, text)
-    return 0
+    return summary
 
 
 def _n(v) -> str:
