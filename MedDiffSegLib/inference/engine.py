@@ -50,8 +50,11 @@ into background); ``keep_probabilities`` adds mean and variance per organ (8-bit
 ``staple`` adds the variance per organ and the N binarised samples per organ as packed bits (N·O·V/8 bytes), which
 STAPLE needs all at once because its EM estimates each sample's sensitivity and specificity
 over the whole volume. STAPLE runs per organ inside the box around every voxel any sample
-labels (``_staple_box``), so only that box is unpacked and fused; its EM is capped at
-``STAPLE_MAX_ITERATIONS`` and the iterations and seconds per organ are reported.
+labels (``_staple_box``), so only that box is unpacked (one sample at a time) and fused; its EM
+is capped at ``STAPLE_MAX_ITERATIONS`` and the iterations and seconds per organ are reported.
+Organs are fused smallest box first and each organ's packed samples are released once it is
+fused, so the largest fusion runs with the fewest other samples held (overlaps: higher fused
+probability, ties to the organ named first, independent of that order).
 
 Per-organ volumes (``keep_probabilities``, and the variances STAPLE needs) are kept as 8-bit
 codes - the mean probability to 1/255 (a fractional DICOM-SEG's own resolution) and the standard
@@ -466,7 +469,8 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     # as bits packed along the column axis: N·O·V/8 bytes instead of N·O·V as uint8 (and 32x
     # less than float32), then unpacked to uint8 for one organ at a time just before fusion.
     packed_i = (n_i + 7) // 8
-    bits_c = np.zeros((n_org, samples, n_k, n_j, packed_i), dtype=np.uint8) if staple else None
+    # One array per organ, so that each is released as soon as that organ is fused.
+    bits_c = [np.zeros((samples, n_k, n_j, packed_i), dtype=np.uint8) for _ in range(n_org)] if staple else None
     slice_var = np.zeros((n_org, n_k), dtype=np.float32)  # per-organ variance summed over each slice
     # Block-mean of each organ's mean probability on a ~4 mm in-plane grid: the missed-structure signal.
     blk = block_size((sj, si), BLOCK_MM)
@@ -543,7 +547,10 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         if staple:
             full = resample_inplane(out[:, 2 * n_org:], canon_hw)
             binary = (full >= threshold).reshape(kk, n_org, samples, n_j, n_i).permute(1, 2, 0, 3, 4)
-            bits_c[:, :, k0:k1] = np.packbits(binary.cpu().numpy(), axis=-1)
+            packed = np.packbits(binary.cpu().numpy(), axis=-1)
+            for o in range(n_org):
+                bits_c[o][:, k0:k1] = packed[o]
+            del packed
             del full, binary
         del out
         slice_var[:, k0:k1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
@@ -569,34 +576,49 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     t0 = time.perf_counter()
     extras: dict[str, Any] = {}
     if staple:
-        best = np.zeros((n_k, n_j, n_i), dtype=np.float32)
-        staple_info = []
-        for o in range(n_org):
+        # Organs are fused smallest box first and each organ's samples are released once fused, so
+        # the largest fusion (liver) runs with the fewest other samples still held. Overlaps go to the
+        # higher fused probability; on a tie the organ named first wins, whatever the fusion order.
+        boxes = [_staple_box(bits_c[o], n_i) for o in range(n_org)]
+        order = sorted(range(n_org), key=lambda o: 0 if boxes[o] is None else math.prod(b - a for a, b in boxes[o]))
+        present = [b for b in boxes if b is not None]
+        if present:  # the best fused probability so far, kept over the union of the boxes only
+            union = tuple((min(b[d][0] for b in present), max(b[d][1] for b in present)) for d in range(3))
+            best = np.zeros(tuple(b - a for a, b in union), dtype=np.float32)
+        staple_info: list[dict] = [{} for _ in range(n_org)]
+        for step, o in enumerate(order):
             check_cancel()
-            report("postprocess", _P_NETWORK1 + 0.03 * o / n_org, f"STAPLE fusion of {organs[o]}")
+            report("postprocess", _P_NETWORK1 + 0.03 * step / n_org, f"STAPLE fusion of {organs[o]}")
             t_s = time.perf_counter()
-            box = _staple_box(bits_c[o], n_i)
+            box = boxes[o]
             info = {"organ": organs[o], "iterations": 0, "max_iterations": STAPLE_MAX_ITERATIONS, "voxels": 0}
             if box is not None:
                 (k_lo, k_hi), (j_lo, j_hi), (i_lo, i_hi) = box
                 b_lo, b_hi = i_lo // 8, -(-i_hi // 8)  # whole bytes of packed columns
-                binary = np.unpackbits(bits_c[o, :, k_lo:k_hi, j_lo:j_hi, b_lo:b_hi], axis=-1)
-                binary = binary[..., i_lo - 8 * b_lo:i_hi - 8 * b_lo]  # [N, k, j, i] uint8, the box only
-                fused = staple_fuse(binary, max_iterations=STAPLE_MAX_ITERATIONS, return_details=True)
-                del binary
+                packed = bits_c[o][:, k_lo:k_hi, j_lo:j_hi, b_lo:b_hi]
+                # One sample unpacked at a time (STAPLE keeps its own copy of each): [k, j, i] uint8, the box only.
+                unpacked = (np.unpackbits(packed[s_], axis=-1)[..., i_lo - 8 * b_lo:i_hi - 8 * b_lo]
+                            for s_ in range(samples))
+                fused = staple_fuse(unpacked, max_iterations=STAPLE_MAX_ITERATIONS, return_details=True)
+                del packed, unpacked
                 prob = fused.probability
                 region = (slice(k_lo, k_hi), slice(j_lo, j_hi), slice(i_lo, i_hi))
-                take = (prob >= threshold) & (prob > best[region])  # strict: the organ named first wins ties
-                labels_c[region][take] = o + 1
-                best[region][take] = prob[take]
+                best_r = best[tuple(slice(a - u[0], b - u[0]) for (a, b), u in zip(box, union))]
+                cur = labels_c[region]
+                take = (prob >= threshold) & ((prob > best_r) | ((prob == best_r) & (cur > o + 1)))
+                cur[take] = o + 1
+                best_r[take] = prob[take]
                 info.update(iterations=fused.iterations, voxels=int(prob.size))
-                del prob, take, fused
+                del prob, take, fused, cur, best_r
+            bits_c[o] = None  # this organ's samples are no longer needed
             info["seconds"] = time.perf_counter() - t_s
-            staple_info.append(info)
-        del bits_c, best
+            staple_info[o] = info
+        del bits_c
+        if present:
+            del best
         extras["staple"] = staple_info
         vmax_q = var_q.max(axis=0)  # codes are monotonic in the variance
-        unc_c[:] = dequantise_variance(vmax_q)
+        np.take(dequantise_variance(np.arange(256, dtype=np.uint8)), vmax_q, out=unc_c)  # no float32 temporary
         for o in range(n_org):
             sel = labels_c == o + 1
             unc_c[sel] = dequantise_variance(var_q[o][sel])

@@ -23,9 +23,13 @@ class StapleResult:
     iterations: int
 
 
-def staple_fuse(binary_samples: np.ndarray, *, foreground: int = 1, max_iterations: int | None = None,
+def staple_fuse(binary_samples, *, foreground: int = 1, max_iterations: int | None = None,
                 confidence_weight: float = 1.0, return_details: bool = False):
-    """Fuse ``N`` binary segmentations ``[N, ...]`` (uint8 / bool) into a foreground probability.
+    """Fuse ``N`` binary segmentations into a foreground probability.
+
+    ``binary_samples`` is an array ``[N, ...]`` (uint8 / bool) or an iterable of ``N`` same-shaped
+    2D/3D arrays. An iterable is consumed one sample at a time, so a generator that unpacks each
+    sample on demand keeps only SimpleITK's copies in memory, not a second ``[N, ...]`` array.
 
     Returns a float32 array of one sample's shape (or a :class:`StapleResult` with the
     estimated per-sample sensitivity and specificity when ``return_details``). Needs N >= 2.
@@ -37,28 +41,36 @@ def staple_fuse(binary_samples: np.ndarray, *, foreground: int = 1, max_iteratio
     specificity undefined (the filter returns NaN); then the unanimous sample *is* the estimate
     and is returned directly.
     """
-    samples = np.asarray(binary_samples)
-    if samples.ndim < 2:
-        raise InputError(f"staple_fuse needs samples stacked as [N, ...], got shape {samples.shape}")
-    n = samples.shape[0]
+    if isinstance(binary_samples, np.ndarray) and binary_samples.ndim < 2:
+        raise InputError(f"staple_fuse needs samples stacked as [N, ...], got shape {binary_samples.shape}")
+    images: list[sitk.Image] = []
+    first: np.ndarray | None = None
+    unanimous = True
+    for sample in binary_samples:
+        sample = np.asarray(sample)
+        if first is None and sample.ndim not in (2, 3):
+            raise InputError(f"staple_fuse works on 2D or 3D samples, got shape {sample.shape}")
+        if first is not None and sample.shape != first.shape:
+            raise InputError(f"staple_fuse needs samples of one shape, got {first.shape} and {sample.shape}")
+        binary = (sample == foreground) if sample.dtype != bool else sample
+        binary = np.ascontiguousarray(binary, dtype=np.uint8)
+        if first is None:
+            first = binary
+        elif unanimous:
+            unanimous = np.array_equal(first, binary)
+        images.append(sitk.GetImageFromArray(binary))
+        del sample, binary
+    n = len(images)
     if n < 2:
         raise InputError(f"STAPLE needs at least 2 samples to fuse, got {n}; use samples >= 2 or turn STAPLE off")
-    if samples.ndim - 1 > 3:
-        raise InputError(f"staple_fuse works on 2D or 3D samples, got shape {samples.shape[1:]}")
-    if samples.dtype != np.uint8:
-        samples = (samples == foreground).astype(np.uint8) if samples.dtype != bool else samples.astype(np.uint8)
-        foreground = 1
-
-    first = samples[0]
-    if all(np.array_equal(first, samples[i]) for i in range(1, n)):
-        prob = (first == foreground).astype(np.float32)
+    if unanimous:
+        prob = first.astype(np.float32)
         if return_details:
             return StapleResult(prob, (1.0,) * n, (1.0,) * n, 0)
         return prob
-
-    images = [sitk.GetImageFromArray(np.ascontiguousarray(samples[i])) for i in range(n)]
+    del first
     f = sitk.STAPLEImageFilter()
-    f.SetForegroundValue(float(foreground))
+    f.SetForegroundValue(1.0)
     f.SetConfidenceWeight(float(confidence_weight))
     if max_iterations is not None:
         f.SetMaximumIterations(int(max_iterations))

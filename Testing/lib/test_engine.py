@@ -297,6 +297,33 @@ def test_staple_through_engine(tmp_path):
     assert (arr(res.uncertainty)[truth & ~boundary_band(truth)] > 0).any()
 
 
+
+@pytest.mark.parametrize("prompts", [["liver", "spleen"], ["spleen", "liver"]])
+def test_staple_overlap_goes_to_the_organ_named_first_whatever_the_fusion_order(tmp_path, prompts):
+    """STAPLE fuses the smallest box first (spleen here) but a tie still goes to the organ named first."""
+    # liver: a step claiming everything above 50 HU; spleen: a bump claiming only the 260 HU block.
+    profiles = [{"mu": norm(50.0), "width": 0.03, "step": True}, {"mu": norm(260.0), "width": 0.2}]
+    shape = (10, 24, 30)
+    volume = np.full(shape, BACKGROUND_HU)
+    volume[1:9, 2:22, 2:28] = 200.0  # liver only
+    both = np.zeros(shape, bool)
+    both[3:7, 8:16, 10:18] = True
+    volume[both] = 260.0  # both organs: identical samples (no noise) -> fused probability 1 for both
+    image = make_image(volume, spacing=(1.0, 1.0, 3.0), direction=np.diag([1.0, -1.0, 1.0]).reshape(-1))
+    pkg, method = profile_package(tmp_path, profiles=profiles, spacing=(1.0, 1.0))
+    res = segment_volume(image, pkg, prompts, method=method, samples=3, staple=True)
+    labels = arr(res.labels)
+    inner = np.zeros(shape, bool)
+    inner[4:6, 10:14, 12:16] = True
+    liver_only = np.zeros(shape, bool)
+    liver_only[2:8, 4:7, 4:26] = True
+    assert (labels[inner] == 1).all()  # label 1 is the organ named first
+    assert (labels[liver_only] == prompts.index("liver") + 1).all()
+    info = {d["organ"]: d for d in res.extras["staple"]}
+    assert [d["organ"] for d in res.extras["staple"]] == prompts  # reported in prompt order
+    assert info["spleen"]["voxels"] < info["liver"]["voxels"]
+
+
 def test_largest_component_removes_island(tmp_path):
     volume, truth = sphere_volume()
     island = np.zeros_like(truth)

@@ -263,3 +263,16 @@ def test_temperatures_from_a_package_and_bad_values():
         temperatures({"calibration": {"method": "temperature", "temperature": {"liver": -1}}}, ["liver"])
     with pytest.raises(ModelError, match="must be"):
         temperatures({"calibration": {"method": "platt"}}, ["liver"])
+
+
+def test_staple_takes_samples_one_at_a_time():
+    """A generator of samples (how the engine unpacks them) fuses exactly like the stacked array."""
+    truth, samples = raters(4)
+    stacked = staple_fuse(samples, return_details=True)
+    streamed = staple_fuse((samples[i] for i in range(len(samples))), return_details=True)
+    np.testing.assert_array_equal(streamed.probability, stacked.probability)
+    assert streamed.sensitivity == stacked.sensitivity and streamed.iterations == stacked.iterations
+    with pytest.raises(InputError, match="one shape"):
+        staple_fuse(iter([samples[0], samples[1][:-1]]))
+    with pytest.raises(InputError, match="at least 2"):
+        staple_fuse(iter([samples[0]]))
