@@ -202,12 +202,14 @@ class OrganMaps(Mapping):
     """
 
     def __init__(self, names: list[str], codes: np.ndarray, decode: Callable[[np.ndarray], np.ndarray],
-                 to_image: Callable[[np.ndarray], sitk.Image]):
+                 to_image: Callable[..., sitk.Image]):
         self._index = {n: i for i, n in enumerate(names)}
         self._codes, self._decode, self._to_image = codes, decode, to_image
 
     def __getitem__(self, name: str) -> sitk.Image:
-        return self._to_image(self._decode(self._codes[self._index[name]]))
+        # ``to_image`` reorients the uint8 codes (a view) and decodes them on the input grid: one
+        # float32 array plus SimpleITK's copy, nothing else of the volume's size.
+        return self._to_image(self._codes[self._index[name]], self._decode)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -300,7 +302,7 @@ def _bytes_per_slice(model_hw, canon_hw, roi, n_organs: int, n_samples: int, sta
     q = canon_hw[0] * canon_hw[1]
     out = 2 * n_organs + (n_organs * n_samples if staple else 0)  # blended mean and variance (+ samples for STAPLE)
     model_side = p * (out * 2 + 2 + channels)  # output buffer + in-place products, input
-    canon_side = q * (1 + channels + 2 * n_organs + 2 * n_organs + (n_organs * n_samples if staple else 0))
+    canon_side = q * (1 + channels + 2 * n_organs + 2 * n_organs + (n_samples if staple else 0))  # one organ's samples
     return 4 * (model_side + canon_side)
 
 
@@ -545,13 +547,13 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         mean = resample_inplane(out[:, :n_org], canon_hw).clamp_(0.0, 1.0)  # [kk, O, J, I]
         var = resample_inplane(out[:, n_org:2 * n_org], canon_hw).clamp_(min=0.0)
         if staple:
-            full = resample_inplane(out[:, 2 * n_org:], canon_hw)
-            binary = (full >= threshold).reshape(kk, n_org, samples, n_j, n_i).permute(1, 2, 0, 3, 4)
-            packed = np.packbits(binary.cpu().numpy(), axis=-1)
+            # One organ's samples at a time on the input grid ([kk, N, J, I] float32, not all O·N channels).
             for o in range(n_org):
-                bits_c[o][:, k0:k1] = packed[o]
-            del packed
-            del full, binary
+                c0 = 2 * n_org + o * samples
+                full = resample_inplane(out[:, c0:c0 + samples], canon_hw)
+                binary = (full >= threshold).permute(1, 0, 2, 3)  # [N, kk, J, I]
+                bits_c[o][:, k0:k1] = np.packbits(binary.cpu().numpy(), axis=-1)
+                del full, binary
         del out
         slice_var[:, k0:k1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
         pooled = torch.nn.functional.avg_pool2d(mean, blk, ceil_mode=True)  # partial blocks: mean of their pixels
@@ -689,8 +691,11 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     del coarse_q, per_slice
 
     # ---- 5. back to the input's exact grid ------------------------------------------------
-    def to_image(array_kji: np.ndarray) -> sitk.Image:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(view.from_canonical(array_kji)))
+    def to_image(array_kji: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> sitk.Image:
+        array = view.from_canonical(array_kji)  # a view
+        if decode is not None:
+            array = decode(array)  # a new C-ordered array: no second copy below
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array))
         img.CopyInformation(image)
         return img
 

@@ -67,8 +67,10 @@ def quantise_probability(p) -> np.ndarray:
 
 
 def dequantise_probability(q: np.ndarray) -> np.ndarray:
-    """float32 probabilities ``q / 255`` of :func:`quantise_probability`'s codes."""
-    return np.asarray(q, dtype=np.float32) * np.float32(1.0 / PROBABILITY_LEVELS)
+    """float32 probabilities ``q / 255`` of :func:`quantise_probability`'s codes (a new C-ordered array)."""
+    p = np.array(q, dtype=np.float32, order="C")  # the one float32 allocation; scaled in place
+    p *= np.float32(1.0 / PROBABILITY_LEVELS)
+    return p
 
 
 def quantise_variance(v) -> np.ndarray:
@@ -81,6 +83,8 @@ def quantise_variance(v) -> np.ndarray:
 
 
 def dequantise_variance(q: np.ndarray) -> np.ndarray:
-    """float32 variances ``(q / 510)²`` of :func:`quantise_variance`'s codes (0 stays exactly 0)."""
-    s = np.asarray(q, dtype=np.float32) * np.float32(1.0 / STD_LEVELS)
+    """float32 variances ``(q / 510)²`` of :func:`quantise_variance`'s codes (0 stays exactly 0; a new
+    C-ordered array)."""
+    s = np.array(q, dtype=np.float32, order="C")
+    s *= np.float32(1.0 / STD_LEVELS)
     return np.square(s, out=s)
