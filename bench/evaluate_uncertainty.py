@@ -25,8 +25,8 @@ dataset's organs prompted together, as a user would) and scores, per organ (defi
   summary's ``possible_continuation`` names one of those slices; runs it names where the true
   organ is absent count as false alarms.
 
-Writes ``DIR/summary.json`` and, with ``--doc``, a table into that Markdown file (between
-markers for this model). Threads: set ``OMP_NUM_THREADS`` as for any run.
+Writes ``DIR/summary.json`` (after every case, so a run cut short keeps the cases it finished) and,
+with ``--doc``, a table into that Markdown file (between markers for this model and ``--label``). Threads: set ``OMP_NUM_THREADS`` as for any run.
 """
 
 from __future__ import annotations
