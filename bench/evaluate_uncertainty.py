@@ -26,7 +26,8 @@ dataset's organs prompted together, as a user would) and scores, per organ (defi
   organ is absent count as false alarms.
 
 Writes ``DIR/summary.json`` (after every case, so a run cut short keeps the cases it finished) and,
-with ``--doc``, a table into that Markdown file (between markers for this model and ``--label``). Threads: set ``OMP_NUM_THREADS`` as for any run.
+with ``--doc``, a table into that Markdown file (between markers for this model and ``--label``).
+Threads: set ``OMP_NUM_THREADS`` as for any run.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     from MedDiffSegLib.inference.device import device_description
     from MedDiffSegLib.io import read_volume
     from MedDiffSegLib.registry import resolve_model
+    from MedDiffSegLib.registry.package import _write_json_atomic
 
     protocol = json.loads(args.protocol.read_text(encoding="utf-8"))
     pkg = resolve_model(args.model)
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
                         f"{platform.machine()}",
             "command": "python bench/evaluate_uncertainty.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows: list[dict] = []
-    for c in cases:
+    for n_done, c in enumerate(cases, start=1):
         image = read_volume(c["image"])
         truth, _ = on_reference_grid(sitk.ReadImage(str(c["label"])), image, "the ground truth", "the image")
         g_all = sitk.GetArrayFromImage(truth)
@@ -218,12 +220,8 @@ def main(argv=None) -> int:
                 file=sys.stderr)
             del res
         # Written after every case: a run cut short keeps the cases it finished (``cases`` says which).
-        summary = _summarise(meta, [c["name"] for c in cases if any(r["case"] == c["name"] for r in rows)],
-                             args.settings, rows)
-        summary = to_json_ready(summary)
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        tmp.replace(out_dir / "summary.json")
+        summary = to_json_ready(_summarise(meta, [d["name"] for d in cases[:n_done]], args.settings, rows))
+        _write_json_atomic(out_dir / "summary.json", summary)
     text = _table(summary, args.label)
     print(text)
     if args.doc:

@@ -583,10 +583,10 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         # higher fused probability; on a tie the organ named first wins, whatever the fusion order.
         boxes = [_staple_box(bits_c[o], n_i) for o in range(n_org)]
         order = sorted(range(n_org), key=lambda o: 0 if boxes[o] is None else math.prod(b - a for a, b in boxes[o]))
+        # The best fused probability so far, kept over the union of the boxes only.
         present = [b for b in boxes if b is not None]
-        if present:  # the best fused probability so far, kept over the union of the boxes only
-            union = tuple((min(b[d][0] for b in present), max(b[d][1] for b in present)) for d in range(3))
-            best = np.zeros(tuple(b - a for a, b in union), dtype=np.float32)
+        union = tuple((min(b[d][0] for b in present), max(b[d][1] for b in present)) for d in range(3)) if present else None
+        best = np.zeros(tuple(b - a for a, b in union), dtype=np.float32) if present else None
         staple_info: list[dict] = [{} for _ in range(n_org)]
         for step, o in enumerate(order):
             check_cancel()
@@ -615,9 +615,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
             bits_c[o] = None  # this organ's samples are no longer needed
             info["seconds"] = time.perf_counter() - t_s
             staple_info[o] = info
-        del bits_c
-        if present:
-            del best
+        del bits_c, best
         extras["staple"] = staple_info
         vmax_q = var_q.max(axis=0)  # codes are monotonic in the variance
         np.take(dequantise_variance(np.arange(256, dtype=np.uint8)), vmax_q, out=unc_c)  # no float32 temporary
