@@ -74,6 +74,20 @@ the samples, and MONAI blends those moments: blending the samples first would av
 noise of overlapping windows and shrink the variance in the seams (to about half where two
 windows overlap). The blended variance is the mean within-window sample variance at every voxel.
 
+Speed
+-----
+The network is only asked for what can change the answer. A window with no voxel inside the
+model's intensity window (:data:`EMPTY_WINDOW_LEVEL`: air beyond the body, padding) is outside the
+body: probability 0, variance 0, no network call. With ``adaptive=True`` (the default; it only
+matters for ``samples > 1``) each organ first gets one sample in every window of a batch; windows
+where that sample peaks below :data:`ADAPTIVE_FLOOR` (no trace of the organ) stop there, with that
+sample as their mean and variance 0, and only the others get the remaining ``N - 1`` samples (from
+the batch's encoding, :meth:`~MedDiffSegLib.methods.base.Method.select_condition`). The ensemble
+is therefore spent where the organ is. What was drawn is reported in ``extras["sampling"]``
+(windows, windows outside the body, samples drawn per organ). Both rules are decided per window
+batch and per organ from that organ's own noise stream, so chunking and prompt independence
+hold as above; ``adaptive=False`` draws every sample in every window inside the body.
+
 """
 
 from __future__ import annotations
@@ -112,6 +126,15 @@ _P_NETWORK0, _P_NETWORK1 = 0.02, 0.95
 #: STAPLE's EM stops after this many iterations if it has not converged (SimpleITK's own default
 #: is unbounded); the iterations used and the seconds per organ are reported in ``extras``.
 STAPLE_MAX_ITERATIONS = 100
+#: A window whose every voxel (all context channels) is at most this normalised value holds nothing
+#: inside the model's intensity window (CT: nothing above the window's floor, -125 HU for the
+#: default model, so only air, lung or fat below it; padding is -1): it is outside the body, gets
+#: probability 0 and no network call. -1 is the floor exactly; the margin (0.05 % of the window,
+#: 0.2 HU for a 400 HU window) only absorbs rounding in the in-plane resampling.
+EMPTY_WINDOW_LEVEL = -0.999
+#: Adaptive sampling (``adaptive=True``): a window whose first sample of an organ peaks below this
+#: probability gets no further samples of that organ (its mean is that sample, its variance 0).
+ADAPTIVE_FLOOR = 0.01
 
 
 def organ_seed(seed: int, organ_index: int) -> int:
@@ -332,6 +355,7 @@ def segment_volume(
     staple: bool = False,
     largest_component: bool = False,
     keep_probabilities: bool = False,
+    adaptive: bool = True,
     method=None,
     chunk_slices: int | None = None,
     progress: ProgressFn | None = None,
@@ -345,6 +369,10 @@ def segment_volume(
     done (0..1) with stage ``"preprocess"``, ``"network"`` or ``"postprocess"``.
     ``should_cancel()`` is polled before every window batch and between post-processing steps;
     when it returns True, :class:`~MedDiffSegLib.errors.Cancelled` is raised.
+
+    ``adaptive`` (default True) stops sampling an organ after one sample in windows where that
+    sample shows no trace of it (see "Speed" in the module docstring); False draws all ``samples``
+    in every window inside the body.
 
     ``chunk_slices`` sets how many axial slices are processed at once (default: as many as fit
     the chunk memory budget, 1 GiB or ``$MEDDIFFSEG_CHUNK_MB``); it is rounded up to whole
@@ -410,7 +438,8 @@ def segment_volume(
             result = _run(
                 image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
                 dev=dev, scheduler=scheduler, staple=staple, largest_component=largest_component,
-                keep_probabilities=keep_probabilities, chunk_slices=chunk_slices, roi=roi, overlap=overlap,
+                keep_probabilities=keep_probabilities, adaptive=bool(adaptive), chunk_slices=chunk_slices, roi=roi,
+                overlap=overlap,
                 swb=swb, threshold=threshold, spec=spec, n_org=n_org, timings=timings, report=report,
                 check_cancel=check_cancel,
             )
@@ -423,7 +452,7 @@ def segment_volume(
 
 
 def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev, scheduler,
-         staple, largest_component, keep_probabilities, chunk_slices, roi, overlap, swb, threshold, spec,
+         staple, largest_component, keep_probabilities, adaptive, chunk_slices, roi, overlap, swb, threshold, spec,
          n_org, timings, report, check_cancel) -> SegmentationResult:
     from ..io.geometry import CanonicalView
     from monai.inferers import sliding_window_inference
@@ -484,6 +513,22 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
 
     state = {"batches": 0}
     name = getattr(method, "name", type(method).__name__)
+    n_out = 2 * n_org + (n_org * samples if staple else 0)
+    # What the run drew: windows in all, windows outside the body (no network call), and per organ
+    # the samples drawn and the windows that got every sample (the rest stopped after the first).
+    drawn = {"windows": 0, "windows_outside_body": 0, "samples": [0] * n_org, "full_windows": [0] * n_org}
+
+    def draw(cond, rows: torch.Tensor, o: int, n: int, h: int, w: int) -> torch.Tensor:
+        """``n`` samples of organ ``o`` for the windows ``rows`` of the batch: ``[len(rows), n, h, w]``."""
+        ids = ids_row[o:o + 1].repeat(int(rows.numel()))
+        probs = method.sample(method.select_condition(cond, rows), ids, n, steps, generators[o], scheduler)
+        if tuple(probs.shape) != (int(rows.numel()), n, h, w):
+            raise ModelError(f"method {name!r} returned probabilities of shape {tuple(probs.shape)}, "
+                             f"expected {(int(rows.numel()), n, h, w)}")
+        if not bool(torch.isfinite(probs).all()):
+            raise ModelError(f"method {name!r} produced non-finite probabilities")
+        drawn["samples"][o] += int(rows.numel()) * n
+        return probs.to(torch.float32)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         """Per window: each organ's ensemble mean and variance (+ its samples for STAPLE) as channels.
@@ -494,30 +539,46 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         Each organ is sampled in its own call with its own generator, so the batch the network
         sees, and therefore every bit of the organ's result on CPU, is the same whatever else is
         prompted.
+
+        Work is skipped where it cannot change the answer (see "Speed" in the module docstring):
+        windows with no voxel inside the model's intensity window (outside the body) get
+        probability 0 without a network call, and with ``adaptive`` an organ whose first sample
+        has no trace of it in a window (peak probability below ``ADAPTIVE_FLOOR``) gets no more
+        samples there (mean = that sample, variance 0).
         """
         check_cancel()
         b, h, w = int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1])
-        cond = method.condition(x)
-        means, variances, draws = [], [], []
-        for o in range(n_org):
-            ids = ids_row[o:o + 1].repeat(b)
-            probs = method.sample(cond, ids, samples, steps, generators[o], scheduler)
-            if tuple(probs.shape) != (b, samples, h, w):
-                raise ModelError(f"method {name!r} returned probabilities of shape {tuple(probs.shape)}, "
-                                 f"expected {(b, samples, h, w)}")
-            if not bool(torch.isfinite(probs).all()):
-                raise ModelError(f"method {name!r} produced non-finite probabilities")
-            probs = probs.to(torch.float32)
-            m, v = ensemble_mean_variance(probs, dim=1)
-            means.append(m)
-            variances.append(v)
-            if staple:
-                draws.append(probs)
+        out = torch.zeros((b, n_out, h, w), dtype=torch.float32, device=x.device)
+        body = torch.nonzero(x.flatten(1).amax(dim=1) > EMPTY_WINDOW_LEVEL).flatten()
+        drawn["windows"] += b
+        drawn["windows_outside_body"] += b - int(body.numel())
+        if body.numel():
+            cond = method.condition(x[body])
+            everyone = torch.arange(int(body.numel()), device=body.device)
+            for o in range(n_org):
+                if adaptive and samples > 1:
+                    first = draw(cond, everyone, o, 1, h, w)  # [b', 1, h, w]
+                    rest = torch.nonzero(first.flatten(1).amax(dim=1) >= ADAPTIVE_FLOOR).flatten()
+                    probs = first.expand(-1, samples, -1, -1).clone()  # stopped windows: N copies of the first
+                    m, v = first[:, 0].clone(), torch.zeros_like(first[:, 0])  # ... exactly that mean, no variance
+                    if rest.numel():
+                        probs[rest, 1:] = draw(cond, rest, o, samples - 1, h, w)
+                        m[rest], v[rest] = ensemble_mean_variance(probs[rest], dim=1)
+                    drawn["full_windows"][o] += int(rest.numel())
+                else:
+                    probs = draw(cond, everyone, o, samples, h, w)
+                    drawn["full_windows"][o] += int(body.numel())
+                    m, v = ensemble_mean_variance(probs, dim=1)
+                out[body, o] = m
+                out[body, n_org + o] = v
+                if staple:
+                    c0 = 2 * n_org + o * samples
+                    out[body, c0:c0 + samples] = probs
         state["batches"] += 1
         done = state["batches"] / max(1, total_batches)
         report("network", _P_NETWORK0 + (_P_NETWORK1 - _P_NETWORK0) * done,
                f"window batch {state['batches']}/{total_batches}")
-        return torch.cat([torch.stack(means, 1), torch.stack(variances, 1), *draws], dim=1)
+        return out
 
     # ---- 2. stream chunks of slices ------------------------------------------------------
     for k0 in range(0, n_k, chunk):
@@ -525,13 +586,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         kk = k1 - k0
         check_cancel()
         t0 = time.perf_counter()
-        if spec.context_slices == 1:
-            x = torch.from_numpy(np.ascontiguousarray(canon[k0:k1], dtype=np.float32)).unsqueeze(1)
-        else:  # [kk, C, J, I]: each slice with its context slices as channels
-            ks = context_indices(n_k, k0, k1, spec.context_slices, spec.context_offset(sk))
-            x = torch.from_numpy(np.asarray(canon[ks.reshape(-1)], dtype=np.float32)).reshape(kk, ks.shape[1], n_j, n_i)
-        x = normalise_intensity(x, bounds).to(dev)
-        x = resample_inplane(x, model_hw)
+        x = _chunk_input(canon, k0, k1, spec, sk, bounds, model_hw, dev)
         timings["preprocess"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -716,8 +771,49 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         probabilities=probabilities, variances=variances, entropy=entropy,
         extras={"calibration": {o.name: t for o, t in zip(organ_objs, temps) if t != 1.0} or None,
                 "windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds),
-                **extras},
+                "sampling": _sampling_report(drawn, organs, samples, adaptive), **extras},
     )
+
+
+def _chunk_input(canon: np.ndarray, k0: int, k1: int, spec, slice_mm: float, bounds: tuple[float, float],
+                 model_hw: tuple[int, int], dev: torch.device) -> torch.Tensor:
+    """The network input of canonical slices ``k0..k1-1``: ``[k, C, h, w]`` float32 on ``dev``, each
+    slice normalised and resampled to the model grid, with its ``C`` context slices as channels.
+
+    Every slice the chunk needs (its own and its neighbours', a contiguous range) is normalised and
+    resampled **once** and the context channels are then gathered from the resampled slices: with
+    3 context slices that is a third of the work of resampling ``[k, 3, J, I]`` (per-plane
+    arithmetic, so the result is bit-identical), and the normalisation works in place.
+    """
+    n_k = canon.shape[0]
+    if spec.context_slices == 1:
+        lo, hi, ks = k0, k1, None
+    else:
+        ks = context_indices(n_k, k0, k1, spec.context_slices, spec.context_offset(slice_mm))  # [k, C]
+        lo, hi = int(ks.min()), int(ks.max()) + 1
+    planes = torch.from_numpy(np.array(canon[lo:hi], dtype=np.float32)).unsqueeze(1)  # [n, 1, J, I], a copy
+    planes = normalise_intensity(planes, bounds, inplace=True)
+    if dev.type == "cuda":  # pinned memory: the copy to the GPU is a DMA transfer, not a staged one
+        planes = planes.pin_memory().to(dev, non_blocking=True)
+    planes = resample_inplane(planes, model_hw)
+    if ks is None:
+        return planes
+    return planes[torch.from_numpy(ks - lo).to(planes.device), 0]  # [k, C, h, w]
+
+
+def _sampling_report(drawn: dict, organs: list[str], samples: int, adaptive: bool) -> dict[str, Any]:
+    """What the network was asked for: windows, those skipped as outside the body, and per organ the
+    samples drawn (``samples_per_window``: their mean over the body's windows, N when every window got all)."""
+    inside = drawn["windows"] - drawn["windows_outside_body"]
+    return {
+        "adaptive": bool(adaptive and samples > 1), "samples_requested": int(samples),
+        "windows": int(drawn["windows"]), "windows_outside_body": int(drawn["windows_outside_body"]),
+        "organs": {
+            name: {"samples_drawn": int(n), "windows_with_all_samples": int(full),
+                   "samples_per_window": round(n / inside, 3) if inside else 0.0}
+            for name, n, full in zip(organs, drawn["samples"], drawn["full_windows"])
+        },
+    }
 
 
 #: Voxels added on each side of the box STAPLE runs in (see :func:`_staple_box`).

@@ -11,6 +11,8 @@ Shapes (``B`` windows, ``N`` samples, ``H×W`` window size, all float32):
   and sample.
 - ``expand_condition(cond, repeats)``: repeat each window's condition ``repeats`` times
   (``repeat_interleave`` on the batch dimension), so one window serves several organs.
+- ``select_condition(cond, rows)``: the condition of some windows only (``rows``: long tensor
+  of row indices), so that windows that need more samples are sampled without re-encoding.
 - ``sample(cond, organ_ids[B'], num_samples, steps, generator, scheduler) -> probs[B',N,H,W]``:
   foreground probabilities in [0, 1] for each row of ``cond`` prompted with ``organ_ids``.
 - ``forward(images, organ_ids, num_samples, steps, generator)``: the two above in one call.
@@ -98,6 +100,11 @@ class Method(nn.Module, abc.ABC):
 
     def expand_condition(self, cond: torch.Tensor, repeats: int) -> torch.Tensor:
         return cond if repeats == 1 else cond.repeat_interleave(repeats, dim=0)
+
+    def select_condition(self, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The condition of the windows ``rows`` (a long tensor of row indices) only: the engine samples
+        the windows that still need samples without encoding them again."""
+        return cond[rows]
 
     @abc.abstractmethod
     def sample(

@@ -258,6 +258,9 @@ class DTS(Method):
             return cond
         return tuple(c.repeat_interleave(repeats, dim=0) for c in cond)
 
+    def select_condition(self, cond, rows: torch.Tensor):
+        return tuple(c[rows] for c in cond)
+
     def _logits(self, x_t, t, image, organs, maps) -> torch.Tensor:
         return self.denoiser(x_t, t, image, organs, maps)[0]
 

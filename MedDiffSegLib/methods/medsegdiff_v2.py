@@ -208,6 +208,9 @@ class MedSegDiffV2(Method):
             return cond
         return cond._replace(rows=cond.rows.repeat_interleave(int(repeats)))
 
+    def select_condition(self, cond: MedSegDiffCondition, rows: torch.Tensor) -> MedSegDiffCondition:
+        return cond._replace(rows=cond.rows[rows.to(cond.rows.device)])
+
     @torch.no_grad()
     def anchor(self, images: torch.Tensor) -> torch.Tensor:
         """The condition model's own anchor probabilities ``[B,O,H,W]`` (no diffusion)."""

@@ -120,12 +120,18 @@ def intensity_bounds(volume: np.ndarray, spec: PreprocessSpec) -> tuple[float, f
     return float(lo), float(hi)
 
 
-def normalise_intensity(array: np.ndarray | torch.Tensor, bounds: tuple[float, float]):
-    """Clip to ``bounds`` and scale linearly to [-1, 1]; float32, works on numpy or torch."""
+def normalise_intensity(array: np.ndarray | torch.Tensor, bounds: tuple[float, float], *, inplace: bool = False):
+    """Clip to ``bounds`` and scale linearly to [-1, 1]; float32, works on numpy or torch.
+
+    ``inplace=True`` (torch float32 only) overwrites ``array`` instead of allocating four
+    temporaries of its size; the arithmetic, and so every bit of the result, is the same.
+    """
     lo, hi = bounds
     scale = 2.0 / (hi - lo)
     torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported
     if torch is not None and isinstance(array, torch.Tensor):
+        if inplace and array.dtype == torch.float32:
+            return array.clamp_(lo, hi).sub_(lo).mul_(scale).sub_(1.0)
         x = array.to(torch.float32).clamp(lo, hi)
         return (x - lo) * scale - 1.0
     x = np.clip(array.astype(np.float32, copy=False), lo, hi)

@@ -444,7 +444,7 @@ def test_window_encoded_once_per_batch_and_all_organs_sampled(tmp_path):
     shape = (7, 14, 36)
     image = make_image(sphere_volume(shape)[0])
     pkg, method = profile_package(tmp_path)
-    res = segment_volume(image, pkg, ["liver", "spleen"], method=method)
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method, adaptive=False)
     view = CanonicalView.from_image(image, "LPS")
     n_win = res.extras["windows_per_slice"]
     assert n_win == windows_per_slice(tuple(res.extras["model_inplane_size"]), (16, 16), 0.25)
@@ -452,6 +452,87 @@ def test_window_encoded_once_per_batch_and_all_organs_sampled(tmp_path):
     assert method.condition_rows == windows  # each window encoded exactly once
     assert method.sample_rows == 2 * windows  # ... and reused for both organs
     assert method.calls == math.ceil(windows / 3)  # batches of sw_batch_size
+    sampling = res.extras["sampling"]
+    assert sampling["windows"] == windows and sampling["windows_outside_body"] == 0 and not sampling["adaptive"]
+    assert all(o["samples_drawn"] == 3 * windows and o["samples_per_window"] == 3 for o in sampling["organs"].values())
+
+
+def _organ_in_some_slices(shape=(24, 14, 36)):
+    """An organ block in the middle third of the slices (axis 0 is the canonical axial axis for the
+    plain LPS grid used here), background elsewhere."""
+    volume = np.full(shape, BACKGROUND_HU)
+    truth = np.zeros(shape, bool)
+    truth[8:16, 3:11, 6:30] = True
+    volume[truth] = ORGAN_HU
+    return volume, truth
+
+
+def test_adaptive_sampling_spends_samples_where_the_organ_is(tmp_path):
+    volume, truth = _organ_in_some_slices()
+    image = make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1))
+    runs = {}
+    for adaptive in (False, True):
+        pkg, method = profile_package(tmp_path, samples=5)
+        res = segment_volume(image, pkg, ["liver"], method=method, adaptive=adaptive, keep_probabilities=True)
+        runs[adaptive] = (res, method.sample_rows)
+    (full, full_rows), (adapt, adapt_rows) = runs[False], runs[True]
+    # a noiseless method: stopping early changes no label and no probability
+    np.testing.assert_array_equal(arr(adapt.labels), arr(full.labels))
+    np.testing.assert_array_equal(arr(adapt.probabilities["liver"]), arr(full.probabilities["liver"]))
+    assert (arr(adapt.labels) == 1).sum() == truth.sum()
+    info = adapt.extras["sampling"]
+    organ = info["organs"]["liver"]
+    windows = info["windows"]
+    assert info["adaptive"] and info["samples_requested"] == 5
+    # the windows of the organ's slices get all 5 samples, the others stop after the first
+    assert 0 < organ["windows_with_all_samples"] < windows
+    # rows the network sampled: every window once, then the organ's windows once more (4 samples each)
+    assert adapt_rows == windows + organ["windows_with_all_samples"] and full_rows == windows
+    assert organ["samples_drawn"] == windows + 4 * organ["windows_with_all_samples"] < 0.6 * 5 * windows
+    assert full.extras["sampling"]["organs"]["liver"]["samples_drawn"] == 5 * windows
+    assert organ["samples_per_window"] == pytest.approx(organ["samples_drawn"] / windows, abs=1e-3)
+
+
+def test_adaptive_sampling_keeps_the_variance_where_the_organ_is(tmp_path):
+    volume, truth = _organ_in_some_slices()
+    image = make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1))
+    # noisy samples in the organ's intensity band only: far from the organ every sample is ~0
+    pkg, method = profile_package(tmp_path, samples=6, noise=0.2, band=(norm(ORGAN_HU) - 0.1, norm(ORGAN_HU) + 0.1))
+    res = segment_volume(image, pkg, ["liver"], method=method, keep_probabilities=True)
+    var = arr(res.variances["liver"])
+    ref = arr(segment_volume(image, pkg, ["liver"], method=method, keep_probabilities=True,
+                             adaptive=False).variances["liver"])
+    # in the organ all 6 samples are drawn either way: the same variance up to the noise of the estimate
+    assert var[truth].mean() > 0.005 and var[truth].mean() == pytest.approx(ref[truth].mean(), rel=0.15)
+    stopped = np.zeros_like(truth)
+    stopped[:4] = stopped[-4:] = True  # slices whose windows are far from the organ
+    assert float(var[stopped].max()) == 0.0  # one sample there, and it says "no organ": no variance
+    assert 0 < res.extras["sampling"]["organs"]["liver"]["windows_with_all_samples"] < res.extras["sampling"]["windows"]
+
+
+def test_windows_outside_the_body_are_not_sent_to_the_network(tmp_path):
+    volume, truth = _organ_in_some_slices()
+    volume[:5] = -1000.0  # air slices (below the window's floor)
+    volume[-3:] = -1000.0
+    image = make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1))
+    # a method that (wrongly) sees "spleen" in air: the skipped windows must still say background
+    pkg, method = profile_package(tmp_path, profiles=[
+        {"mu": (norm(ORGAN_HU) + norm(BACKGROUND_HU)) / 2, "width": 0.03, "step": True}, {"mu": -1.0, "width": 0.05}])
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method, samples=1)
+    info = res.extras["sampling"]
+    per_slice = res.extras["windows_per_slice"]
+    assert info["windows_outside_body"] == 8 * per_slice
+    assert method.condition_rows == info["windows"] - 8 * per_slice  # never encoded
+    labels = arr(res.labels)
+    assert not labels[:5].any() and not labels[-3:].any()  # nothing in air, though the method would say spleen
+    assert (labels == 1).sum() == truth.sum()
+    assert float(arr(res.uncertainty)[:5].max()) == 0.0
+    # a slice with one voxel inside the window is not skipped
+    volume[2, 7, 18] = -50.0
+    pkg, method = profile_package(tmp_path)
+    res = segment_volume(make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1)), pkg, ["liver"],
+                         method=method, samples=1)
+    assert res.extras["sampling"]["windows_outside_body"] < 8 * per_slice
 
 
 def test_streaming_chunks_do_not_change_results(tmp_path):
@@ -507,7 +588,7 @@ class BrokenMethod(ProfileMethod):
     def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None):
         p = super().sample(cond, organ_ids, num_samples, steps, generator, scheduler)
         if self.config.get("break") == "shape":
-            return p[:, :1]
+            return p[:, :-1]  # one sample short
         return p * float("nan")
 
 
@@ -715,3 +796,23 @@ def test_chunk_budget_shrinks_when_whole_volume_arrays_are_large(monkeypatch):
     assert engine._memory_budget(mid) == engine.DEFAULT_CHUNK_MEMORY - (300 << 20)
     monkeypatch.setenv("MEDDIFFSEG_CHUNK_MB", "64")
     assert engine._memory_budget(big) == 64 << 20  # an explicit budget is taken as given
+
+
+@pytest.mark.parametrize("context", [1, 3])
+def test_chunk_input_equals_resampling_every_context_channel(context):
+    """Each slice is normalised and resampled once and the context gathered afterwards: bit for bit
+    what resampling the [k, C, J, I] stack of context slices gives, at the volume's edges too."""
+    from MedDiffSegLib.inference.engine import _chunk_input
+    from MedDiffSegLib.preprocessing.spec import context_indices, normalise_intensity, resample_inplane
+
+    spec = PreprocessSpec(modality="CT", spacing=(2.0, 2.0), context_slices=context, context_spacing_mm=3.0)
+    canon = np.random.default_rng(3).integers(-1024, 1500, (11, 60, 52)).astype(np.int16)
+    before = canon.copy()
+    bounds = (-125.0, 275.0)
+    for k0, k1 in ((0, 4), (4, 9), (9, 11), (5, 6)):
+        got = _chunk_input(canon, k0, k1, spec, 1.5, bounds, (29, 25), torch.device("cpu"))
+        ks = context_indices(11, k0, k1, context, spec.context_offset(1.5))
+        stack = torch.from_numpy(canon[ks.reshape(-1)].astype(np.float32)).reshape(k1 - k0, context, 60, 52)
+        want = resample_inplane(normalise_intensity(stack, bounds), (29, 25))
+        assert got.shape == (k1 - k0, context, 29, 25) and torch.equal(got, want)
+    np.testing.assert_array_equal(canon, before)  # the input volume is never written to

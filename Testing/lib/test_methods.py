@@ -95,6 +95,22 @@ def test_condition_reuse_is_exact(method, images):
     assert method.expand_condition(cond, 1) is cond
 
 
+@pytest.mark.parametrize("name", ["sdseg", "guided", "meddelinea", "medsegdiff_v2", "dts"])
+def test_select_condition_samples_the_chosen_windows_as_if_encoded_alone(name):
+    """The engine samples only the windows that still need samples, from the batch's condition."""
+    m = _build(name)
+    imgs = torch.rand(3, m.image_channels, H, W, generator=_gen(5)) * 2 - 1
+    cond = m.condition(imgs)
+    for rows in ([2], [0, 2], [1, 0]):
+        r = torch.tensor(rows)
+        organs = torch.tensor([1] * len(rows))
+        picked = m.sample(m.select_condition(cond, r), organs, 2, 1, _gen(8), None)
+        alone = m.sample(m.condition(imgs[r]), organs, 2, 1, _gen(8), None)
+        torch.testing.assert_close(picked, alone, rtol=0, atol=1e-4)  # batch-size effects in the kernels only
+    with pytest.raises((IndexError, RuntimeError)):
+        m.select_condition(cond, torch.tensor([3]))
+
+
 def test_organ_prompt_changes_the_output(method, images):
     cond = method.condition(images)
     a = method.sample(cond, torch.tensor([0, 0]), 1, 1, _gen(3))
