@@ -266,6 +266,12 @@ def _add_segment(sub) -> None:
                    help="compute device: auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--scheduler", choices=_schedulers(),
                    help="reverse-diffusion scheduler (default: the model's)")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="draw all N samples in every window (default: an organ whose first sample shows no "
+                        "trace of it in a window gets no more samples there; summary.json says how many were drawn)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="network arithmetic: auto (GPU: bf16 or fp16; CPU: the model's choice, fp32 unless it "
+                        "was validated in bf16 and the CPU has native bf16), fp32, bf16, fp16 (GPU only)")
     p.add_argument("--staple", action="store_true",
                    help="fuse the samples with SimpleITK's STAPLE instead of thresholding their mean")
     p.add_argument("--largest-component", action="store_true",
@@ -292,6 +298,7 @@ def _cmd_segment(args) -> int:
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
                 progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
                 modality=args.modality, allow_modality_mismatch=args.allow_modality_mismatch,
+                adaptive=args.adaptive, precision=args.precision,
             )
     finally:
         bar.close()
@@ -332,8 +339,15 @@ def _print_segment_result(summary: dict, out: str) -> None:
         if inp.get("modality") else "of unknown modality")
     if check.get("overridden"):
         modality += ", modality mismatch overridden"
-    print(f"model {summary['model']['name']} {summary['model']['version']} ({modality}); {s['samples']} sample(s), "
-          f"{s['steps']} step(s), seed {s['seed']}; {s['device']}; {summary['timings_s']['total']:.1f} s")
+    drawn = ""
+    sampling = summary.get("sampling") or {}
+    if sampling.get("adaptive"):  # how many samples the ensemble really drew, per window, per organ
+        per = [o["samples_per_window"] for o in sampling["organs"].values()]
+        drawn = f" (adaptive: {min(per):.1f}-{max(per):.1f} drawn per window)" if len(per) > 1 and min(per) != max(per) \
+            else f" (adaptive: {per[0]:.1f} drawn per window)"
+    print(f"model {summary['model']['name']} {summary['model']['version']} ({modality}); {s['samples']} sample(s){drawn}, "
+          f"{s['steps']} step(s), seed {s['seed']}; {s['device']}, {s.get('precision', 'fp32')}; "
+          f"{summary['timings_s']['total']:.1f} s")
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

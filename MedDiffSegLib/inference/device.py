@@ -74,3 +74,39 @@ def device_description(device: str | torch.device) -> str:
     if model:
         return f"cpu: {model} ({threads} thread{'' if threads == 1 else 's'} of {os.cpu_count() or '?'} cores)"
     return f"cpu ({threads} threads)"
+
+
+#: Names ``precision`` accepts (``segment_volume``, ``meddiffseg segment --precision``).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it): there
+    bf16 convolutions run about twice as fast as float32; elsewhere they are emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str | None, device: torch.device, cpu_auto: str = "fp32") -> torch.dtype | None:
+    """The autocast dtype for the network on ``device`` (None: float32, no autocast).
+
+    ``auto``: on a GPU bfloat16 where it is supported, else float16; on a CPU ``cpu_auto`` (a
+    model package's ``inference.cpu_precision``, float32 unless the package says its accuracy
+    holds in bf16), and bf16 only where the CPU has native bf16. ``fp16`` needs a GPU.
+    """
+    key = "auto" if name is None else str(name).strip().lower()
+    if key not in PRECISIONS:
+        raise DeviceError(f"unknown precision {name!r}; valid values: {', '.join(PRECISIONS)}")
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        key = "bf16" if (cpu_auto == "bf16" and cpu_has_native_bf16()) else "fp32"
+    if key == "fp32":
+        return None
+    if key == "fp16":
+        if device.type != "cuda":
+            raise DeviceError("precision 'fp16' needs a CUDA GPU (CPUs compute float16 slowly); use 'bf16' or 'fp32' on a CPU")
+        return torch.float16
+    return torch.bfloat16

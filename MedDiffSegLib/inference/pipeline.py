@@ -169,6 +169,8 @@ def run_segment(
     dicom_seg: str | None = None,
     modality: str | None = None,
     allow_modality_mismatch: bool = False,
+    adaptive: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
 
@@ -177,7 +179,10 @@ def run_segment(
     input is (needed without ``model`` for a file, which has no DICOM Modality tag); checked
     against a DICOM series' tag. ``allow_modality_mismatch``: run a model made for another modality
     than the input's (a warning is logged) instead of raising :class:`ModalityMismatchError`.
-    ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults.
+    ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults. ``adaptive``: stop
+    sampling an organ after one sample in windows where it shows no trace (the engine's default;
+    False draws every sample everywhere). ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``
+    (GPU) for the network (:func:`~MedDiffSegLib.inference.device.resolve_precision`).
     Returns the summary (the content of ``summary.json``).
 
     ``progress(stage, fraction, message)`` is called with ``stage`` one of ``read``, ``load``,
@@ -228,9 +233,10 @@ def run_segment(
     shown = os.fspath(input_path)
 
     # 2. device
-    from .device import device_description, resolve_device
+    from .device import device_description, resolve_device, resolve_precision
 
     torch_device = resolve_device(device)
+    resolve_precision(precision, torch_device)  # a bad value fails here, before anything heavy
     device_text = device_description(torch_device)
 
     # 3. model + weights hash; without a model, the default for the input's modality
@@ -316,7 +322,7 @@ def run_segment(
     result = segment_volume(
         image, package, organ_names,
         samples=samples, steps=steps, seed=seed, device=str(torch_device), scheduler=scheduler,
-        staple=staple, largest_component=largest_component,
+        staple=staple, largest_component=largest_component, adaptive=adaptive, precision=precision,
         keep_probabilities=save_probabilities or dicom_seg == "fractional",
         method=method, progress=report, should_cancel=should_cancel,
     )
@@ -503,7 +509,11 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "device": device_text,
             # per-organ temperatures applied to the reported probabilities (None: uncalibrated)
             "calibration": (getattr(result, "extras", None) or {}).get("calibration"),
+            "precision": (getattr(result, "extras", None) or {}).get("precision", "fp32"),
         },
+        # what the network was asked for: windows, windows outside the body (skipped), and per organ
+        # the samples drawn (adaptive sampling stops after one where the organ shows no trace)
+        "sampling": (getattr(result, "extras", None) or {}).get("sampling"),
         "timings_s": {k: round(float(v), 4) for k, v in t.items()},
         # STAPLE's EM per organ: iterations used (capped), voxels of the box it ran in, seconds.
         "staple": [dict(v) for v in (getattr(result, "extras", None) or {}).get("staple", [])] or None,

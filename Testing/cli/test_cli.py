@@ -183,6 +183,31 @@ def test_cuda_without_cuda(tmp_path, tiny_guided, small_volume, capsys):
     _assert_no_outputs(out)
 
 
+def test_fp16_on_cpu_is_refused(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "cpu", "--precision", "fp16")) == DeviceError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "'fp16' needs a CUDA GPU")
+    _assert_no_outputs(out)
+
+
+def test_adaptive_sampling_and_precision_are_reported(tmp_path, tiny_guided, small_volume, capsys):
+    runs = {}
+    for name, extra in (("adaptive", ()), ("all", ("--no-adaptive", "--precision", "bf16"))):
+        out = tmp_path / name
+        argv = ["segment", str(small_volume), "--out", str(out), "--model", str(tiny_guided), "--organ", "liver",
+                "--organ", "spleen", "--samples", "3", "--device", "cpu", *extra]
+        assert main(argv) == 0
+        runs[name] = (json.loads((out / "summary.json").read_text(encoding="utf-8")), capsys.readouterr().out)
+    (adaptive, text_a), (full, text_f) = runs["adaptive"], runs["all"]
+    assert adaptive["settings"]["precision"] == "fp32" and full["settings"]["precision"] == "bf16"
+    assert adaptive["sampling"]["adaptive"] and not full["sampling"]["adaptive"]
+    windows = full["sampling"]["windows"] - full["sampling"]["windows_outside_body"]
+    for name in ("liver", "spleen"):
+        assert full["sampling"]["organs"][name]["samples_drawn"] == 3 * windows
+        assert windows <= adaptive["sampling"]["organs"][name]["samples_drawn"] <= 3 * windows
+    assert "drawn per window" in text_a and "bf16" in text_f and "drawn per window" not in text_f
+
+
 def test_unknown_device(tmp_path, tiny_guided, small_volume, capsys):
     out = tmp_path / "out"
     assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "tpu")) == DeviceError.exit_code

@@ -816,3 +816,62 @@ def test_chunk_input_equals_resampling_every_context_channel(context):
         want = resample_inplane(normalise_intensity(stack, bounds), (29, 25))
         assert got.shape == (k1 - k0, context, 29, 25) and torch.equal(got, want)
     np.testing.assert_array_equal(canon, before)  # the input volume is never written to
+
+
+def test_out_of_memory_retries_the_chunk_smaller_with_the_same_result(tmp_path, monkeypatch):
+    """A chunk that runs the GPU out of memory is redone with fewer slices from the same noise:
+    the result is bit-identical to a run that fitted (simulated: torch raises the same error on CPU)."""
+    from MedDiffSegLib.inference import engine
+
+    volume, _ = sphere_volume((30, 14, 36))
+    image = make_image(volume, direction=np.eye(3).reshape(-1))  # LPS: 30 axial slices
+    pkg, method = profile_package(tmp_path, noise=0.1, band=(-0.4, 0.4))
+    ref = segment_volume(image, pkg, ["liver", "spleen"], method=method, samples=3, chunk_slices=30)
+    real = engine._chunk_input
+    sizes = []
+
+    def tight(canon, k0, k1, *a, **kw):
+        sizes.append(k1 - k0)
+        if k1 - k0 > 7:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(canon, k0, k1, *a, **kw)
+
+    monkeypatch.setattr(engine, "_chunk_input", tight)
+    seen = []
+    res = segment_volume(image, pkg, ["liver", "spleen"], method=method, samples=3, chunk_slices=30,
+                         progress=lambda stage, f, msg: seen.append(f))
+    assert sizes[0] == 30 and max(sizes[1:]) <= 15 and res.chunk_slices < 30
+    assert res.extras["out_of_memory_retries"] and res.extras["out_of_memory_retries"][0]["at_slice"] == 0
+    np.testing.assert_array_equal(arr(res.labels), arr(ref.labels))
+    np.testing.assert_array_equal(arr(res.uncertainty), arr(ref.uncertainty))
+    assert res.extras["sampling"] == ref.extras["sampling"]
+    assert seen == sorted(seen)  # progress never goes backwards
+
+    def never(canon, k0, k1, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_chunk_input", never)
+    with pytest.raises(DeviceError, match="out of memory on one batch of 3 windows"):
+        segment_volume(image, pkg, ["liver"], method=method, samples=3)
+
+
+def test_precision_choices(tmp_path):
+    from MedDiffSegLib.inference.device import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None and resolve_precision("auto", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(DeviceError, match="fp16.*needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(DeviceError, match="unknown precision 'half'"):
+        resolve_precision("half", cpu)
+    # a tiny real network under bf16 autocast: same shapes, probabilities close to float32's
+    pkg = make_tiny_package(tmp_path / "pkg", "guided")
+    image = make_image(sphere_volume((10, 14, 36))[0])
+    a = segment_volume(image, pkg, ["liver"], samples=2, precision="fp32", keep_probabilities=True)
+    b = segment_volume(image, pkg, ["liver"], samples=2, precision="bf16", keep_probabilities=True)
+    assert a.extras["precision"] == "fp32" and b.extras["precision"] == "bf16"
+    pa, pb = arr(a.probabilities["liver"]), arr(b.probabilities["liver"])
+    assert pa.shape == pb.shape and float(np.abs(pa - pb).mean()) < 0.02
+    with pytest.raises(DeviceError, match="fp16"):
+        segment_volume(image, pkg, ["liver"], precision="fp16")
