@@ -2,7 +2,8 @@
 """Side by side: ``meddiffseg segment`` against a TotalSegmentator-fast-like MONAI DynUNet pass.
 
     python bench/bench_peer.py [--repeats 3] [--samples 1 10] [--slices 200] [--scaling 100 200 400]
-        [--organ liver] [--json-out FILE]
+        [--organ liver] [--device cpu|cuda] [--meddiffseg-args '--no-adaptive ...'] [--volume CT]
+        [--json-out FILE]
 
 Every run is a fresh process timed from spawn to exit (Python start-up, imports, model load,
 read, compute, write: what a user waits for), with its own peak RSS (``os.wait4``). Runs
@@ -44,7 +45,7 @@ PEER_SPACING = 3.0
 PEER_PATCH = (112, 112, 128)
 
 
-def peer_worker(volume: str, out: str) -> None:
+def peer_worker(volume: str, out: str, device: str = "cpu") -> None:
     """The peer's whole job in this process: read, resample, sliding-window DynUNet, argmax, back, write."""
     import numpy as np
     import SimpleITK as sitk
@@ -56,19 +57,19 @@ def peer_worker(volume: str, out: str) -> None:
     torch.manual_seed(0)
     net = DynUNet(spatial_dims=3, in_channels=1, out_channels=PEER_CLASSES,
                   kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, [1, 1, 2]], upsample_kernel_size=[2, 2, 2, 2, [1, 1, 2]],
-                  filters=[32, 64, 128, 256, 320, 320], norm_name="instance", res_block=False).eval()
+                  filters=[32, 64, 128, 256, 320, 320], norm_name="instance", res_block=False).eval().to(device)
     image = sitk.ReadImage(volume)
     arr = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))  # [z, y, x]
     sx, sy, sz = image.GetSpacing()
     size = [max(1, round(n * s / PEER_SPACING)) for n, s in zip(arr.shape, (sz, sy, sx))]
     x = F.interpolate(arr[None, None], size=size, mode="trilinear", align_corners=False)
-    x = ((x.clamp(-1000, 1000) - 0.0) / 250.0).permute(0, 1, 4, 3, 2)  # [1, 1, x, y, z] as nnU-Net reads it
-    with torch.inference_mode():
+    x = ((x.clamp(-1000, 1000) - 0.0) / 250.0).permute(0, 1, 4, 3, 2).to(device)  # [1, 1, x, y, z] as nnU-Net reads it
+    with torch.inference_mode(), torch.autocast(device, enabled=device.startswith("cuda")):  # nnU-Net runs AMP on GPUs
         logits = sliding_window_inference(x, PEER_PATCH, 1, net, overlap=0.5, mode="gaussian")
         labels = logits.argmax(1, keepdim=True).to(torch.uint8)
         del logits
         labels = labels.permute(0, 1, 4, 3, 2).float()
-        back = F.interpolate(labels, size=tuple(arr.shape), mode="nearest")[0, 0].to(torch.uint8).numpy()
+        back = F.interpolate(labels, size=tuple(arr.shape), mode="nearest")[0, 0].to(torch.uint8).cpu().numpy()
     out_img = sitk.GetImageFromArray(back)
     out_img.CopyInformation(image)
     sitk.WriteImage(out_img, out, useCompression=True)
@@ -96,11 +97,15 @@ def main(argv=None) -> int:
     ap.add_argument("--organ", default="liver")
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-peer", action="store_true", help="time meddiffseg only")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both meddiffseg and the peer run there)")
+    ap.add_argument("--meddiffseg-args", default="", metavar="ARGS",
+                    help="extra 'meddiffseg segment' options for a lever's arm, e.g. '--no-adaptive --precision fp32'")
+    ap.add_argument("--volume", type=Path, help="time this CT instead of the resampled example CT (--slices is then ignored)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--peer-worker", nargs=2, metavar=("VOLUME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peer_worker:
-        peer_worker(*args.peer_worker)
+        peer_worker(*args.peer_worker, device=args.device)
         return 0
 
     import torch
@@ -113,6 +118,7 @@ def main(argv=None) -> int:
     meddiffseg = shutil.which("meddiffseg") or "meddiffseg"
     tmp = Path(tempfile.mkdtemp(prefix="meddiffseg-peer-"))
     hardware = {"cpu": device_description(torch.device("cpu")), "cpu_count": os.cpu_count(),
+                "gpu": device_description(torch.device(args.device)) if args.device.startswith("cuda") else None,
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                 "python": platform.python_version(), "machine": platform.machine()}
     print(json.dumps({"hardware": hardware}), flush=True)
@@ -120,26 +126,40 @@ def main(argv=None) -> int:
     def ours(volume: Path, samples: int) -> dict:
         out = tmp / f"out-{samples}-{time.monotonic_ns()}"
         cmd = [meddiffseg, "segment", str(volume), "--organ", args.organ, "--samples", str(samples),
-               "--modality", "CT", "--out", str(out)]
+               "--modality", "CT", "--out", str(out), "--device", args.device, *args.meddiffseg_args.split()]
         if args.model:
             cmd += ["--model", args.model]
         r = timed(cmd, env)
         summary = json.loads((out / "summary.json").read_text())
         shutil.rmtree(out, ignore_errors=True)
         r["stages"] = summary["timings_s"]
+        sampling = summary.get("sampling") or {}
+        r["samples_per_window"] = {k: v["samples_per_window"] for k, v in (sampling.get("organs") or {}).items()}
+        r["windows_outside_body"] = sampling.get("windows_outside_body")
+        r["precision"] = summary["settings"].get("precision")
         r.pop("stdout")
         return r
 
     def peer(volume: Path) -> dict:
         out = tmp / "peer.nii.gz"
-        r = timed([sys.executable, str(Path(__file__).resolve()), "--peer-worker", str(volume), str(out)], env)
+        r = timed([sys.executable, str(Path(__file__).resolve()), "--peer-worker", str(volume), str(out),
+                   "--device", args.device], env)
         out.unlink(missing_ok=True)
         r.pop("stdout")
         return r
 
     try:
-        volume = tmp / f"ct_{args.slices}.nii.gz"
-        info = make_volume(volume, (512, 512, args.slices), (0.8, 0.8, 2.5))
+        if args.volume:
+            import SimpleITK as sitk
+
+            volume = args.volume
+            head = sitk.ImageFileReader()
+            head.SetFileName(str(volume))
+            head.ReadImageInformation()
+            info = {"source": volume.name, "size": list(head.GetSize()), "spacing_mm": list(head.GetSpacing())}
+        else:
+            volume = tmp / f"ct_{args.slices}.nii.gz"
+            info = make_volume(volume, (512, 512, args.slices), (0.8, 0.8, 2.5))
         print(json.dumps({"volume": info}), flush=True)
         runs: dict[str, list[dict]] = {f"meddiffseg {n} sample(s)": [] for n in args.samples}
         if not args.no_peer:
@@ -162,7 +182,8 @@ def main(argv=None) -> int:
         if peer_name in table:
             for name, row in table.items():
                 row["ratio_to_peer"] = row["median_s"] / table[peer_name]["median_s"]
-        result = {"hardware": hardware, "volume": info, "table": table, "runs": runs}
+        result = {"hardware": hardware, "device": args.device, "meddiffseg_args": args.meddiffseg_args,
+                  "volume": info, "table": table, "runs": runs}
 
         if args.scaling:
             top = max(args.samples)
@@ -196,6 +217,19 @@ def fit_cost_model(points: list[dict]) -> dict:
             "max_abs_residual_s": float(np.max(np.abs(a @ coef - t)))}
 
 
+def _targets(result: dict) -> str:
+    """Issue 15's targets against this run: CPU as ratios to the peer and peak RSS, GPU in seconds."""
+    rows = result["table"]
+    one, ten = rows.get("meddiffseg 1 sample(s)"), rows.get("meddiffseg 10 sample(s)")
+    if result.get("device", "cpu").startswith("cuda"):
+        checks = [("1 sample ≤ 2 s", one, lambda r: r["median_s"] <= 2.0), ("10 samples ≤ 5 s", ten, lambda r: r["median_s"] <= 5.0)]
+    else:
+        checks = [("1 sample ≤ 0.2× peer", one, lambda r: r.get("ratio_to_peer", 9) <= 0.2),
+                  ("10 samples ≤ 1.0× peer (aim 0.7×)", ten, lambda r: r.get("ratio_to_peer", 9) <= 1.0),
+                  ("peak RSS ≤ 3 GB", ten or one, lambda r: r["peak_rss_mb"] * 2**20 <= 3e9)]
+    return "Targets: " + "; ".join(f"{name}: {'met' if ok(r) else 'NOT met'}" for name, r, ok in checks if r is not None) + "."
+
+
 def markdown(result: dict) -> str:
     h = result["hardware"]
     lines = [f"Hardware: {h['cpu']}, {h['cpu_count']} cores, torch {h['torch']} ({h['torch_threads']} threads), "
@@ -204,6 +238,7 @@ def markdown(result: dict) -> str:
     for name, r in result["table"].items():
         ratio = f"{r['ratio_to_peer']:.2f}" if "ratio_to_peer" in r else "-"
         lines.append(f"| {name} | {r['median_s']:.1f} | {r['min_s']:.1f}–{r['max_s']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    lines += ["", _targets(result)]
     if "cost_model" in result:
         c = result["cost_model"]
         lines += ["", f"Cost model (least squares over {len(result['scaling'])} runs): t = {c['fixed_s']:.1f} s + "

@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="installed package name or package folder")
     ap.add_argument("--protocol", type=Path, default=REPO / "bench" / "protocol.json")
+    ap.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                    help="draw every sample in every window (the engine's adaptive sampling off)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="network arithmetic (the engine's precision; default auto)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--samples", type=int, help="samples per organ (default: the package's)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: the package's)")
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
             for c in group_cases:
                 image = images[c["name"]]
                 t0 = time.perf_counter()
-                res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method)
+                res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method,
+                                     adaptive=args.adaptive, precision=args.precision)
                 seconds = time.perf_counter() - t0
                 times.append(seconds)
                 specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]

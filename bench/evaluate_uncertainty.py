@@ -115,6 +115,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--protocol", type=Path, default=REPO / "bench" / "protocol.json")
+    ap.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                    help="draw every sample in every window (the engine's adaptive sampling off)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="network arithmetic (the engine's precision; default auto)")
     ap.add_argument("--settings", type=_setting, nargs="+", default=[(1, 1), (1, 5), (1, 10), (4, 5)])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", nargs="+")
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
         for steps, samples in args.settings:
             t0 = time.perf_counter()
             res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=args.seed, method=method,
-                                 keep_probabilities=True)
+                                 keep_probabilities=True, adaptive=args.adaptive, precision=args.precision)
             seconds = time.perf_counter() - t0
             labels = sitk.GetArrayViewFromImage(res.labels)
             unc = sitk.GetArrayViewFromImage(res.uncertainty)
@@ -185,7 +189,10 @@ def main(argv=None) -> int:
                 denom = float(pred.sum() + gt.sum())
                 dice = 1.0 if denom == 0 else 2 * inter / denom
                 row = {"case": c["name"], "organ": organ, "steps": steps, "samples": samples, "seconds": seconds,
-                       "dice": dice, "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())}
+                       "dice": dice, "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum()),
+                       # samples the engine drew per window for this organ (adaptive sampling draws fewer)
+                       "samples_per_window": ((res.extras.get("sampling") or {}).get("organs", {}).get(organ) or {})
+                       .get("samples_per_window")}
                 if box is not None:
                     prob = sitk.GetArrayFromImage(res.probabilities[organ])[box]  # a copy: the image is built on access
                     ent = sitk.GetArrayFromImage(res.entropy[organ])[box]
