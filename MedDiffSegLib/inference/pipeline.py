@@ -342,7 +342,15 @@ def run_segment(
         uncertainty = sitk.Cast(uncertainty, sitk.sitkFloat32)
     _check_geometry(labels, image, "the segmentation")
     _check_geometry(uncertainty, image, "the uncertainty map")
-    images: list[tuple[str, Any]] = [(SEGMENTATION, labels), (UNCERTAINTY, uncertainty)]
+
+    def uncertainty_file():  # float32 still, without the variance dust that makes it slow to compress
+        from ..uncertainty.ensemble import variance_for_storage
+
+        img = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
+        img.CopyInformation(uncertainty)
+        return img
+
+    images: list[tuple[str, Any]] = [(SEGMENTATION, labels), (UNCERTAINTY, uncertainty_file)]
     prob_files: dict[str, str] = {}
     if save_probabilities:
         probs = getattr(result, "probabilities", None) or {}

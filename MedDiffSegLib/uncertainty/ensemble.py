@@ -88,3 +88,31 @@ def dequantise_variance(q: np.ndarray) -> np.ndarray:
     s = np.array(q, dtype=np.float32, order="C")
     s *= np.float32(1.0 / STD_LEVELS)
     return np.square(s, out=s)
+
+
+# -- the uncertainty map as written to disk --------------------------------------------------------
+#: Variances below this are written as 0: half a step of the per-organ maps' standard deviation
+#: (1/510), i.e. what those maps store as 0 anyway (a standard deviation under 0.001 in probability).
+STORAGE_VARIANCE_FLOOR = (0.5 / STD_LEVELS) ** 2
+#: Mantissa bits kept when writing float32 maps: 10, float16's precision (relative error ≤ 2^-11)
+#: with float32's range; readers still get float32 values.
+STORAGE_MANTISSA_BITS = 10
+
+
+def variance_for_storage(v: np.ndarray) -> np.ndarray:
+    """A float32 copy of the variance map ``v`` made for compressed writing: values under
+    :data:`STORAGE_VARIANCE_FLOOR` set to 0 and the rest rounded to :data:`STORAGE_MANTISSA_BITS`
+    mantissa bits (relative error at most 2^-11 ≈ 0.05 %).
+
+    Away from the organs the ensemble leaves a dust of variances around 1e-9..1e-7 in ~40 % of a
+    CT's voxels; those random low bits are what made the gzip of the map slow (3.7 s and 74 MB for
+    a 512×512×200 CT with 10 samples, against 0.2 s and 1.1 MB after this).
+    """
+    out = np.array(v, dtype=np.float32, order="C")  # the one copy; rounded in place
+    small = out < np.float32(STORAGE_VARIANCE_FLOOR)  # decided on the exact values
+    drop = 23 - STORAGE_MANTISSA_BITS
+    bits = out.view(np.uint32)
+    bits += np.uint32(1 << (drop - 1))  # round half up on the magnitude (the values are >= 0)
+    bits &= np.uint32((0xFFFFFFFF >> drop) << drop)
+    np.copyto(out, np.float32(0.0), where=small)
+    return out

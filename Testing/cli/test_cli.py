@@ -522,6 +522,8 @@ def _check_outputs(out: Path, reference: sitk.Image, n_organs: int, *, exact: bo
     assert set(np.unique(labels).tolist()) <= set(range(n_organs + 1))
     u = sitk.GetArrayFromImage(unc)
     assert np.isfinite(u).all() and (u >= 0).all()
+    from MedDiffSegLib.uncertainty.ensemble import STORAGE_VARIANCE_FLOOR
+    assert ((u == 0) | (u >= np.float32(STORAGE_VARIANCE_FLOOR))).all()  # written without the variance dust
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     voxel_ml = float(np.prod(seg.GetSpacing())) / 1000.0

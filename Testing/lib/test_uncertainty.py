@@ -276,3 +276,23 @@ def test_staple_takes_samples_one_at_a_time():
         staple_fuse(iter([samples[0], samples[1][:-1]]))
     with pytest.raises(InputError, match="at least 2"):
         staple_fuse(iter([samples[0]]))
+
+
+def test_variance_written_to_disk_keeps_float32_and_its_precision():
+    from MedDiffSegLib.uncertainty.ensemble import STORAGE_VARIANCE_FLOOR, variance_for_storage
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.uniform(0, 0.25, 5000), 10.0 ** rng.uniform(-12, -6.5, 5000),  # organ edges; dust
+                        [0.0, STORAGE_VARIANCE_FLOOR, np.nextafter(np.float32(STORAGE_VARIANCE_FLOOR), 0), 0.25]])
+    v = v.astype(np.float32).reshape(2, -1)
+    before = v.copy()
+    out = variance_for_storage(v)
+    np.testing.assert_array_equal(v, before)  # the engine's map is not touched
+    assert out.dtype == np.float32 and out.shape == v.shape
+    kept = v >= np.float32(STORAGE_VARIANCE_FLOOR)
+    assert (out[~kept] == 0).all() and (out[kept] > 0).all()
+    np.testing.assert_allclose(out[kept], v[kept], rtol=2.0**-11, atol=0)
+    assert len(np.unique(out[kept].view(np.uint32) & np.uint32(0x1FFF))) == 1  # 13 low mantissa bits are zero
+    # and it compresses: the dust is gone, the low bits are constant
+    import zlib
+    assert len(zlib.compress(out.tobytes(), 1)) < 0.6 * len(zlib.compress(v.tobytes(), 1))
