@@ -429,7 +429,11 @@ def segment_volume(
     roi, overlap, swb, threshold = _inference_settings(package)
     spec = package.preprocessing
     dev = resolve_device(device)
-    amp_dtype = resolve_precision(precision, dev, str(inf.get("cpu_precision", "fp32")))
+    cpu_auto = inf.get("cpu_precision", "fp32")
+    if cpu_auto not in ("fp32", "bf16"):
+        raise ModelError(f"model {package.name!r}: inference.cpu_precision must be 'fp32' or 'bf16' (the precision "
+                         f"whose accuracy the package was checked in), got {cpu_auto!r}")
+    amp_dtype = resolve_precision(precision, dev, cpu_auto)
 
     if method is None:
         method = package.load_method(str(dev))

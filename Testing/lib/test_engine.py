@@ -875,3 +875,14 @@ def test_precision_choices(tmp_path):
     assert pa.shape == pb.shape and float(np.abs(pa - pb).mean()) < 0.02
     with pytest.raises(DeviceError, match="fp16"):
         segment_volume(image, pkg, ["liver"], precision="fp16")
+    # a package validated in bf16 gets it from "auto" on CPUs that compute bf16 natively, float32 elsewhere
+    from MedDiffSegLib.inference.device import cpu_has_native_bf16
+
+    assert resolve_precision("auto", cpu, "bf16") is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    pkg.inference["cpu_precision"] = "bf16"
+    c = segment_volume(image, pkg, ["liver"], samples=1)
+    assert c.extras["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert segment_volume(image, pkg, ["liver"], samples=1, precision="fp32").extras["precision"] == "fp32"
+    pkg.inference["cpu_precision"] = "fp16"
+    with pytest.raises(ModelError, match="cpu_precision must be 'fp32' or 'bf16'"):
+        segment_volume(image, pkg, ["liver"], samples=1)
