@@ -343,14 +343,14 @@ def run_segment(
     _check_geometry(labels, image, "the segmentation")
     _check_geometry(uncertainty, image, "the uncertainty map")
 
-    def uncertainty_file():  # float32 still, without the variance dust that makes it slow to compress
-        from ..uncertainty.ensemble import variance_for_storage
+    # What is written (NIfTI and Parametric Map alike): float32 still, without the variance dust that
+    # makes the map slow to compress, to 10 mantissa bits (uncertainty.ensemble.variance_for_storage).
+    from ..uncertainty.ensemble import variance_for_storage
 
-        img = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
-        img.CopyInformation(uncertainty)
-        return img
-
-    images: list[tuple[str, Any]] = [(SEGMENTATION, labels), (UNCERTAINTY, uncertainty_file)]
+    stored = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
+    stored.CopyInformation(uncertainty)
+    uncertainty = stored
+    images: list[tuple[str, Any]] = [(SEGMENTATION, labels), (UNCERTAINTY, uncertainty)]
     prob_files: dict[str, str] = {}
     if save_probabilities:
         probs = getattr(result, "probabilities", None) or {}
