@@ -574,11 +574,15 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                 if adaptive and samples > 1:
                     first = draw(cond, everyone, o, 1, h, w)  # [b', 1, h, w]
                     rest = torch.nonzero(first.flatten(1).amax(dim=1) >= ADAPTIVE_FLOOR).flatten()
-                    probs = first.expand(-1, samples, -1, -1).clone()  # stopped windows: N copies of the first
-                    m, v = first[:, 0].clone(), torch.zeros_like(first[:, 0])  # ... exactly that mean, no variance
+                    m, v = first[:, 0].clone(), torch.zeros_like(first[:, 0])  # stopped windows: that sample, no variance
+                    full = None
                     if rest.numel():
-                        probs[rest, 1:] = draw(cond, rest, o, samples - 1, h, w)
-                        m[rest], v[rest] = ensemble_mean_variance(probs[rest], dim=1)
+                        full = torch.cat([first[rest], draw(cond, rest, o, samples - 1, h, w)], dim=1)
+                        m[rest], v[rest] = ensemble_mean_variance(full, dim=1)
+                    if staple:  # STAPLE's N channels: the stopped windows' first sample repeated
+                        probs = first.expand(-1, samples, -1, -1).clone()
+                        if full is not None:
+                            probs[rest] = full
                     drawn["full_windows"][o] += int(rest.numel())
                 else:
                     probs = draw(cond, everyone, o, samples, h, w)
