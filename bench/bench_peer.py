@@ -2,8 +2,8 @@
 """Side by side: ``meddiffseg segment`` against a TotalSegmentator-fast-like MONAI DynUNet pass.
 
     python bench/bench_peer.py [--repeats 3] [--samples 1 10] [--slices 200] [--scaling 100 200 400]
-        [--organ liver] [--device cpu|cuda] [--meddiffseg-args '--no-adaptive ...'] [--volume CT]
-        [--json-out FILE]
+        [--organ liver] [--device cpu|cuda] [--meddiffseg-args '--no-adaptive ...']
+        [--source CT | --volume CT] [--json-out FILE]
 
 Every run is a fresh process timed from spawn to exit (Python start-up, imports, model load,
 read, compute, write: what a user waits for), with its own peak RSS (``os.wait4``). Runs
@@ -16,11 +16,16 @@ a MONAI ``DynUNet`` with filters 32-64-128-256-320-320, 3³ kernels, strides 1,2
 118 output classes, random weights (the time does not depend on the values), instance norm,
 sliding windows of 112×112×128 voxels with overlap 0.5 and Gaussian blending, batch 1; the input is
 resampled to 3 mm (trilinear) and the label map back (nearest), read and written as NIfTI. The
-volume: the example CT resampled to 512×512×K at 0.8×0.8×2.5 mm (``bench_segment.make_volume``).
+volume: the example CT (or ``--source``) resampled to 512×512×K at 0.8×0.8×2.5 mm around its
+centre (``bench_segment.make_volume``); ``--volume`` takes a CT as it is.
 
-``--scaling`` also times meddiffseg (1 and the largest ``--samples``) on volumes of those slice
-counts and fits the cost model ``t = fixed + per_slice·K + per_sample_slice·K·(N−1)`` by least
-squares (printed with its residuals).
+``--scaling`` also times meddiffseg (1 and the largest ``--samples``) on the same anatomy resampled
+to those slice counts (512×512 at 0.8 mm; the k spacing is the source's extent over K, so no slice is
+padding) and fits the cost model ``t = fixed + per_slice·K + per_pass·P`` by least squares, where P
+is the number of network window passes the run reported (``summary.json`` ``sampling``: windows
+inside the body × samples drawn there, per organ). With adaptive sampling and the skip of windows
+outside the body, P depends on what the scan shows, not on K and N alone: the per-slice part is
+reading, preprocessing, post-processing and writing; the per-pass part is the network.
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both meddiffseg and the peer run there)")
     ap.add_argument("--meddiffseg-args", default="", metavar="ARGS",
                     help="extra 'meddiffseg segment' options for a lever's arm, e.g. '--no-adaptive --precision fp32'")
-    ap.add_argument("--volume", type=Path, help="time this CT instead of the resampled example CT (--slices is then ignored)")
+    ap.add_argument("--source", type=Path, help="resample this CT instead of the example CT (e.g. a whole-abdomen BTCV scan)")
+    ap.add_argument("--volume", type=Path, help="time this CT as it is (--slices and --source are then ignored for the main runs)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--peer-worker", nargs=2, metavar=("VOLUME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -135,7 +141,9 @@ def main(argv=None) -> int:
         r["stages"] = summary["timings_s"]
         sampling = summary.get("sampling") or {}
         r["samples_per_window"] = {k: v["samples_per_window"] for k, v in (sampling.get("organs") or {}).items()}
+        r["windows"] = sampling.get("windows")
         r["windows_outside_body"] = sampling.get("windows_outside_body")
+        r["network_passes"] = sum(v["samples_drawn"] for v in (sampling.get("organs") or {}).values()) if sampling else None
         r["precision"] = summary["settings"].get("precision")
         r.pop("stdout")
         return r
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
             info = {"source": volume.name, "size": list(head.GetSize()), "spacing_mm": list(head.GetSpacing())}
         else:
             volume = tmp / f"ct_{args.slices}.nii.gz"
-            info = make_volume(volume, (512, 512, args.slices), (0.8, 0.8, 2.5))
+            info = make_volume(volume, (512, 512, args.slices), (0.8, 0.8, 2.5), source=args.source)
         print(json.dumps({"volume": info}), flush=True)
         runs: dict[str, list[dict]] = {f"meddiffseg {n} sample(s)": [] for n in args.samples}
         if not args.no_peer:
@@ -190,10 +198,12 @@ def main(argv=None) -> int:
             points = []
             for k in args.scaling:
                 vol = tmp / f"ct_{k}.nii.gz"
-                make_volume(vol, (512, 512, k), (0.8, 0.8, 2.5))
+                vinfo = make_volume(vol, (512, 512, k), (0.8, 0.8, 2.5), source=args.source, cover_source_z=True)
                 for n in sorted({1, top}):
                     r = ours(vol, n)
-                    points.append({"slices": k, "samples": n, "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]})
+                    points.append({"slices": k, "spacing_mm": vinfo["spacing_mm"], "samples": n, "seconds": r["seconds"],
+                                   "peak_rss_mb": r["peak_rss_mb"], "network_passes": r["network_passes"],
+                                   "windows_outside_body": r["windows_outside_body"], "stages": r["stages"]})
                     print(json.dumps({"scaling": points[-1]}), flush=True)
             result["scaling"] = points
             result["cost_model"] = fit_cost_model(points)
@@ -207,13 +217,15 @@ def main(argv=None) -> int:
 
 
 def fit_cost_model(points: list[dict]) -> dict:
-    """Least squares ``t = fixed + per_slice·K + per_sample_slice·K·(N−1)``."""
+    """Least squares ``t = fixed + per_slice·K + per_pass·P`` (P: network window passes the run reported)."""
     import numpy as np
 
-    a = np.array([[1.0, p["slices"], p["slices"] * (p["samples"] - 1)] for p in points])
+    if any(p.get("network_passes") is None for p in points):
+        raise SystemExit("bench: this meddiffseg does not report its network passes (summary.json 'sampling')")
+    a = np.array([[1.0, p["slices"], p["network_passes"]] for p in points], dtype=float)
     t = np.array([p["seconds"] for p in points])
     coef, *_ = np.linalg.lstsq(a, t, rcond=None)
-    return {"fixed_s": float(coef[0]), "per_slice_s": float(coef[1]), "per_extra_sample_slice_s": float(coef[2]),
+    return {"fixed_s": float(coef[0]), "per_slice_s": float(coef[1]), "per_pass_s": float(coef[2]),
             "max_abs_residual_s": float(np.max(np.abs(a @ coef - t)))}
 
 
@@ -242,8 +254,12 @@ def markdown(result: dict) -> str:
     if "cost_model" in result:
         c = result["cost_model"]
         lines += ["", f"Cost model (least squares over {len(result['scaling'])} runs): t = {c['fixed_s']:.1f} s + "
-                      f"{c['per_slice_s'] * 1000:.1f} ms × slices + {c['per_extra_sample_slice_s'] * 1000:.1f} ms × "
-                      f"slices × (samples − 1); largest residual {c['max_abs_residual_s']:.1f} s."]
+                      f"{c['per_slice_s'] * 1000:.1f} ms × slices + {c['per_pass_s'] * 1000:.1f} ms × network window "
+                      f"passes; largest residual {c['max_abs_residual_s']:.1f} s.", "",
+                  "| slices | k spacing mm | samples | s | network passes | windows outside body | peak RSS MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {p['slices']} | {p['spacing_mm'][2]:.2f} | {p['samples']} | {p['seconds']:.1f} | {p['network_passes']} | "
+                  f"{p['windows_outside_body']} | {p['peak_rss_mb']:.0f} |" for p in result["scaling"]]
     return "\n".join(lines)
 
 

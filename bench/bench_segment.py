@@ -29,27 +29,37 @@ def data_root() -> Path:
     return Path(os.environ.get("MEDDIFFSEG_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
-def make_volume(out_path: Path, shape=(512, 512, 200), spacing=(0.8, 0.8, 2.5)) -> dict:
-    """Resample the example CT onto a grid of ``shape`` (i, j, k) voxels at ``spacing`` mm, same centre."""
+def make_volume(out_path: Path, shape=(512, 512, 200), spacing=(0.8, 0.8, 2.5), source: Path | None = None,
+                cover_source_z: bool = False) -> dict:
+    """Resample a CT (the example CT unless ``source``) onto a grid of ``shape`` (i, j, k) voxels at
+    ``spacing`` mm around the same centre; outside the source the grid holds air (-1024 HU), or the
+    source's minimum where that is higher (the clip floor of a windowed CT such as BTCV's). ``cover_source_z``: the k spacing is
+    instead the source's own extent along k over ``shape[2]``, so every slice count shows the same
+    anatomy (no padded air slices)."""
     import numpy as np
     import SimpleITK as sitk
 
-    src_path = data_root() / "totalsegmentator" / "example_ct.nii.gz"
+    src_path = Path(source) if source else data_root() / "totalsegmentator" / "example_ct.nii.gz"
     if not src_path.is_file():
         raise SystemExit(f"bench: {src_path} not found (set MEDDIFFSEG_DATA to the data root)")
     src = sitk.ReadImage(str(src_path))
+    spacing = [float(s) for s in spacing]
+    if cover_source_z:
+        spacing[2] = src.GetSize()[2] * src.GetSpacing()[2] / shape[2]
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(src)
     direction = np.array(src.GetDirection()).reshape(3, 3)
     centre_index = [(n - 1) / 2.0 for n in src.GetSize()]
     centre = np.array(src.TransformContinuousIndexToPhysicalPoint(centre_index))
-    half_extent = (np.array(shape, dtype=float) - 1) / 2.0 * np.array(spacing, dtype=float)
+    half_extent = (np.array(shape, dtype=float) - 1) / 2.0 * np.array(spacing)
     origin = centre - direction @ half_extent
     ref = sitk.Image([int(s) for s in shape], sitk.sitkInt16)
-    ref.SetSpacing([float(s) for s in spacing])
+    ref.SetSpacing(spacing)
     ref.SetDirection(src.GetDirection())
     ref.SetOrigin([float(v) for v in origin])
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, max(-1024.0, stats.GetMinimum()), sitk.sitkInt16)
     sitk.WriteImage(out, str(out_path), useCompression=True)
-    return {"source": src_path.name, "size": list(out.GetSize()), "spacing_mm": list(out.GetSpacing()),
+    return {"source": src_path.name, "size": list(out.GetSize()), "spacing_mm": [round(s, 3) for s in out.GetSpacing()],
             "file_mb": round(out_path.stat().st_size / 2**20, 1)}
 
 

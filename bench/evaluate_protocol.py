@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", type=Path, default=REPO / "bench" / "protocol.json")
     ap.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                     help="draw every sample in every window (the engine's adaptive sampling off)")
+    ap.add_argument("--body-crop", dest="crop_body", action=argparse.BooleanOptionalAction, default=None,
+                    help="windows cut to the body's in-plane box, or not (default: the package's inference.body_crop)")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="network arithmetic (the engine's precision; default auto)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
                 image = images[c["name"]]
                 t0 = time.perf_counter()
                 res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method,
-                                     adaptive=args.adaptive, precision=args.precision)
+                                     adaptive=args.adaptive, crop_body=args.crop_body, precision=args.precision)
                 seconds = time.perf_counter() - t0
                 times.append(seconds)
                 specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]

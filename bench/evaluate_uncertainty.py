@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", type=Path, default=REPO / "bench" / "protocol.json")
     ap.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                     help="draw every sample in every window (the engine's adaptive sampling off)")
+    ap.add_argument("--body-crop", dest="crop_body", action=argparse.BooleanOptionalAction, default=None,
+                    help="windows cut to the body's in-plane box, or not (default: the package's inference.body_crop)")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="network arithmetic (the engine's precision; default auto)")
     ap.add_argument("--settings", type=_setting, nargs="+", default=[(1, 1), (1, 5), (1, 10), (4, 5)])
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         for steps, samples in args.settings:
             t0 = time.perf_counter()
             res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=args.seed, method=method,
-                                 keep_probabilities=True, adaptive=args.adaptive, precision=args.precision)
+                                 keep_probabilities=True, adaptive=args.adaptive, crop_body=args.crop_body, precision=args.precision)
             seconds = time.perf_counter() - t0
             labels = sitk.GetArrayViewFromImage(res.labels)
             unc = sitk.GetArrayViewFromImage(res.uncertainty)

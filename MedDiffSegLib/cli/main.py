@@ -269,6 +269,10 @@ def _add_segment(sub) -> None:
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="draw all N samples in every window (default: an organ whose first sample shows no "
                         "trace of it in a window gets no more samples there; summary.json says how many were drawn)")
+    p.add_argument("--body-crop", dest="crop_body", action=argparse.BooleanOptionalAction, default=None,
+                   help="cut the windows to the body's in-plane box (faster where the body is smaller than the "
+                        "field of view; the shipped models lose accuracy with it, so the default is the model's "
+                        "own setting, off for them)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="network arithmetic: auto (GPU: bf16 or fp16; CPU: the model's choice, fp32 unless it "
                         "was validated in bf16 and the CPU has native bf16), fp32, bf16, fp16 (GPU only)")
@@ -298,7 +302,7 @@ def _cmd_segment(args) -> int:
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
                 progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
                 modality=args.modality, allow_modality_mismatch=args.allow_modality_mismatch,
-                adaptive=args.adaptive, precision=args.precision,
+                adaptive=args.adaptive, crop_body=args.crop_body, precision=args.precision,
             )
     finally:
         bar.close()

@@ -88,6 +88,20 @@ is therefore spent where the organ is. What was drawn is reported in ``extras["s
 batch and per organ from that organ's own noise stream, so chunking and prompt independence
 hold as above; ``adaptive=False`` draws every sample in every window inside the body.
 
+With ``crop_body=True`` the windows are also cut to the body in-plane: the box of every voxel
+inside the intensity window on any slice (a maximum projection through the volume, resampled to
+the model grid, so the box holds every such voxel), plus :data:`BODY_MARGIN_PX` pixels of air,
+and a window side shrinks to the box rounded up to the network's size multiple (never beyond the
+model's ``roi_size``). A CT with a 410 mm field of view around a 330 × 250 mm body then runs
+192 × 128-pixel windows instead of 224 × 224: half the network's work. Outside the box the
+probability and variance are 0, as in a skipped window. The box is one for the whole volume, so
+chunking and prompt independence hold. But the network sees less air around the body than in
+the windows it was trained on (its normalisation statistics change): the shipped models lose
+accuracy with it (docs/benchmarks.md: up to -0.5 Dice on a pancreas), so it is off unless the
+package declares ``inference.body_crop: true`` (a model trained on windows of varying size) or
+the caller asks for it. ``extras["sampling"]["window_hw"]`` and ``["body_box"]`` report the
+windows run.
+
 """
 
 from __future__ import annotations
@@ -135,6 +149,8 @@ EMPTY_WINDOW_LEVEL = -0.999
 #: Adaptive sampling (``adaptive=True``): a window whose first sample of an organ peaks below this
 #: probability gets no further samples of that organ (its mean is that sample, its variance 0).
 ADAPTIVE_FLOOR = 0.01
+#: Body crop (``crop_body=True``): model-grid pixels of air kept around the body's in-plane box.
+BODY_MARGIN_PX = 8
 #: Post-processing of a chunk runs in slabs of slices whose per-organ float32 maps take about this much.
 POST_SLAB_BYTES = 16 << 20
 
@@ -358,6 +374,7 @@ def segment_volume(
     largest_component: bool = False,
     keep_probabilities: bool = False,
     adaptive: bool = True,
+    crop_body: bool | None = None,
     precision: str | None = "auto",
     method=None,
     chunk_slices: int | None = None,
@@ -375,7 +392,9 @@ def segment_volume(
 
     ``adaptive`` (default True) stops sampling an organ after one sample in windows where that
     sample shows no trace of it (see "Speed" in the module docstring); False draws all ``samples``
-    in every window inside the body.
+    in every window inside the body. ``crop_body`` cuts the windows to the body's in-plane box (see
+    "Speed"); None (default) does so only for a package whose ``inference.body_crop`` is true.
+    False runs the model's ``roi_size`` windows over whole slices.
 
     ``chunk_slices`` sets how many axial slices are processed at once (default: as many as fit
     the chunk memory budget, 1 GiB or ``$MEDDIFFSEG_CHUNK_MB``); it is rounded up to whole
@@ -434,6 +453,10 @@ def segment_volume(
         raise ModelError(f"model {package.name!r}: inference.cpu_precision must be 'fp32' or 'bf16' (the precision "
                          f"whose accuracy the package was checked in), got {cpu_auto!r}")
     amp_dtype = resolve_precision(precision, dev, cpu_auto)
+    if crop_body is None:
+        crop_body = inf.get("body_crop", False)
+        if not isinstance(crop_body, bool):
+            raise ModelError(f"model {package.name!r}: inference.body_crop must be true or false, got {crop_body!r}")
 
     if method is None:
         method = package.load_method(str(dev))
@@ -451,7 +474,8 @@ def segment_volume(
             result = _run(
                 image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
                 dev=dev, scheduler=scheduler, staple=staple, largest_component=largest_component,
-                keep_probabilities=keep_probabilities, adaptive=bool(adaptive), chunk_slices=chunk_slices, roi=roi,
+                keep_probabilities=keep_probabilities, adaptive=bool(adaptive), crop_body=bool(crop_body),
+                chunk_slices=chunk_slices, roi=roi,
                 overlap=overlap,
                 swb=swb, threshold=threshold, spec=spec, n_org=n_org, timings=timings, report=report, amp_dtype=amp_dtype,
                 check_cancel=check_cancel,
@@ -466,8 +490,8 @@ def segment_volume(
 
 
 def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev, scheduler,
-         staple, largest_component, keep_probabilities, adaptive, chunk_slices, roi, overlap, swb, threshold, spec,
-         n_org, timings, report, check_cancel, amp_dtype) -> SegmentationResult:
+         staple, largest_component, keep_probabilities, adaptive, crop_body, chunk_slices, roi, overlap, swb, threshold,
+         spec, n_org, timings, report, check_cancel, amp_dtype) -> SegmentationResult:
     from ..io.geometry import CanonicalView
     from monai.inferers import sliding_window_inference
 
@@ -482,9 +506,17 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     sk, sj, si = view.spacing_kji
     canon_hw = (n_j, n_i)
     model_hw = inplane_size(canon_hw, (sj, si), spec.spacing)
+    full_hw, box = model_hw, None
+    multiple = int(getattr(method, "size_multiple", 0) or 0)
+    if crop_body and multiple > 0:
+        found = body_box(canon, bounds, model_hw, roi, multiple)
+        if found is not None:
+            box, roi = found
+            model_hw = (box[0][1] - box[0][0], box[1][1] - box[1][0])  # the network's grid is the box
     num_win = windows_per_slice(model_hw, roi, overlap)
     unit = _chunk_unit(num_win, swb)
-    per_slice = _bytes_per_slice(model_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
+    # the whole slice's grid: the input is resampled whole and the box's output pasted back into it
+    per_slice = _bytes_per_slice(full_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
     volume_bytes = _volume_bytes(n_k * n_j * n_i, n_org, samples, staple=staple, keep_probabilities=keep_probabilities,
                                  largest_component=largest_component)
     chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices, volume_bytes)
@@ -611,7 +643,9 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                                                                       for k, v in drawn.items()})
         try:
             t0 = time.perf_counter()
-            x = _chunk_input(canon, k0, k1, spec, sk, bounds, model_hw, dev)
+            x = _chunk_input(canon, k0, k1, spec, sk, bounds, full_hw, dev)
+            if box is not None:
+                x = x[..., box[0][0]:box[0][1], box[1][0]:box[1][1]]
             timings["preprocess"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -621,6 +655,11 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                     predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant", cval=-1.0,
                 )
             del x
+            if box is not None:  # back onto the whole slice: outside the box as a skipped window (0, 0)
+                whole = torch.zeros((out.shape[0], out.shape[1], *full_hw), dtype=out.dtype, device=out.device)
+                whole[..., box[0][0]:box[0][1], box[1][0]:box[1][1]] = out
+                out = whole
+                del whole
             timings["network"] += time.perf_counter() - t0
         except torch.OutOfMemoryError:
             x = out = None
@@ -817,8 +856,9 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
         probabilities=probabilities, variances=variances, entropy=entropy,
         extras={"calibration": {o.name: t for o, t in zip(organ_objs, temps) if t != 1.0} or None,
-                "windows_per_slice": num_win, "model_inplane_size": list(model_hw), "intensity_bounds": list(bounds),
-                "sampling": _sampling_report(drawn, organs, samples, adaptive),
+                "windows_per_slice": num_win, "model_inplane_size": list(full_hw), "intensity_bounds": list(bounds),
+                "sampling": {**_sampling_report(drawn, organs, samples, adaptive), "window_hw": [int(r) for r in roi],
+                             "body_box": None if box is None else [[int(a), int(b)] for a, b in box]},
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                 "out_of_memory_retries": extras_oom, **extras},
     )
@@ -848,6 +888,38 @@ def _chunk_input(canon: np.ndarray, k0: int, k1: int, spec, slice_mm: float, bou
     if ks is None:
         return planes
     return planes[torch.from_numpy(ks - lo).to(planes.device), 0]  # [k, C, h, w]
+
+
+def body_box(canon: np.ndarray, bounds: tuple[float, float], model_hw: tuple[int, int], roi: tuple[int, int],
+             multiple: int, margin: int = BODY_MARGIN_PX) -> tuple[tuple[tuple[int, int], tuple[int, int]], tuple[int, int]] | None:
+    """The in-plane box of the body on the model grid and the window size for it, or None to keep
+    the whole slice and ``roi`` (nothing inside the intensity window, or no smaller window).
+
+    The body is every pixel of the volume's maximum projection along the slices that is inside the
+    intensity window after normalisation and resampling (as the network input is made, so the
+    bilinear weights make it hold every pixel any slice has inside), grown by ``margin`` pixels.
+    Per axis the window is that extent rounded up to ``multiple``, at most ``roi``; the box is
+    then widened to at least the window (within the slice), so MONAI pads only a slice that is
+    itself smaller than the window.
+    """
+    proj = torch.from_numpy(np.ascontiguousarray(canon.max(axis=0), dtype=np.float32))[None, None]
+    proj = resample_inplane(normalise_intensity(proj, bounds, inplace=True), model_hw)[0, 0]
+    inside = proj > EMPTY_WINDOW_LEVEL
+    if not bool(inside.any()):
+        return None
+    box, window = [], []
+    for axis, (n, r) in enumerate(zip(model_hw, roi)):
+        hits = torch.nonzero(inside.any(dim=1 - axis)).flatten()
+        lo, hi = max(0, int(hits[0]) - margin), min(n, int(hits[-1]) + 1 + margin)
+        w = min(int(r), -(-(hi - lo) // multiple) * multiple)
+        if hi - lo < w:  # widen to the window, centred, within the slice
+            lo = max(0, min(lo - (w - (hi - lo)) // 2, n - w))
+            hi = min(n, lo + w)
+        box.append((lo, hi))
+        window.append(w)
+    if tuple(window) == tuple(int(r) for r in roi) and all(b == (0, n) for b, n in zip(box, model_hw)):
+        return None
+    return (box[0], box[1]), (window[0], window[1])
 
 
 def _sampling_report(drawn: dict, organs: list[str], samples: int, adaptive: bool) -> dict[str, Any]:

@@ -170,6 +170,7 @@ def run_segment(
     modality: str | None = None,
     allow_modality_mismatch: bool = False,
     adaptive: bool = True,
+    crop_body: bool | None = None,
     precision: str = "auto",
 ) -> dict:
     """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
@@ -181,7 +182,8 @@ def run_segment(
     than the input's (a warning is logged) instead of raising :class:`ModalityMismatchError`.
     ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults. ``adaptive``: stop
     sampling an organ after one sample in windows where it shows no trace (the engine's default;
-    False draws every sample everywhere). ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``
+    False draws every sample everywhere). ``crop_body``: cut the windows to the body's in-plane box
+    (None: as the package says, ``inference.body_crop``, off for the shipped models). ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``
     (GPU) for the network (:func:`~MedDiffSegLib.inference.device.resolve_precision`).
     Returns the summary (the content of ``summary.json``).
 
@@ -322,7 +324,7 @@ def run_segment(
     result = segment_volume(
         image, package, organ_names,
         samples=samples, steps=steps, seed=seed, device=str(torch_device), scheduler=scheduler,
-        staple=staple, largest_component=largest_component, adaptive=adaptive, precision=precision,
+        staple=staple, largest_component=largest_component, adaptive=adaptive, crop_body=crop_body, precision=precision,
         keep_probabilities=save_probabilities or dicom_seg == "fractional",
         method=method, progress=report, should_cancel=should_cancel,
     )

@@ -49,10 +49,14 @@ class ProfileMethod(Method):
         self.condition_rows = 0
         self.sample_rows = 0
         self.calls = 0
+        self.window_shapes = set()
+        if config.get("size_multiple"):  # declares window sides' multiple: the engine may then crop to the body
+            self.size_multiple = int(config["size_multiple"])
 
     def condition(self, images):
         self.condition_rows += images.shape[0]
         self.calls += 1
+        self.window_shapes.add(tuple(images.shape[-2:]))
         return images.clone()
 
     def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None):
@@ -79,11 +83,12 @@ class ProfileMethod(Method):
 
 
 def profile_package(tmp_path: Path, *, profiles=None, noise=0.0, band=(-2.0, 2.0), band_base=None,
-                    spacing=(1.3, 0.9), orientation="LPS", **inference) -> tuple[ModelPackage, ProfileMethod]:
+                    spacing=(1.3, 0.9), orientation="LPS", size_multiple=None, **inference) -> tuple[ModelPackage, ProfileMethod]:
     # liver: a step half-way between background and organ intensity; spleen: a narrow bump.
     profiles = profiles or [{"mu": (norm(ORGAN_HU) + norm(BACKGROUND_HU)) / 2, "width": 0.03, "step": True},
                             {"mu": norm(OTHER_HU), "width": 0.05}]
-    config = {"num_organs": 2, "profiles": profiles, "noise": noise, "band": list(band), "band_base": band_base}
+    config = {"num_organs": 2, "profiles": profiles, "noise": noise, "band": list(band), "band_base": band_base,
+              "size_multiple": size_multiple}
     inf = dict(DEFAULT_INFERENCE)
     inf.update({"roi_size": [16, 16], "overlap": 0.25, "samples": 3, "steps": 1, "sw_batch_size": 3})
     inf.update(inference)
@@ -533,6 +538,92 @@ def test_windows_outside_the_body_are_not_sent_to_the_network(tmp_path):
     res = segment_volume(make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1)), pkg, ["liver"],
                          method=method, samples=1)
     assert res.extras["sampling"]["windows_outside_body"] < 8 * per_slice
+
+
+def _body_in_air(shape=(6, 48, 64)):
+    """Air (-1000 HU) around a body block (rows 10-29, columns 20-43, background HU) holding an organ
+    block (rows 14-23, columns 26-37); 1 mm pixels, so the model grid (1 mm) is the input grid."""
+    volume = np.full(shape, -1000.0)
+    volume[:, 10:30, 20:44] = BACKGROUND_HU
+    truth = np.zeros(shape, bool)
+    truth[:, 14:24, 26:38] = True
+    volume[truth] = ORGAN_HU
+    return make_image(volume, spacing=(1.0, 1.0, 2.0), direction=np.eye(3).reshape(-1)), truth
+
+
+def test_windows_are_cut_to_the_body(tmp_path):
+    image, truth = _body_in_air()
+    runs = {}
+    for crop in (True, False):
+        pkg, method = profile_package(tmp_path, spacing=(1.0, 1.0), size_multiple=8, roi_size=[48, 48], samples=1,
+                                      noise=0.0)
+        runs[crop] = (segment_volume(image, pkg, ["liver"], method=method, crop_body=crop, keep_probabilities=True), method)
+    (cut, m_cut), (whole, m_whole) = runs[True], runs[False]
+    info = cut.extras["sampling"]
+    # body rows 10..29 and columns 20..43 plus 8 px of air: 36 x 40 pixels, windows rounded up to 8: 40 x 40
+    assert info["window_hw"] == [40, 40] and m_cut.window_shapes == {(40, 40)}
+    (r0, r1), (c0, c1) = info["body_box"]
+    assert (r1 - r0, c1 - c0) == (40, 40) and r0 <= 2 and r1 >= 38 and c0 <= 12 and c1 >= 52
+    assert info["windows"] == 6 and cut.extras["model_inplane_size"] == [48, 64]  # one window per slice
+    assert whole.extras["sampling"]["window_hw"] == [48, 48] and whole.extras["sampling"]["body_box"] is None
+    assert m_whole.window_shapes == {(48, 48)} and whole.extras["sampling"]["windows"] == 6 * 2
+    # a per-pixel method gives the same answer either way; the geometry is the input's
+    assert_same_geometry(cut.labels, image)
+    np.testing.assert_array_equal(arr(cut.labels), arr(whole.labels))
+    assert (arr(cut.labels) == 1).sum() == truth.sum()
+    np.testing.assert_allclose(arr(cut.probabilities["liver"]), arr(whole.probabilities["liver"]), atol=1e-6)
+
+
+def test_body_crop_keeps_chunking_invariance_and_zeroes_outside_the_box(tmp_path):
+    image, truth = _body_in_air()
+    band = (norm(ORGAN_HU) - 0.01, norm(ORGAN_HU) + 0.01)
+    # "spleen" peaks in air: inside the box's air margin the method says so, outside the box nothing may
+    pkg, _ = profile_package(tmp_path, spacing=(1.0, 1.0), size_multiple=8, roi_size=[48, 48], samples=3, noise=0.25,
+                             band=band, profiles=[{"mu": (norm(ORGAN_HU) + norm(BACKGROUND_HU)) / 2, "width": 0.03,
+                                                   "step": True}, {"mu": -1.0, "width": 0.05}])
+    runs = [segment_volume(image, pkg, ["liver", "spleen"], method=ProfileMethod(pkg.config), chunk_slices=c,
+                           keep_probabilities=True, crop_body=True) for c in (None, 1)]
+    for name in ("liver", "spleen"):
+        np.testing.assert_array_equal(arr(runs[0].probabilities[name]), arr(runs[1].probabilities[name]))
+    np.testing.assert_array_equal(arr(runs[0].uncertainty), arr(runs[1].uncertainty))
+    assert arr(runs[0].uncertainty).max() > 0
+    (r0, r1), (c0, c1) = runs[0].extras["sampling"]["body_box"]
+    spleen = arr(runs[0].probabilities["spleen"])
+    outside = np.ones(spleen.shape, bool)
+    outside[:, r0:r1, c0:c1] = False
+    assert spleen[:, r0:r1, c0:c1].max() > 0.5 and float(spleen[outside].max()) == 0.0
+
+
+def test_body_crop_is_the_packages_choice_by_default(tmp_path):
+    image, _ = _body_in_air()
+    for declared, expected in ((None, [48, 48]), (False, [48, 48]), (True, [40, 40])):
+        extra = {} if declared is None else {"body_crop": declared}
+        pkg, method = profile_package(tmp_path, spacing=(1.0, 1.0), size_multiple=8, roi_size=[48, 48], samples=1, **extra)
+        res = segment_volume(image, pkg, ["liver"], method=method)
+        assert res.extras["sampling"]["window_hw"] == expected, declared
+    pkg, method = profile_package(tmp_path, size_multiple=8, body_crop="yes")
+    with pytest.raises(ModelError, match="body_crop must be true or false"):
+        segment_volume(image, pkg, ["liver"], method=method)
+    # a method that declares no size multiple keeps its windows whatever is asked
+    pkg, method = profile_package(tmp_path, spacing=(1.0, 1.0), roi_size=[48, 48], samples=1)
+    res = segment_volume(image, pkg, ["liver"], method=method, crop_body=True)
+    assert res.extras["sampling"]["window_hw"] == [48, 48] and res.extras["sampling"]["body_box"] is None
+
+
+def test_body_box_rules():
+    from MedDiffSegLib.inference.engine import body_box
+
+    bounds = (-200.0, 300.0)
+    canon = np.full((4, 48, 64), -1000.0, dtype=np.float32)
+    assert body_box(canon, bounds, (48, 64), (48, 48), 8) is None  # all air: nothing to cut to
+    canon[2, 20, 30] = 0.0  # one voxel on one slice is body: the box holds it (with the margin)
+    (r0, r1), (c0, c1) = body_box(canon, bounds, (48, 64), (48, 48), 8, margin=4)[0]
+    assert r0 <= 16 and r1 >= 25 and c0 <= 26 and c1 >= 35
+    # at half the resolution the box is on the model grid (24 x 32) and still holds the voxel
+    box, window = body_box(canon, bounds, (24, 32), (16, 16), 8, margin=0)
+    assert box[0][0] <= 10 < box[0][1] and box[1][0] <= 15 < box[1][1] and window == (8, 8)
+    canon[:] = 0.0  # body everywhere: the whole slice and the model's windows
+    assert body_box(canon, bounds, (48, 64), (48, 48), 8) is None
 
 
 def test_streaming_chunks_do_not_change_results(tmp_path):

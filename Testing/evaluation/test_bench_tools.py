@@ -1,0 +1,75 @@
+"""bench/bench_segment.make_volume and bench/bench_peer.fit_cost_model: the benchmark's volumes and cost model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+@pytest.fixture()
+def clipped_ct(tmp_path) -> Path:
+    """A small CT windowed like BTCV (floor -125 HU): 20×16×10 voxels at 2×2×3 mm, a bright block inside."""
+    a = np.full((10, 16, 20), -125, dtype=np.int16)
+    a[2:8, 4:12, 5:15] = 200
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    img.SetOrigin((-10.0, 5.0, 30.0))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_make_volume_same_anatomy_for_every_slice_count(tmp_path, clipped_ct):
+    make_volume = _load("bench_segment").make_volume
+    for k in (5, 10, 40):
+        info = make_volume(tmp_path / f"v{k}.nii.gz", (24, 20, k), (1.5, 1.5, 2.5), source=clipped_ct, cover_source_z=True)
+        out = sitk.ReadImage(str(tmp_path / f"v{k}.nii.gz"))
+        assert out.GetSize() == (24, 20, k)
+        assert out.GetSpacing()[2] == pytest.approx(30.0 / k)  # the source's 10 slices × 3 mm over k
+        assert info["spacing_mm"][2] == pytest.approx(30.0 / k, abs=1e-3)
+        a = sitk.GetArrayFromImage(out)
+        # Outside the source's in-plane extent the grid holds the source's floor (-125), not -1024.
+        assert a.min() == -125 and a[:, 0, 0].tolist() == [-125] * k
+        # Same centre: the bright block's centre of mass lands at the same physical point.
+        zz, yy, xx = np.nonzero(a > 0)
+        centre = out.TransformContinuousIndexToPhysicalPoint([float(xx.mean()), float(yy.mean()), float(zz.mean())])
+        assert centre == pytest.approx((-10.0 + 9.5 * 2, 5.0 + 7.5 * 2, 30.0 + 4.5 * 3), abs=max(out.GetSpacing()))
+
+
+def test_make_volume_fixed_spacing_pads_with_air(tmp_path, clipped_ct):
+    make_volume = _load("bench_segment").make_volume
+    src = sitk.ReadImage(str(clipped_ct))
+    air = sitk.Cast(src, sitk.sitkInt16) * 0 - 1500  # a source colder than air: the pad is clamped to -1024
+    sitk.WriteImage(air, str(tmp_path / "cold.nii.gz"))
+    make_volume(tmp_path / "v.nii.gz", (8, 8, 30), (2.0, 2.0, 3.0), source=tmp_path / "cold.nii.gz")
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v.nii.gz")))
+    assert a[0].max() == -1024 and a[15].max() == -1500  # slice 0 is padding (30 slices of 3 mm > source's 10)
+
+
+def test_cost_model_recovers_its_parts():
+    fit = _load("bench_peer").fit_cost_model
+    points = [{"slices": k, "network_passes": p, "seconds": 4.0 + 0.01 * k + 0.03 * p}
+              for k, p in [(100, 80), (100, 500), (200, 150), (200, 900), (400, 320), (400, 2000)]]
+    c = fit(points)
+    assert c["fixed_s"] == pytest.approx(4.0) and c["per_slice_s"] == pytest.approx(0.01)
+    assert c["per_pass_s"] == pytest.approx(0.03) and c["max_abs_residual_s"] < 1e-9
+    with pytest.raises(SystemExit, match="network passes"):
+        fit([{**points[0], "network_passes": None}])
