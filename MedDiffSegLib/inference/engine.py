@@ -968,7 +968,11 @@ _OPPOSITE = {"S": "I", "I": "S", "L": "R", "R": "L", "A": "P", "P": "A"}
 
 
 def _best_organ(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Highest mean probability over organs (dim 1) and its index; ties go to the lowest index."""
-    idx = mean.argmax(dim=1)  # torch documents: the first maximal value's index
-    best = mean.gather(1, idx.unsqueeze(1)).squeeze(1)
+    """Highest mean probability over organs (dim 1) and its index; ties go to the lowest index.
+
+    ``max(dim=1)`` (torch documents: the index of the first maximal value) rather than ``argmax`` +
+    ``gather``: the same values and indices, but ~14x faster on CPU for [slab, O, J, I] (argmax
+    over the strided organ axis is not vectorised: 8.8 s of an 8-organ run's 12 s post-processing).
+    """
+    best, idx = mean.max(dim=1)
     return best, idx
