@@ -2,7 +2,7 @@
 """Side by side: ``meddiffseg segment`` against a TotalSegmentator-fast-like MONAI DynUNet pass.
 
     python bench/bench_peer.py [--repeats 3] [--samples 1 10] [--slices 200] [--scaling 100 200 400]
-        [--organ liver] [--device cpu|cuda] [--meddiffseg-args '--no-adaptive ...']
+        [--organ liver [spleen ...]] [--device cpu|cuda] [--meddiffseg-args '--no-adaptive ...']
         [--source CT | --volume CT] [--json-out FILE]
 
 Every run is a fresh process timed from spawn to exit (Python start-up, imports, model load,
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--scaling", type=int, nargs="*", default=[])
-    ap.add_argument("--organ", default="liver")
+    ap.add_argument("--organ", nargs="+", default=["liver"],
+                    help="organs meddiffseg segments (each is its own prompt; the peer labels all its classes in one pass)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-peer", action="store_true", help="time meddiffseg only")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both meddiffseg and the peer run there)")
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
 
     def ours(volume: Path, samples: int) -> dict:
         out = tmp / f"out-{samples}-{time.monotonic_ns()}"
-        cmd = [meddiffseg, "segment", str(volume), "--organ", args.organ, "--samples", str(samples),
+        cmd = [meddiffseg, "segment", str(volume), *[f"--organ={o}" for o in args.organ], "--samples", str(samples),
                "--modality", "CT", "--out", str(out), "--device", args.device, *args.meddiffseg_args.split()]
         if args.model:
             cmd += ["--model", args.model]
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         if peer_name in table:
             for name, row in table.items():
                 row["ratio_to_peer"] = row["median_s"] / table[peer_name]["median_s"]
-        result = {"hardware": hardware, "device": args.device, "meddiffseg_args": args.meddiffseg_args,
+        result = {"hardware": hardware, "device": args.device, "meddiffseg_args": args.meddiffseg_args, "organs": args.organ,
                   "volume": info, "table": table, "runs": runs}
 
         if args.scaling:
@@ -245,7 +246,8 @@ def _targets(result: dict) -> str:
 def markdown(result: dict) -> str:
     h = result["hardware"]
     lines = [f"Hardware: {h['cpu']}, {h['cpu_count']} cores, torch {h['torch']} ({h['torch_threads']} threads), "
-             f"Python {h['python']}. Volume: {result['volume']['size']} at {result['volume']['spacing_mm']} mm.", "",
+             f"Python {h['python']}. Volume: {result['volume']['size']} at {result['volume']['spacing_mm']} mm. "
+             f"Organs: {', '.join(result.get('organs') or ['liver'])}.", "",
              "| run | median s | min–max s | peak RSS MB | × peer |", "| --- | --- | --- | --- | --- |"]
     for name, r in result["table"].items():
         ratio = f"{r['ratio_to_peer']:.2f}" if "ratio_to_peer" in r else "-"
