@@ -199,12 +199,19 @@ def test_send_reports_each_status_and_fails_on_refused_instance(segmented, ortha
 
 
 def test_send_wrong_called_aet_is_rejected(segmented, orthanc: OrthancServer, capsys):
-    rc = main(["send", str(segmented / "segmentation.dcm"), "--host", "127.0.0.1", "--port", str(orthanc.dicom_port),
-               "--aet", "NOT_THE_PACS", "--timeout", "10"])
-    captured = capsys.readouterr()
-    assert rc == PacsError.exit_code
-    assert "rejected the association" in captured.err and "nothing was sent" in captured.err
-    assert "stored" not in captured.out
+    """Orthanc answers A-ASSOCIATE-RJ and closes the connection at once; on a loaded machine the close
+    can overtake the reject (the client then sees a dropped association, also an error with nothing
+    sent). Every attempt must fail cleanly, and the rejection must be reported as such when it arrives."""
+    errors = []
+    for _ in range(3):
+        rc = main(["send", str(segmented / "segmentation.dcm"), "--host", "127.0.0.1", "--port",
+                   str(orthanc.dicom_port), "--aet", "NOT_THE_PACS", "--timeout", "10"])
+        captured = capsys.readouterr()
+        assert rc == PacsError.exit_code and "nothing was sent" in captured.err and "stored" not in captured.out
+        errors.append(captured.err)
+        if "rejected the association" in captured.err:
+            break
+    assert "rejected the association" in errors[-1], errors
 
 
 def test_send_to_closed_port_fails_fast(segmented, capsys):
