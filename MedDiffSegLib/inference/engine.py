@@ -656,10 +656,8 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                 )
             del x
             if box is not None:  # back onto the whole slice: outside the box as a skipped window (0, 0)
-                whole = torch.zeros((out.shape[0], out.shape[1], *full_hw), dtype=out.dtype, device=out.device)
-                whole[..., box[0][0]:box[0][1], box[1][0]:box[1][1]] = out
-                out = whole
-                del whole
+                (j0, j1), (i0, i1) = box
+                out = torch.nn.functional.pad(out, (i0, full_hw[1] - i1, j0, full_hw[0] - j1))
             timings["network"] += time.perf_counter() - t0
         except torch.OutOfMemoryError:
             x = out = None

@@ -183,8 +183,8 @@ def run_segment(
     ``samples``/``steps``/``scheduler``: ``None`` uses the model's defaults. ``adaptive``: stop
     sampling an organ after one sample in windows where it shows no trace (the engine's default;
     False draws every sample everywhere). ``crop_body``: cut the windows to the body's in-plane box
-    (None: as the package says, ``inference.body_crop``, off for the shipped models). ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``
-    (GPU) for the network (:func:`~MedDiffSegLib.inference.device.resolve_precision`).
+    (None: as the package says, ``inference.body_crop``, off for the shipped models).
+    ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (GPU) for the network (:func:`~MedDiffSegLib.inference.device.resolve_precision`).
     Returns the summary (the content of ``summary.json``).
 
     ``progress(stage, fraction, message)`` is called with ``stage`` one of ``read``, ``load``,
