@@ -89,6 +89,23 @@ class Method(nn.Module, abc.ABC):
         return int(self.config["num_organs"])
 
     @property
+    def prompt_channels(self) -> int:
+        """Channels of the interactive prompt maps a row can take (0: the method takes none).
+
+        A method with prompt channels accepts ``prompts`` ``[B',P,H,W]`` in :meth:`sample` and
+        :meth:`training_loss`: per organ row, the user's clicks, box and previous mask on the
+        window's grid (:mod:`MedDiffSegLib.interactive.prompts`). ``None`` (or all zeros) is the
+        automatic segmentation.
+        """
+        return int(self.config.get("prompt_channels", 0))
+
+    def _check_prompts(self, prompts: torch.Tensor, rows: int, h: int, w: int) -> None:
+        if self.prompt_channels == 0:
+            raise ValueError(f"this {self.name} model takes no interactive prompts (it was trained without them)")
+        if prompts.ndim != 4 or tuple(prompts.shape) != (rows, self.prompt_channels, h, w):
+            raise ValueError(f"prompts must have shape [{rows},{self.prompt_channels},{h},{w}], got {list(prompts.shape)}")
+
+    @property
     def image_channels(self) -> int:
         """Input channels of an image window: the slices of its axial context (1 = the slice alone)."""
         return int(self.config.get("image_channels", 1))
@@ -116,7 +133,10 @@ class Method(nn.Module, abc.ABC):
         generator: torch.Generator | None,
         scheduler: str | None = None,
     ) -> torch.Tensor:
-        """Foreground probabilities ``[B,N,H,W]`` in [0, 1]."""
+        """Foreground probabilities ``[B,N,H,W]`` in [0, 1].
+
+        Methods with :attr:`prompt_channels` also take ``prompts=`` (``[B,P,H,W]`` or None).
+        """
 
     def forward(
         self,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..networks import DOWNSAMPLE, ImageEncoder, LatentDenoiser, MaskAutoencoder
+from ..networks.prompts import PromptEncoder
 from ..sampling import (
     DEFAULT_BETA_END,
     DEFAULT_BETA_SCHEDULE,
@@ -71,6 +72,10 @@ def _shared_default_config(num_organs: int) -> dict[str, Any]:
         "unet_head_channels": 32,
         # MONAI's zero init of the UNet's output and residual-branch layers (False: ordinary init)
         "unet_zero_init": True,
+        # interactive prompts (clicks, box, previous mask; MedDiffSegLib.interactive.prompts): 0 = none,
+        # 4 = the prompt channels, encoded and added to the image latent of each organ row
+        "prompt_channels": 0,
+        "prompt_encoder_channels": [16, 32, 64],
         # noise schedule (shared by training and every scheduler)
         "num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS,
         "beta_schedule": DEFAULT_BETA_SCHEDULE,
@@ -97,6 +102,7 @@ def _shared_tiny_config(num_organs: int) -> dict[str, Any]:
         "unet_attention_levels": [False, True],
         "unet_norm_groups": 8,
         "unet_head_channels": 8,
+        "prompt_encoder_channels": [4, 8, 8],
         # random weights must still react to noise, timestep and organ prompt
         "unet_zero_init": False,
     })
@@ -132,6 +138,9 @@ class LatentDiffusionSegmentation(Method):
             c["unet_res_blocks"], c["unet_attention_levels"], c["unet_norm_groups"], c["unet_head_channels"],
             c["unet_zero_init"],
         )
+        # Interactive prompts: encoded on their own and added to the image latent (zero in, zero out).
+        self.prompt_encoder = (PromptEncoder(c["prompt_channels"], c["image_latent_channels"], c["prompt_encoder_channels"])
+                               if c["prompt_channels"] > 0 else None)
         # ᾱ_t from the same diffusers code the schedulers use; a plain attribute (not a buffer) so
         # that it stays float64 whatever dtype the module is cast to, and stays out of state_dict.
         self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
@@ -172,6 +181,14 @@ class LatentDiffusionSegmentation(Method):
         self._check_windows(images, "images", self.image_channels)
         return self.image_encoder(images)
 
+    def _with_prompts(self, image_latent: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        """The image latent of each row plus its encoded prompts (unchanged without prompts)."""
+        if prompts is None:
+            return image_latent
+        b, _, h, w = image_latent.shape
+        self._check_prompts(prompts, b, h * DOWNSAMPLE, w * DOWNSAMPLE)
+        return image_latent + self.prompt_encoder(prompts.to(image_latent.dtype))
+
     @torch.no_grad()
     def sample(
         self,
@@ -181,6 +198,7 @@ class LatentDiffusionSegmentation(Method):
         steps: int,
         generator: torch.Generator | None,
         scheduler: str | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
         if cond.ndim != 4 or cond.shape[1] != self.config["image_latent_channels"]:
@@ -189,6 +207,7 @@ class LatentDiffusionSegmentation(Method):
             )
         b, _, h, w = cond.shape
         organs = self._check_organs(organ_ids, b).to(cond.device)
+        cond = self._with_prompts(cond, prompts)
         # N chains per row, batched together: row i, sample n sits at i*N + n.
         cond_n = cond.repeat_interleave(num_samples, dim=0)
         organs_n = organs.repeat_interleave(num_samples, dim=0)
@@ -237,7 +256,9 @@ class LatentDiffusionSegmentation(Method):
         p, state, pkg = self._pretrained_package_state(path)
         theirs_organs = pkg.organ_names if pkg is not None else None
         mine = self.state_dict()
-        missing = [k for k in mine if k not in state]
+        # A package without prompts starts a model with them: the (zero-initialised) prompt encoder
+        # keeps its initialisation, so the model starts exactly as the automatic one.
+        missing = [k for k in mine if k not in state and not k.startswith("prompt_encoder.")]
         if missing:
             raise ModelError(f"pretrained weights {p} do not fit this model ({len(missing)} tensors missing, e.g. "
                              f"{missing[:3]}); use the same architecture")
@@ -246,6 +267,8 @@ class LatentDiffusionSegmentation(Method):
         matched: list[str] = []
         with torch.no_grad():
             for k, v in mine.items():
+                if k not in state:  # the prompt encoder of a model that gains prompts
+                    continue
                 src = state[k]
                 if k == embed_key and (src.shape != v.shape or (organs and theirs_organs)):
                     if not (organs and theirs_organs) or src.shape[1:] != v.shape[1:]:
@@ -277,7 +300,8 @@ class LatentDiffusionSegmentation(Method):
         if stage == "autoencoder":
             return list(self.mask_autoencoder.parameters())
         if stage == "denoiser":
-            return list(self.image_encoder.parameters()) + list(self.denoiser.parameters())
+            extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
+            return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
         raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
 
     def training_loss(
@@ -287,6 +311,7 @@ class LatentDiffusionSegmentation(Method):
         organ_ids: torch.Tensor,
         generator: torch.Generator | None = None,
         stage: str | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         stage = self._check_stage(stage)
         self._check_windows(masks, "masks")
@@ -299,7 +324,7 @@ class LatentDiffusionSegmentation(Method):
         organs = self._check_organs(organ_ids, b).to(images.device)
         with torch.no_grad():  # the mask autoencoder is frozen in this stage: it only supplies z0
             z0 = self.mask_autoencoder.encode(masks).to(torch.float32)
-        image_latent = self.image_encoder(images)
+        image_latent = self._with_prompts(self.image_encoder(images), prompts)
         t = randint(self.config["num_train_timesteps"], (b,), generator, images.device)
         noise = randn(z0.shape, generator, z0.device, z0.dtype)
         alpha_bar = self._alpha_bar(t, z0.device)

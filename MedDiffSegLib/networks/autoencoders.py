@@ -166,20 +166,32 @@ class MaskAutoencoder(nn.Module):
         return self.decode(self.encode(masks))
 
     def loss(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """BCE + Dice of the reconstruction (weight decay is left to the optimiser)."""
+        """BCE + Dice of the reconstruction (weight decay is left to the optimiser).
+
+        Soft masks (area fractions, any value strictly between 0 and 1) take the Dice with squared
+        terms in the denominator (V-Net's form), which, like BCE, is smallest exactly when the
+        reconstruction equals the fractions; the ordinary soft Dice would push them towards 0/1
+        and lose the sub-pixel boundary they carry.
+        """
         masks = masks.to(torch.float32)
         logits = self.forward(masks).to(torch.float32)
         bce = F.binary_cross_entropy_with_logits(logits, masks)
-        dice = soft_dice_loss(logits, masks)
+        soft = bool(((masks > 0) & (masks < 1)).any())
+        dice = soft_dice_loss(logits, masks, squared=soft)
         return {"loss": bce + dice, "bce": bce, "dice": dice}
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                   squared: bool = False) -> torch.Tensor:
     """``1 − soft Dice`` of ``sigmoid(logits)`` against ``target``, pooled over the whole batch.
 
     Pooling over the batch keeps windows where the organ is absent from contributing a
     degenerate 0/0 term; ``smooth`` keeps the all-empty batch at loss 0 for an empty prediction.
+    ``squared`` uses ``Σp² + Σt²`` as the denominator: its minimum is at ``p = t`` also for
+    fractional targets.
     """
     p = torch.sigmoid(logits)
     inter = (p * target).sum()
+    if squared:
+        return 1 - (2 * inter + smooth) / ((p * p).sum() + (target * target).sum() + smooth)
     return 1 - (2 * inter + smooth) / (p.sum() + target.sum() + smooth)

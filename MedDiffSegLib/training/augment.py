@@ -53,11 +53,11 @@ def augmentation_settings(block: dict | None) -> dict:
     return {**DEFAULTS, **block}
 
 
-def _pipeline(a: dict) -> Compose:
+def _pipeline(a: dict, soft: bool = False) -> Compose:
     t = [
         RandAffined(keys=("image", "mask"), prob=0.7, rotate_range=(float(a["rotate"]),),
                     scale_range=(float(a["scale"]), float(a["scale"])),
-                    shear_range=(0.05, 0.05), translate_range=(8, 8), mode=("bilinear", "nearest"),
+                    shear_range=(0.05, 0.05), translate_range=(8, 8), mode=("bilinear", "bilinear" if soft else "nearest"),
                     padding_mode="border"),
     ]
     if a["bias_field_prob"] > 0:
@@ -79,12 +79,16 @@ _TRANSFORMS: dict[str, Compose] = {}
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator,
-                  settings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment ``[B,C,H,W]`` images and ``[B,1,H,W]`` binary masks independently per sample."""
+                  settings: dict | None = None, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment ``[B,C,H,W]`` images and ``[B,1,H,W]`` masks independently per sample.
+
+    Binary masks are moved with nearest neighbour and stay binary; ``soft`` masks (area fractions
+    in [0, 1]) are interpolated bilinearly and stay fractions.
+    """
     a = augmentation_settings(settings)
-    key = json.dumps(a, sort_keys=True)
+    key = json.dumps(a, sort_keys=True) + ("soft" if soft else "")
     if key not in _TRANSFORMS:
-        _TRANSFORMS[key] = _pipeline(a)
+        _TRANSFORMS[key] = _pipeline(a, soft)
     transform = _TRANSFORMS[key]
     bias = a["bias_field_prob"] > 0
     xs, ys = [], []
@@ -93,5 +97,6 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Gene
         out = transform({"image": x + 1.0 if bias else x, "mask": y})
         img = torch.as_tensor(out["image"]).float()
         xs.append((img - 1.0).clamp(-1.0, 1.0) if bias else img)
-        ys.append((torch.as_tensor(out["mask"]) > 0.5).float())
+        m = torch.as_tensor(out["mask"]).float()
+        ys.append(m.clamp(0.0, 1.0) if soft else (m > 0.5).float())
     return torch.stack(xs), torch.stack(ys)

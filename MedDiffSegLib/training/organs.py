@@ -14,8 +14,8 @@ from ..registry import Organ
 
 _ANATOMY = {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
-#: name -> (display name, colour, SNOMED CT type code)
-KNOWN_ORGANS: dict[str, tuple[str, tuple[int, int, int], str]] = {
+#: name -> (display name, colour, SNOMED CT type code[, the code's meaning when it is not the display name])
+KNOWN_ORGANS: dict[str, tuple] = {
     "liver": ("Liver", (221, 130, 101), "10200004"),
     "spleen": ("Spleen", (157, 108, 162), "78961009"),
     "kidney_right": ("Right kidney", (185, 102, 83), "9846003"),
@@ -27,6 +27,13 @@ KNOWN_ORGANS: dict[str, tuple[str, tuple[int, int, int], str]] = {
     "heart": ("Heart", (206, 110, 84), "80891009"),
     "esophagus": ("Esophagus", (211, 171, 143), "32849002"),
     "urinary_bladder": ("Urinary bladder", (222, 154, 132), "89837001"),
+    "inferior_vena_cava": ("Inferior vena cava", (0, 151, 206), "64131007"),
+    # BTCV and TotalSegmentator label both veins as one structure; SNOMED CT has no code for the
+    # pair, so the type is the portal vein's (the code meaning says so, the display name says both).
+    "portal_vein_and_splenic_vein": ("Portal vein and splenic vein", (0, 112, 165), "32764006", "Portal vein"),
+    # SNOMED CT's adrenal gland; the side is in the display name (no lateralised code is guessed).
+    "adrenal_gland_right": ("Right adrenal gland", (249, 186, 150), "23451007", "Adrenal gland"),
+    "adrenal_gland_left": ("Left adrenal gland", (249, 186, 150), "23451007", "Adrenal gland"),
 }
 
 
@@ -37,8 +44,9 @@ def organ_from_config(entry) -> Organ:
     if isinstance(entry, str):
         key = entry.strip()
         if key in KNOWN_ORGANS:
-            display, colour, code = KNOWN_ORGANS[key]
-            return Organ(key, display, colour, dict(_ANATOMY), {"code": code, "scheme": "SCT", "meaning": display})
+            display, colour, code, *meaning = KNOWN_ORGANS[key]
+            return Organ(key, display, colour, dict(_ANATOMY),
+                         {"code": code, "scheme": "SCT", "meaning": meaning[0] if meaning else display})
         raise ModelError(
             f"organ {entry!r} is not one of the organs that may be given by name alone "
             f"({', '.join(KNOWN_ORGANS)}); give it as a full entry: "

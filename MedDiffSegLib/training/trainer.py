@@ -80,6 +80,7 @@ from ..preprocessing import PreprocessSpec
 from ..preprocessing.spec import context_indices
 from ..registry import ModelPackage, save_package
 from .augment import augment_batch, augmentation_settings
+from .interactive import interactive_settings, simulate_prompts
 from .checkpoint import (
     CheckpointError,
     b64,
@@ -129,6 +130,10 @@ class TrainConfig:
     deterministic: bool = False
     init_from: str | None = None
     augmentation: dict = field(default_factory=dict)
+    #: train on each organ's area fraction of the model pixels instead of nearest-neighbour masks
+    soft_targets: bool = False
+    #: interactive training (clicks simulated from the model's own errors), see training/interactive.py
+    interactive: dict = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -235,6 +240,7 @@ def _entry_table(e: dict, cfg: TrainConfig, default: dict[str, int] | None, wher
 
 def load_split(entries: list[dict], cfg: TrainConfig, organs: list[str], spec: PreprocessSpec, root: Path,
                what: str = "train") -> Split:
+    soft = bool(cfg.soft_targets) and what == "train"  # validation scores against the true masks
     vols: list[LabelledVolume] = []
     groups: list[list[int]] = []
     prov: list[dict] = []
@@ -265,7 +271,7 @@ def load_split(entries: list[dict], cfg: TrainConfig, organs: list[str], spec: P
                 raise MedDiffSegError(f"{where}: dataset {ds.path} has no {e.get('split', 'training')} cases")
             for c in cases:
                 vols.append(load_labelled_volume(c.image, c.label, table, organs, spec, slices,
-                                                 name=f"{ds.name}/{c.name}"))
+                                                 name=f"{ds.name}/{c.name}", soft_targets=soft))
             prov.append({"dataset": str(e["dataset"]), "name": ds.name, "split": e.get("split", "training"),
                          "cases": [c.name for c in cases], "slices": [int(v.images.shape[0]) for v in vols[start:]],
                          "dataset_sha256": hashlib.sha256(ds.path.read_bytes()).hexdigest()})
@@ -274,7 +280,7 @@ def load_split(entries: list[dict], cfg: TrainConfig, organs: list[str], spec: P
                 raise MedDiffSegError(f"{where}: an entry needs 'image' and 'label', or 'dataset'")
             table = _entry_table(e, cfg, None, where)
             vols.append(load_labelled_volume(_resolve(e["image"], root), _resolve(e["label"], root), table,
-                                             organs, spec, slices, name=e.get("name", e["image"])))
+                                             organs, spec, slices, name=e.get("name", e["image"]), soft_targets=soft))
             prov.append({"name": e.get("name", e["image"]), "image": e["image"], "label": e["label"],
                          "table": e["table"] if isinstance(e.get("table"), str) else "inline",
                          "slices": [int(vols[-1].images.shape[0])],
@@ -401,8 +407,9 @@ class _StageLoss(torch.nn.Module):
         self.method = method
         self.stage = stage
 
-    def forward(self, images, masks, organ_ids, generator):
-        return self.method.training_loss(images, masks, organ_ids, generator=generator, stage=self.stage)
+    def forward(self, images, masks, organ_ids, generator, prompts=None):
+        extra = {} if prompts is None else {"prompts": prompts}
+        return self.method.training_loss(images, masks, organ_ids, generator=generator, stage=self.stage, **extra)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -546,6 +553,13 @@ class _Run:
         except ValueError as exc:
             raise MedDiffSegError(str(exc)) from None
         self.context_slices = spec.context_slices
+        try:
+            self.interactive = interactive_settings(cfg.interactive)
+        except ValueError as exc:
+            raise MedDiffSegError(str(exc)) from None
+        if self.interactive is not None and method.prompt_channels == 0:
+            raise MedDiffSegError(f"the config's 'interactive' block needs a method with prompt channels "
+                                  f"(method_config.prompt_channels: 4); {cfg.method} has none here")
         aug_rng = np.random.default_rng(a_seed)
         gen = torch.Generator().manual_seed(g_seed)
         method.to(self.device)
@@ -651,10 +665,15 @@ class _Run:
                 stage_t0 = time.time() - float(st.history.get("stage_elapsed", {}).get(stage, 0.0))
                 for step in range(start_step + 1, steps + 1):
                     x, y, ids = sampler.batch(bs)
-                    x, y = augment_batch(x, y, aug_rng, self.augmentation)
+                    x, y = augment_batch(x, y, aug_rng, self.augmentation, soft=bool(cfg.soft_targets))
                     x, y, ids = x.to(self.device), y.to(self.device), ids.to(self.device)
+                    prompts = None
+                    if self.interactive is not None and si == len(method.stages) - 1:
+                        # clicks from the model's own errors (numpy choices from the augmentation stream)
+                        with self._autocast():
+                            prompts = simulate_prompts(method, x, y, ids, aug_rng, gen, self.interactive, spec.spacing)
                     with self._autocast():
-                        losses = loss_module(x, y, ids, gen)
+                        losses = loss_module(x, y, ids, gen, prompts)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(losses["loss"]).backward()
                     scaler.unscale_(opt)
@@ -854,8 +873,11 @@ class _Run:
                                       "protocol": "2D slices at the model spacing, 1 sample of the package's default "
                                                   "steps and scheduler, threshold 0.5"}}
         pkg_dir = self.out_dir / cfg.name
+        inference = dict(cfg.inference)
+        if self.interactive is not None:  # how clicks are encoded is part of the model
+            inference["click_radius_mm"] = float(self.interactive["click_radius_mm"])
         pkg = save_package(pkg_dir, method, name=cfg.name, version=cfg.version, organs=organs, preprocessing=spec,
-                           inference=cfg.inference, description=cfg.description, provenance=provenance,
+                           inference=inference, description=cfg.description, provenance=provenance,
                            metrics=metrics)
         export_zip(pkg, self.out_dir / f"{cfg.name}.zip")
         (self.out_dir / "history.json").write_text(json.dumps(_jsonable(st.history), indent=2))
