@@ -216,6 +216,18 @@ class CanonicalView:
             input_ijk[self.source_axis[c]] = size_ijk[c] - 1 - v if self.flipped[c] else v
         return (input_ijk[2], input_ijk[1], input_ijk[0])
 
+    def canonical_of_input_index(self, zyx: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Canonical ``(K, J, I)`` of the input array index ``(z, y, x)`` (continuous indices allowed):
+        the inverse of :meth:`input_index_of_canonical`."""
+        input_ijk = (zyx[2], zyx[1], zyx[0])
+        size_kji = self.shape_kji
+        size_ijk = (size_kji[2], size_kji[1], size_kji[0])
+        canon_ijk = [0.0, 0.0, 0.0]
+        for c in range(3):
+            v = float(input_ijk[self.source_axis[c]])
+            canon_ijk[c] = size_ijk[c] - 1 - v if self.flipped[c] else v
+        return (canon_ijk[2], canon_ijk[1], canon_ijk[0])
+
     # ---- images -----------------------------------------------------------------------
     def canonical_direction(self, image: sitk.Image) -> tuple[float, ...]:
         """Direction matrix (row-major 3×3) of the canonical image: input columns permuted/negated."""

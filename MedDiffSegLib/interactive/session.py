@@ -1,0 +1,398 @@
+"""An interactive session: the image, the model and the encoded windows kept in memory between clicks.
+
+A radiologist corrects a result with clicks (positive: "this is the organ", negative: "this is
+not") and an optional box, one organ at a time. Each correction re-samples only the slices it
+reaches, with the model's prompt channels (:mod:`MedDiffSegLib.interactive.prompts`), and
+updates the label map and the uncertainty map there. Starting Python, torch and MONAI for every
+click would cost more than the click itself, so :class:`InteractiveSession` keeps everything a
+click needs: the canonical view of the image, its intensity bounds, each slice's network input
+and image encoding (computed on first use, then reused by every later click), the model, and the
+current result.
+
+The stages of one correction, in the order :meth:`InteractiveSession.refine` runs them:
+
+1. **Locate** (:meth:`~InteractiveSession.locate`): the clicks and box, world coordinates in mm
+   (LPS, as SimpleITK reports them), become canonical voxel positions; a point outside the image is
+   an error before anything changes.
+2. **Slab**: the slices the correction can reach: the slices of the box, and every slice within the
+   model's click radius (``inference.click_radius_mm``) of a click of this organ.
+3. **Per slice, outwards from the clicks**: the slice's input and image encoding (cached,
+   :meth:`~InteractiveSession.encoded_slice`); its prompt maps (:meth:`~InteractiveSession.prompts_for`):
+   every click of this organ so far as a 3D distance map, clicks carried over from the change on
+   the previous slice (so a correction follows the organ through the volume), the box, and the
+   current mask as the previous-mask channel; sampling and blending of the windows; the new mask.
+   Going outwards, a direction stops where the change dies out (fewer than
+   :data:`MIN_CHANGE_PIXELS` model pixels changed) beyond the slab's core, or where the organ is absent
+   both before and after.
+4. **Write back** into the label map with two rules: a correction of one organ never changes another
+   organ's voxels (it takes only background and gives back only background), and a locked organ
+   never changes (refining it is refused). The uncertainty map takes the organ's new variance on the
+   voxels the organ holds or gave up.
+
+Every correction is recorded (:attr:`InteractiveSession.interactions`): clicks accumulate, and a
+session resumed from a refined result starts with its clicks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import Cancelled, InputError, ModelError
+from ..preprocessing.spec import inplane_size, intensity_bounds, resample_inplane
+from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map, error_click
+
+#: A slice beyond the slab's core whose mask changed by fewer model pixels than this ends the propagation.
+MIN_CHANGE_PIXELS = 4
+
+Point = tuple[float, float, float]
+
+
+@dataclass
+class Interaction:
+    """One correction: an organ, its clicks (LPS mm) and box, and what it changed."""
+
+    organ: str
+    positive: list[Point] = field(default_factory=list)
+    negative: list[Point] = field(default_factory=list)
+    box: tuple[float, float, float, float, float, float] | None = None
+    slices: list[int] = field(default_factory=list)  # input slice indices re-sampled
+    slice_axis: int = 0  # numpy axis of the input array those indices count along
+    changed_voxels: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"organ": self.organ,
+                "clicks": ([{"point_mm": [float(v) for v in p], "positive": True} for p in self.positive]
+                           + [{"point_mm": [float(v) for v in p], "positive": False} for p in self.negative]),
+                "box_mm": None if self.box is None else [float(v) for v in self.box],
+                "slices": [int(k) for k in self.slices], "slice_axis": int(self.slice_axis),
+                "changed_voxels": int(self.changed_voxels), "seconds": round(float(self.seconds), 4)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interaction":
+        try:
+            clicks = d.get("clicks", [])
+            return cls(organ=str(d["organ"]),
+                       positive=[tuple(float(v) for v in c["point_mm"]) for c in clicks if c["positive"]],
+                       negative=[tuple(float(v) for v in c["point_mm"]) for c in clicks if not c["positive"]],
+                       box=None if d.get("box_mm") is None else tuple(float(v) for v in d["box_mm"]),
+                       slices=[int(k) for k in d.get("slices", [])], slice_axis=int(d.get("slice_axis", 0)),
+                       changed_voxels=int(d.get("changed_voxels", 0)), seconds=float(d.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"a recorded interaction cannot be read ({type(exc).__name__}: {exc}): {d!r}") from None
+
+
+@dataclass
+class _Located:
+    """Clicks and box in canonical continuous voxel coordinates ``(k, j, i)``."""
+
+    clicks: list[tuple[tuple[float, float, float], bool]]
+    box: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] | None  # (k, j, i) ranges
+
+
+class InteractiveSession:
+    """Refine a segmentation with clicks; see the module docstring.
+
+    ``labels``: the current label map (uint8, label ``i`` = ``organs[i-1]``) on ``image``'s grid;
+    ``uncertainty``: its uncertainty map (float32) or None. ``organs``: the organ names in label order.
+    ``samples`` per correction (the variance needs 2 or more), ``seed`` for the noise.
+    """
+
+    def __init__(self, image: sitk.Image, package, organs: Sequence[str], labels: sitk.Image,
+                 uncertainty: sitk.Image | None = None, *, method=None, device: str = "cpu", samples: int = 1,
+                 steps: int | None = None, seed: int = 0, precision: str | None = "auto",
+                 locked: Sequence[str] = (), interactions: Sequence[Interaction] = ()):
+        from ..inference.device import resolve_device, resolve_precision
+        from ..inference.engine import _inference_settings
+        from ..io.geometry import CanonicalView
+
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("the image must be a scalar 3D volume")
+        for what, img in (("label map", labels), ("uncertainty map", uncertainty)):
+            if img is not None and (img.GetSize() != image.GetSize()
+                                    or not np.allclose(img.GetSpacing(), image.GetSpacing(), atol=1e-4)
+                                    or not np.allclose(img.GetOrigin(), image.GetOrigin(), atol=1e-3)
+                                    or not np.allclose(img.GetDirection(), image.GetDirection(), atol=1e-5)):
+                raise InputError(f"the {what} is not on the image's voxel grid (size {img.GetSize()} vs "
+                                 f"{image.GetSize()}): it was not made from this image")
+        self.package = package
+        self.organs = [str(o) for o in organs]
+        self._ids = package.organ_ids(self.organs)  # unknown organs are an error here
+        self.samples = int(samples)
+        if self.samples < 1:
+            raise InputError(f"samples must be >= 1, got {samples}")
+        self.steps = int(steps or package.inference.get("steps", 1))
+        self.seed = int(seed)
+        self.locked = {self.canonical_name(o) for o in locked}
+        self.interactions = list(interactions)
+        self.radius_mm = float(package.inference.get("click_radius_mm", 0.0))
+        self.roi, self.overlap, _, self.threshold = _inference_settings(package)
+        self.spec = package.preprocessing
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device, package.inference.get("cpu_precision", "fp32"))
+        # stage 0: the model, once
+        self.method = method if method is not None else package.load_method(str(self.device))
+        if int(getattr(self.method, "prompt_channels", 0)) != PROMPT_CHANNELS or self.radius_mm <= 0:
+            raise ModelError(f"model {package.name!r} was not trained for interactive correction (no prompt "
+                             "channels or no inference.click_radius_mm); use a model that was, e.g. abdomen-ct 2.0")
+        self.method.to(self.device).eval()
+        # stage 1: the canonical view of the image and everything derived from it
+        self.image = image
+        self.view = CanonicalView.from_image(image, self.spec.orientation)
+        self._source = sitk.GetArrayFromImage(image)  # owned copy: the session outlives the caller's image views
+        self.canon = self.view.to_canonical(self._source)
+        self.bounds = intensity_bounds(self.canon, self.spec)
+        self.spacing_kji = self.view.spacing_kji
+        self.canon_hw = tuple(int(v) for v in self.canon.shape[1:])
+        self.model_hw = inplane_size(self.canon_hw, self.spacing_kji[1:], self.spec.spacing)
+        self.model_spacing = (self.spacing_kji[1] * self.canon_hw[0] / self.model_hw[0],
+                              self.spacing_kji[2] * self.canon_hw[1] / self.model_hw[1])
+        self.labels_c = np.array(self.view.to_canonical(sitk.GetArrayViewFromImage(labels)), dtype=np.uint8)
+        if int(self.labels_c.max(initial=0)) > len(self.organs):
+            raise InputError(f"the label map has label {int(self.labels_c.max())} but only {len(self.organs)} organs "
+                             "are named")
+        self.unc_c = (np.array(self.view.to_canonical(sitk.GetArrayViewFromImage(uncertainty)), dtype=np.float32)
+                      if uncertainty is not None else np.zeros(self.labels_c.shape, dtype=np.float32))
+        self._inputs: dict[int, torch.Tensor] = {}  # canonical slice -> network input [1, C, h, w]
+        self._encoded: dict[int, torch.Tensor] = {}  # canonical slice -> image encoding of its windows
+
+    # -- names and geometry --------------------------------------------------------------------
+    def canonical_name(self, organ: str) -> str:
+        """The organ's name as the session's organs spell it (display names and case are accepted)."""
+        ids = self.package.organ_ids([organ])
+        name = self.package.organs[ids[0]].name
+        if name not in self.organs:
+            raise InputError(f"organ {organ!r} is not in this result; it has: {', '.join(self.organs)}")
+        return name
+
+    def locate(self, positive: Sequence[Point] = (), negative: Sequence[Point] = (),
+               box: Sequence[float] | None = None) -> _Located:
+        """Stage 1: world points (LPS mm) to canonical voxel coordinates; outside the image is an error."""
+        shape = self.canon.shape
+
+        def canon(p: Sequence[float], what: str) -> tuple[float, float, float]:
+            if len(p) != 3 or not all(math.isfinite(float(v)) for v in p):
+                raise InputError(f"{what} must be three finite numbers X,Y,Z in mm, got {list(p)}")
+            x, y, z = self.image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in p))
+            kji = self.view.canonical_of_input_index((z, y, x))
+            if not all(-0.5 <= c <= n - 0.5 for c, n in zip(kji, shape)):
+                lo = self.image.TransformIndexToPhysicalPoint((0, 0, 0))
+                hi = self.image.TransformIndexToPhysicalPoint(tuple(int(s) - 1 for s in self.image.GetSize()))
+                raise InputError(f"{what} ({', '.join(f'{float(v):.1f}' for v in p)}) mm lies outside the image "
+                                 f"(its voxel centres span {tuple(round(v, 1) for v in lo)} to "
+                                 f"{tuple(round(v, 1) for v in hi)} mm, LPS)")
+            return kji
+
+        clicks = [(canon(p, "a click"), True) for p in positive] + [(canon(p, "a negative click"), False) for p in negative]
+        located_box = None
+        if box is not None:
+            if len(box) != 6:
+                raise InputError(f"a box is 6 numbers X0,Y0,Z0,X1,Y1,Z1 in mm, got {list(box)}")
+            a, b = canon(box[:3], "the box's first corner"), canon(box[3:], "the box's second corner")
+            located_box = tuple((min(u, v), max(u, v)) for u, v in zip(a, b))  # type: ignore[assignment]
+        return _Located(clicks, located_box)  # type: ignore[arg-type]
+
+    def _to_model(self, j: float, i: float) -> tuple[float, float]:
+        """Canonical in-plane (j, i) to model-grid (row, col) (pixel areas onto pixel areas)."""
+        return ((j + 0.5) * self.model_hw[0] / self.canon_hw[0] - 0.5,
+                (i + 0.5) * self.model_hw[1] / self.canon_hw[1] - 0.5)
+
+    # -- stages of one slice -------------------------------------------------------------------
+    def encoded_slice(self, k: int) -> torch.Tensor:
+        """The network input of canonical slice ``k`` (``[1, C, h, w]``, normalised, at the model grid), cached."""
+        from ..inference.engine import _chunk_input
+
+        x = self._inputs.get(k)
+        if x is None:
+            x = _chunk_input(self.canon, k, k + 1, self.spec, self.spacing_kji[0], self.bounds, self.model_hw,
+                             self.device)
+            self._inputs[k] = x
+        return x
+
+    def prompts_for(self, k: int, label: int, located: _Located, carried: Sequence[Click]) -> torch.Tensor:
+        """The four prompt maps of canonical slice ``k`` for the organ with ``label`` (``[4, h, w]``)."""
+        h, w = self.model_hw
+        sk = self.spacing_kji[0]
+        out = torch.zeros((PROMPT_CHANNELS, h, w), dtype=torch.float32)
+        clicks = []
+        for (ck, cj, ci), positive in located.clicks:
+            row, col = self._to_model(cj, ci)
+            clicks.append(Click(row, col, positive, abs(k - ck) * sk))
+        clicks += list(carried)
+        for channel, sign in ((POSITIVE, True), (NEGATIVE, False)):
+            click_map((h, w), self.model_spacing, clicks, self.radius_mm, sign, out[channel])
+        if located.box is not None:
+            (k0, k1), (j0, j1), (i0, i1) = located.box
+            if k0 - 0.5 <= k <= k1 + 0.5:  # a box speaks for the slices it spans only
+                r0, c0 = self._to_model(j0, i0)
+                r1, c1 = self._to_model(j1, i1)
+                box_map((h, w), (int(math.floor(r0)), int(math.floor(c0)), int(math.ceil(r1)) + 1,
+                                 int(math.ceil(c1)) + 1), out[BOX])
+        mask = torch.from_numpy(self.labels_c[k] == label).float()[None, None]
+        out[PREVIOUS] = (resample_inplane(mask, self.model_hw)[0, 0] >= 0.5).float() * 2.0 - 1.0
+        return out
+
+    def sample_slice(self, k: int, organ_id: int, prompts: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance ``[h, w]`` of the organ on canonical slice ``k`` under ``prompts`` (model grid)."""
+        from monai.inferers import sliding_window_inference
+
+        from ..uncertainty import ensemble_mean_variance
+
+        x = self.encoded_slice(k)
+        c = x.shape[1]
+        h, w = self.model_hw
+        rh, rw = max(h, self.roi[0]), max(w, self.roi[1])
+        # Image and prompts travel together through the windows; padded here (image: air, prompts: as
+        # outside the organ) so that MONAI never pads them with one value.
+        stack = torch.zeros((1, c + PROMPT_CHANNELS, rh, rw), dtype=torch.float32, device=self.device)
+        stack[:, :c] = -1.0
+        stack[:, c + PREVIOUS] = -1.0
+        if bool((prompts[BOX] != 0).any()):
+            stack[:, c + BOX] = -1.0
+        stack[:, :c, :h, :w] = x
+        stack[0, c:, :h, :w] = prompts.to(self.device)
+        n = self.samples
+        encoded = self._encoded.get(k)
+        ids = torch.tensor([organ_id], dtype=torch.long, device=self.device)
+
+        def predictor(win: torch.Tensor) -> torch.Tensor:
+            nonlocal encoded
+            if encoded is None or encoded.shape[0] != win.shape[0]:
+                encoded = self.method.condition(win[:, :c].contiguous())
+                self._encoded[k] = encoded
+            b = win.shape[0]
+            probs = self.method.sample(encoded, ids.repeat(b), n, self.steps, generator,
+                                       prompts=win[:, c:].contiguous())
+            m, v = ensemble_mean_variance(probs.float(), dim=1)
+            return torch.stack([m, v], dim=1)
+
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                    enabled=self.amp_dtype is not None):
+            out = sliding_window_inference(stack, roi_size=self.roi, sw_batch_size=64, predictor=predictor,
+                                           overlap=self.overlap, mode="gaussian")
+        out = out[0, :, :h, :w].float()
+        return out[0].clamp(0.0, 1.0), out[1].clamp(min=0.0)
+
+    # -- one correction ------------------------------------------------------------------------
+    def refine(self, organ: str, positive: Sequence[Point] = (), negative: Sequence[Point] = (),
+               box: Sequence[float] | None = None, *, should_cancel: Callable[[], bool] | None = None) -> Interaction:
+        """Correct ``organ`` with clicks (LPS mm) and/or a box; returns the recorded interaction.
+
+        Nothing changes when an argument is bad (unknown or locked organ, a point outside the
+        image, no click and no box), and a cancelled correction leaves the result as it was.
+        """
+        t0 = time.perf_counter()
+        name = self.canonical_name(organ)
+        if name in self.locked:
+            raise InputError(f"{name} is locked: unlock it before correcting it")
+        if not positive and not negative and box is None:
+            raise InputError("a correction needs at least one click or a box")
+        new = self.locate(positive, negative, box)
+        earlier = [i for i in self.interactions if i.organ == name]
+        all_pos = [p for i in earlier for p in i.positive] + [tuple(map(float, p)) for p in positive]
+        all_neg = [p for i in earlier for p in i.negative] + [tuple(map(float, p)) for p in negative]
+        last_box = box if box is not None else next((i.box for i in reversed(earlier) if i.box is not None), None)
+        located = self.locate(all_pos, all_neg, last_box)  # every click of this organ so far (they accumulate)
+        label = self.organs.index(name) + 1
+        organ_id = self._ids[self.organs.index(name)]
+
+        from ..inference.engine import organ_seed
+
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(organ_seed(self.seed + len(self.interactions), organ_id))
+        n_k = self.canon.shape[0]
+        sk = self.spacing_kji[0]
+        # The slab's core: the slices of this correction's clicks and of its box.
+        ks = [kji[0] for kji, _ in new.clicks] + (list(new.box[0]) if new.box is not None else [])
+        core_lo = min(n_k - 1, max(0, int(math.floor(min(ks) + 0.5))))
+        core_hi = min(n_k - 1, max(0, int(math.floor(max(ks) + 0.5))))
+        click_slices = [kji[0] for kji, _ in located.clicks]
+        new_labels = self.labels_c.copy()
+        new_unc = self.unc_c.copy()
+        touched: list[int] = []
+        changed = 0
+
+        def run(k: int, carry: list[Click]) -> tuple[int, list[Click], bool]:
+            """Re-sample slice ``k``; (voxels changed, the click its change carries on, organ present)."""
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("correction cancelled; the result is unchanged")
+            prompts = self.prompts_for(k, label, located, carry)
+            mean, var = self.sample_slice(k, organ_id, prompts, generator)
+            old_model, new_model = prompts[PREVIOUS] > 0, mean >= self.threshold
+            want = (resample_inplane(mean[None, None], self.canon_hw)[0, 0] >= self.threshold).numpy()
+            var_c = resample_inplane(var[None, None], self.canon_hw)[0, 0].clamp_(min=0.0).numpy()
+            cur = new_labels[k]
+            gain = want & (cur == 0)  # only background becomes this organ
+            lose = ~want & (cur == label)  # only this organ becomes background
+            cur[gain] = label
+            cur[lose] = 0
+            mine = gain | lose | (cur == label)
+            new_unc[k][mine] = var_c[mine]
+            touched.append(k)
+            # the deepest point of the slice's largest change, carried to the next slice as a click
+            # (error_click(pred, gt) calls a region of gt that pred lacks "positive": here the old mask is
+            # the reference, so its positive regions are what the organ lost)
+            moved = error_click(new_model.numpy(), old_model.numpy(), self.model_spacing)
+            carry_on = [] if moved is None else [Click(moved[0], moved[1], not moved[2], 0.0)]
+            return int(gain.sum() + lose.sum()), carry_on, bool(old_model.any() or new_model.any())
+
+        edge_carry: dict[int, list[Click]] = {}
+        for k in range(core_lo, core_hi + 1):
+            d, carry, _ = run(k, [])
+            changed += d
+            edge_carry[k] = carry
+        # Outwards from the core, a slice at a time, while a click reaches, the organ is there and the
+        # change goes on. A carried click is as strong as the nearest click's map on that slice, so the
+        # correction follows the organ's change in-plane but never reaches beyond the click radius.
+        for step, edge in ((1, core_hi), (-1, core_lo)):
+            carry, k = edge_carry[edge], edge + step
+            while 0 <= k < n_k:
+                dz = min((abs(k - c) * sk for c in click_slices), default=math.inf)
+                in_box = located.box is not None and located.box[0][0] - 0.5 <= k <= located.box[0][1] + 0.5
+                if dz >= self.radius_mm and not in_box:
+                    break  # no click or box reaches this slice: nothing can change here
+                d, nxt, present = run(k, [Click(c.row, c.col, c.positive, dz) for c in carry])
+                changed += d
+                if not present or (d < MIN_CHANGE_PIXELS and not in_box):
+                    break  # the organ ends here, or the change has died out
+                carry, k = nxt, k + step
+        self.labels_c, self.unc_c = new_labels, new_unc
+        axis, _ = self.view.input_index_of_canonical_slice(0)
+        inter = Interaction(
+            organ=name, positive=[tuple(map(float, p)) for p in positive],
+            negative=[tuple(map(float, p)) for p in negative],
+            box=None if box is None else tuple(float(v) for v in box),  # type: ignore[arg-type]
+            slices=sorted(self.view.input_index_of_canonical_slice(k)[1] for k in touched), slice_axis=int(axis),
+            changed_voxels=changed, seconds=time.perf_counter() - t0)
+        self.interactions.append(inter)
+        return inter
+
+    # -- results -------------------------------------------------------------------------------
+    def lock(self, organ: str) -> None:
+        self.locked.add(self.canonical_name(organ))
+
+    def unlock(self, organ: str) -> None:
+        self.locked.discard(self.canonical_name(organ))
+
+    def _to_image(self, array_kji: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.view.from_canonical(array_kji)))
+        img.CopyInformation(self.image)
+        return img
+
+    @property
+    def labels(self) -> sitk.Image:
+        """The current label map on the image's grid (uint8)."""
+        return self._to_image(self.labels_c)
+
+    @property
+    def uncertainty(self) -> sitk.Image:
+        """The current uncertainty map on the image's grid (float32)."""
+        return self._to_image(self.unc_c)

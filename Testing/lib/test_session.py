@@ -1,0 +1,234 @@
+"""Interactive correction in 3D: InteractiveSession with a rule-based method whose answer is known.
+
+The test method answers "organ" where the previous mask says so or a positive click's map is at
+least 0.5 (within half the click radius, in 3D), and "not organ" where a negative click's map is
+at least 0.5. So every expected voxel can be computed from the geometry alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedDiffSegLib.errors import InputError, ModelError
+from MedDiffSegLib.interactive.prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS
+from MedDiffSegLib.interactive.session import InteractiveSession, Interaction
+from MedDiffSegLib.methods.base import Method, register_method
+from MedDiffSegLib.preprocessing import PreprocessSpec
+from MedDiffSegLib.registry import DEFAULT_INFERENCE, ModelPackage
+
+from tinymodels import TINY_ORGANS
+
+RADIUS = 30.0  # mm: a positive click marks the ball of radius 15 mm around it
+
+
+@register_method
+class PromptRuleMethod(Method):
+    name = "test-prompt-rule"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("dummy", torch.zeros(1))
+        self.condition_calls = 0
+        self.seen_prompts: list[torch.Tensor] = []
+
+    def condition(self, images):
+        self.condition_calls += 1
+        return images.clone()
+
+    def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None, prompts=None):
+        assert prompts is not None and prompts.shape[1] == 4
+        self.seen_prompts.append(prompts.clone())
+        p = ((prompts[:, PREVIOUS] > 0) | (prompts[:, POSITIVE] >= 0.5)) & ~(prompts[:, NEGATIVE] >= 0.5)
+        if bool((prompts[:, BOX] != 0).any()):
+            p = p & (prompts[:, BOX] > 0)
+        p = p.float()[:, None].expand(-1, num_samples, -1, -1).clone()
+        if self.config.get("noise"):
+            eps = torch.rand(p.shape, generator=generator) * 0.2
+            p = (p * 0.8 + eps).clamp(0, 1)
+        return p
+
+    def training_loss(self, *a, **k):  # pragma: no cover
+        raise NotImplementedError
+
+
+def _package(tmp_path: Path, prompt_channels: int = 4, radius: float | None = RADIUS, **config):
+    inf = dict(DEFAULT_INFERENCE)
+    inf.update({"roi_size": [16, 16], "overlap": 0.25, "samples": 1, "steps": 1, "sw_batch_size": 4})
+    if radius is not None:
+        inf["click_radius_mm"] = radius
+    cfg = {"num_organs": 2, "prompt_channels": prompt_channels, **config}
+    pkg = ModelPackage(path=tmp_path, name="test-prompt-rule-model", version="0", method_name="test-prompt-rule",
+                       config=cfg, organs=list(TINY_ORGANS),
+                       preprocessing=PreprocessSpec(modality="CT", spacing=(2.0, 2.0)),
+                       inference=inf, weights_sha256="0" * 64)
+    return pkg, PromptRuleMethod(cfg)
+
+
+def _case(direction=None):
+    """A 40×36×20 CT (2×2×3 mm) with a liver block (label 1) and a spleen block (label 2)."""
+    arr = np.full((20, 36, 40), -500, np.int16)  # [z, y, x]
+    arr[2:18, 4:32, 4:36] = 60
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    img.SetOrigin((-40.0, -30.0, 100.0))
+    if direction is not None:
+        img.SetDirection(direction)
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[6:14, 8:18, 8:20] = 1
+    lab[6:14, 8:18, 24:32] = 2
+    labels = sitk.GetImageFromArray(lab)
+    labels.CopyInformation(img)
+    return img, labels
+
+
+def _ball(img: sitk.Image, centre_mm, radius_mm) -> np.ndarray:
+    """Voxels (numpy [z, y, x]) whose centres lie within ``radius_mm`` of ``centre_mm``."""
+    size = img.GetSize()
+    pts = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    world = np.array([img.TransformIndexToPhysicalPoint(tuple(int(v) for v in p)) for p in pts])
+    inside = np.linalg.norm(world - np.asarray(centre_mm), axis=1) <= radius_mm
+    return inside.reshape(size).transpose(2, 1, 0)
+
+
+def _session(tmp_path, img, labels, **kw):
+    pkg, method = _package(tmp_path, **{k: v for k, v in kw.items() if k == "noise"})
+    rest = {k: v for k, v in kw.items() if k != "noise"}
+    return InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method, **rest), method
+
+
+@pytest.mark.parametrize("direction", [None, (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)])
+def test_a_positive_click_adds_the_organ_where_clicked_and_nowhere_else(tmp_path, direction):
+    img, labels = _case(direction)
+    sess, _ = _session(tmp_path, img, labels)
+    before = sitk.GetArrayFromImage(labels)
+    click = img.TransformIndexToPhysicalPoint((12, 27, 10))  # background below the liver, slice z=10
+    inter = sess.refine("liver", positive=[click])
+    after = sitk.GetArrayFromImage(sess.labels)
+    ball = _ball(img, click, RADIUS / 2 - 0.01)
+    # every background voxel of the ball became liver (the model grid is the input grid here)
+    assert np.all(after[ball & (before == 0)] == 1)
+    # the spleen never changes, and nothing outside the ball does (voxels exactly on its sphere may go either way)
+    assert np.array_equal(after == 2, before == 2)
+    outside = ~_ball(img, click, RADIUS / 2 + 0.01)
+    assert np.array_equal(after[outside], before[outside])
+    # the slices re-sampled are those the click reaches (3 mm slices, radius 30 mm) and no further
+    assert inter.slices and all(abs(k - 10) * 3.0 < RADIUS for k in inter.slices)
+    assert inter.changed_voxels == int((after != before).sum()) > 0
+    assert sess.labels.GetSize() == img.GetSize() and sess.labels.GetDirection() == img.GetDirection()
+    assert sess.labels.GetOrigin() == img.GetOrigin()
+
+
+def test_a_negative_click_removes_only_that_organ(tmp_path):
+    img, labels = _case()
+    sess, _ = _session(tmp_path, img, labels)
+    before = sitk.GetArrayFromImage(labels)
+    click = img.TransformIndexToPhysicalPoint((14, 12, 10))  # inside the liver
+    sess.refine("liver", negative=[click])
+    after = sitk.GetArrayFromImage(sess.labels)
+    ball = _ball(img, click, RADIUS / 2 - 0.01)
+    assert np.all(after[ball & (before == 1)] == 0)
+    assert np.array_equal(after == 2, before == 2)
+    assert (after == 1).sum() > 0  # the rest of the liver stays
+
+
+def test_a_box_limits_the_organ_in_3d(tmp_path):
+    img, labels = _case()
+    sess, _ = _session(tmp_path, img, labels)
+    before = sitk.GetArrayFromImage(labels)
+    a = img.TransformIndexToPhysicalPoint((10, 10, 8))
+    b = img.TransformIndexToPhysicalPoint((15, 15, 11))
+    sess.refine("liver", box=[*a, *b])
+    after = sitk.GetArrayFromImage(sess.labels)
+    inside = np.zeros(before.shape, bool)
+    inside[8:12, 10:16, 10:16] = True
+    # on the box's slices the liver is cut to the box; the other slices are not re-sampled
+    assert np.array_equal((after == 1)[8:12], ((before == 1) & inside)[8:12])
+    assert np.array_equal(after[:8], before[:8]) and np.array_equal(after[12:], before[12:])
+    assert np.array_equal(after == 2, before == 2)
+
+
+def test_clicks_accumulate_and_are_recorded(tmp_path):
+    img, labels = _case()
+    sess, method = _session(tmp_path, img, labels)
+    p1 = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    p2 = img.TransformIndexToPhysicalPoint((30, 26, 10))
+    sess.refine("liver", positive=[p1])
+    method.seen_prompts.clear()
+    sess.refine("liver", negative=[p2])
+    # the second correction's prompts carry both clicks: p1's positive map and p2's negative one
+    seen = torch.cat(method.seen_prompts)
+    assert float(seen[:, POSITIVE].max()) == 1.0 and float(seen[:, NEGATIVE].max()) == 1.0
+    recorded = [i.to_dict() for i in sess.interactions]
+    assert [r["organ"] for r in recorded] == ["liver", "liver"]
+    assert recorded[0]["clicks"] == [{"point_mm": list(p1), "positive": True}]
+    assert recorded[1]["clicks"] == [{"point_mm": list(p2), "positive": False}]
+    assert Interaction.from_dict(recorded[1]).negative == [tuple(p2)]
+    # a session resumed with the record starts from the same clicks
+    again = InteractiveSession(img, sess.package, ["liver", "spleen"], sess.labels, method=method,
+                               interactions=[Interaction.from_dict(r) for r in recorded])
+    assert len(again.interactions) == 2
+
+
+def test_the_encoding_of_a_slice_is_computed_once(tmp_path):
+    img, labels = _case()
+    sess, method = _session(tmp_path, img, labels)
+    click = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    sess.refine("liver", positive=[click])
+    first = method.condition_calls
+    sess.refine("liver", positive=[click])
+    assert method.condition_calls == first  # the same slab: every encoding came from the cache
+
+
+def test_bad_corrections_change_nothing(tmp_path):
+    img, labels = _case()
+    sess, _ = _session(tmp_path, img, labels, locked=["spleen"])
+    before = sitk.GetArrayFromImage(sess.labels)
+    inside = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    with pytest.raises(InputError, match="outside the image"):
+        sess.refine("liver", positive=[(500.0, 0.0, 0.0)])
+    with pytest.raises(InputError, match="locked"):
+        sess.refine("spleen", positive=[inside])
+    with pytest.raises(Exception, match="kidney|does not know"):
+        sess.refine("kidney_left", positive=[inside])
+    with pytest.raises(InputError, match="at least one click or a box"):
+        sess.refine("liver")
+    with pytest.raises(InputError, match="three finite numbers"):
+        sess.refine("liver", positive=[(1.0, math.nan, 2.0)])
+    assert np.array_equal(sitk.GetArrayFromImage(sess.labels), before) and not sess.interactions
+    sess.unlock("spleen")
+    sess.refine("spleen", positive=[inside])
+    assert sess.interactions[-1].organ == "spleen"
+
+
+def test_a_model_without_prompts_is_refused(tmp_path):
+    img, labels = _case()
+    for kw in ({"prompt_channels": 0}, {"radius": None}):
+        pkg, method = _package(tmp_path, **kw)
+        with pytest.raises(ModelError, match="not trained for interactive correction"):
+            InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method)
+
+
+def test_a_label_map_of_another_grid_is_refused(tmp_path):
+    img, labels = _case()
+    other = sitk.Image(10, 10, 10, sitk.sitkUInt8)
+    pkg, method = _package(tmp_path)
+    with pytest.raises(InputError, match="not on the image's voxel grid"):
+        InteractiveSession(img, pkg, ["liver", "spleen"], other, method=method)
+
+
+def test_variance_of_the_corrected_organ_goes_to_the_uncertainty_map(tmp_path):
+    img, labels = _case()
+    sess, _ = _session(tmp_path, img, labels, noise=True, samples=4)
+    click = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    sess.refine("liver", positive=[click])
+    unc = sitk.GetArrayFromImage(sess.uncertainty)
+    lab = sitk.GetArrayFromImage(sess.labels)
+    ball = _ball(img, click, RADIUS / 2 - 3)
+    assert float(unc[ball & (lab == 1)].min()) > 0  # 4 noisy samples: a variance where the organ was corrected
+    assert float(unc[lab == 2].max()) == 0  # the spleen was not re-sampled
