@@ -18,18 +18,28 @@ TINY_ORGANS = [
 ]
 
 
-def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0):
+def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0, prompt_channels: int = 0):
     _import_builtin_methods()
     torch.manual_seed(seed)
-    return build_method(method, _METHODS[method].tiny_config(num_organs))
+    cfg = _METHODS[method].tiny_config(num_organs)
+    if prompt_channels:
+        cfg["prompt_channels"] = prompt_channels
+    m = build_method(method, cfg)
+    if prompt_channels:  # a trained prompt encoder acts: give the zero-initialised head weights
+        torch.nn.init.normal_(m.prompt_encoder.head.weight, std=0.5)
+    return m
 
 
 def make_tiny_package(folder: Path, method: str = "guided", *, roi: int = 32, spacing=(6.0, 6.0),
-                      modality: str = "CT", seed: int = 0, name: str | None = None, **inference) -> ModelPackage:
+                      modality: str = "CT", seed: int = 0, name: str | None = None, prompt_channels: int = 0,
+                      **inference) -> ModelPackage:
     """Random-weight package whose windows are ``roi``×``roi`` pixels at ``spacing`` mm, made for
-    ``modality``; named ``name`` (default ``tiny-<method>``)."""
-    m = tiny_method(method, len(TINY_ORGANS), seed)
+    ``modality``; named ``name`` (default ``tiny-<method>``). ``prompt_channels=4`` makes it an
+    interactive model (clicks with a 30 mm radius unless ``click_radius_mm`` is given)."""
+    m = tiny_method(method, len(TINY_ORGANS), seed, prompt_channels)
     inf = {"roi_size": [roi, roi], "overlap": 0.25, "steps": 2, "samples": 2, "sw_batch_size": 16}
+    if prompt_channels:
+        inf["click_radius_mm"] = 30.0
     inf.update(inference)
     return save_package(
         Path(folder), m, name=name or f"tiny-{method}", version="0.0.1", organs=TINY_ORGANS,

@@ -559,7 +559,7 @@ SUBCOMMANDS: list[Callable] = [_add_segment, _add_models]
 #: Further commands, one module each under MedDiffSegLib/cli/, in the order they appear in
 #: --help. Each module defines ``add_parser(sub)`` which adds its subparser and sets ``func``
 #: (a callable taking the parsed args and returning an exit code).
-COMMAND_MODULES: tuple[str, ...] = ("train", "pretrain", "evaluate", "export_dicom_seg", "send")
+COMMAND_MODULES: tuple[str, ...] = ("refine", "train", "pretrain", "evaluate", "export_dicom_seg", "send")
 
 
 def _command_module_adders() -> list[Callable]:

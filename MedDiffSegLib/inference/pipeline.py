@@ -18,7 +18,8 @@ Outputs (all in the input's exact voxel grid: size, spacing, origin and directio
 - ``summary.json`` -- per-organ volumes and uncertainty, timings, model and software versions,
   run settings, the input's size, spacing and modality, and the modality check (whether the
   model's modality fits the input, and whether a mismatch was overridden). It never contains
-  patient names, IDs, dates or any other DICOM tag, nor the input's path.
+  patient names, IDs, dates or any other DICOM tag. It records the input's path as given (made
+  absolute), so that ``meddiffseg refine`` finds the image again.
 
 Modality (:mod:`MedDiffSegLib.modality`): without ``model``, the default model for the input's
 modality is used -- the DICOM Modality tag of a series, else the declared ``modality``; a plain
@@ -138,6 +139,59 @@ def _check_geometry(result_image, reference, what: str) -> None:
         if not np.allclose(got, want, rtol=1e-5, atol=1e-4):
             raise RuntimeError(f"engine returned {what} with {label} {got}, input has {want}")
     result_image.CopyInformation(reference)  # exact, not merely close
+
+
+def place_outputs(out_dir: Path, to_create: list[Path], write: Callable[[Path], None], names: Sequence[str],
+                  make_summary: Callable[[], dict], check_cancel: Callable[[], None]) -> dict:
+    """Write a run's outputs so that ``out_dir`` never holds a partial set, and return the summary.
+
+    ``write(staging)`` writes the files ``names`` into a staging folder inside ``out_dir``; then the
+    summary from ``make_summary()`` is written there too, and everything is renamed into place,
+    ``summary.json`` last (its presence marks a complete set). On any failure or cancellation the
+    staging folder, the files already renamed and the folders this run created are removed.
+    """
+    created: list[Path] = []
+    staging: Path | None = None
+    placed: list[Path] = []
+    try:
+        try:
+            for folder in to_create:
+                folder.mkdir()
+                created.append(folder)
+            staging = Path(tempfile.mkdtemp(prefix=".meddiffseg-partial-", dir=out_dir))
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
+        write(staging)
+        summary = make_summary()
+        try:
+            (staging / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {out_dir / SUMMARY}: {exc.strerror or exc}") from None
+        check_cancel()
+        try:
+            for fname in list(names) + [SUMMARY]:
+                os.replace(staging / fname, out_dir / fname)
+                placed.append(out_dir / fname)
+        except OSError as exc:
+            raise OutputError(f"cannot move outputs into {out_dir}: {exc.strerror or exc}") from None
+        done_staging, staging = staging, None
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        else:
+            for p in placed:  # only files this run renamed into an existing folder
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        raise
+    try:
+        done_staging.rmdir()  # empty by now; the outputs are already in place
+    except OSError:
+        pass
+    return summary
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -384,17 +438,7 @@ def run_segment(
         )
         dicom_datasets = [(DICOM_SEG, seg_ds), (UNCERTAINTY_PMAP, pmap_ds)]
 
-    created: list[Path] = []
-    staging: Path | None = None
-    placed: list[Path] = []
-    try:
-        try:
-            for folder in to_create:
-                folder.mkdir()
-                created.append(folder)
-            staging = Path(tempfile.mkdtemp(prefix=".meddiffseg-partial-", dir=out_dir))
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
+    def write_images(staging: Path) -> None:
         for i, (fname, img) in enumerate(images):
             check_cancel()
             write_image_atomic(img() if callable(img) else img, staging / fname)
@@ -405,52 +449,28 @@ def run_segment(
             for fname, ds in dicom_datasets:
                 check_cancel()
                 write_dataset_atomic(ds, staging / fname)
-        t_write = time.perf_counter() - t0
+
+    def make_summary() -> dict:
         summary = _summary(
             image=image, labels=labels, result=result, package=package, organ_names=organ_names,
             samples=samples, steps=steps, seed=seed, scheduler=scheduler, staple=staple,
             largest_component=largest_component, device_text=device_text,
             prob_files=prob_files,
-            timings={"read": t_read, "load_model": t_load, "write": t_write, "total": time.perf_counter() - t_start},
+            timings={"read": t_read, "load_model": t_load, "write": time.perf_counter() - t0,
+                     "total": time.perf_counter() - t_start},
             engine_timings=dict(getattr(result, "timings", {}) or {}),
             input_kind="dicom-series" if input_path.is_dir() else "file",
             modality_check=modality_check,
         )
+        summary["input"]["path"] = str(input_path.absolute())
         if dicom_datasets:
             summary["outputs"]["dicom_seg"] = DICOM_SEG
             summary["outputs"]["dicom_seg_type"] = dicom_seg.upper()  # type: ignore[union-attr]
             summary["outputs"]["uncertainty_pmap"] = UNCERTAINTY_PMAP
-        try:
-            (staging / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"cannot write {out_dir / SUMMARY}: {exc.strerror or exc}") from None
-        check_cancel()
-        # summary.json last: its presence marks a complete set of outputs.
-        try:
-            for fname in [f for f, _ in images] + [f for f, _ in dicom_datasets]:
-                os.replace(staging / fname, out_dir / fname)
-                placed.append(out_dir / fname)
-            os.replace(staging / SUMMARY, out_dir / SUMMARY)
-            placed.append(out_dir / SUMMARY)
-        except OSError as exc:
-            raise OutputError(f"cannot move outputs into {out_dir}: {exc.strerror or exc}") from None
-        done_staging, staging = staging, None
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(created[0], ignore_errors=True)
-        else:
-            for p in placed:  # only files this run renamed into an existing folder
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
-        raise
-    try:
-        done_staging.rmdir()  # empty by now; the outputs are already in place
-    except OSError:
-        pass
+        return summary
+
+    summary = place_outputs(out_dir, to_create, write_images, [f for f, _ in images] + [f for f, _ in dicom_datasets],
+                            make_summary, check_cancel)
     report("write", 1.0, f"outputs written to {out_dir}")
     return summary
 

@@ -571,7 +571,9 @@ def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
         assert prob.GetPixelID() == sitk.sitkFloat32 and prob.GetSize() == ref.GetSize()
         p = sitk.GetArrayFromImage(prob)
         assert p.min() >= 0 and p.max() <= 1
-    assert str(ct) not in (out / "summary.json").read_text()
+    # the input's path is recorded once (for `meddiffseg refine`), as an absolute path
+    assert summary["input"]["path"] == str(Path(ct).absolute())
+    assert (out / "summary.json").read_text().count(str(ct)) == 1
     assert sha256_file(ct) == before
     # no tag, no --modality: the intensities (plausible HU) say CT, and the CT model fits
     assert summary["input"]["modality"] == "CT" and summary["input"]["modality_source"] == "intensities"
@@ -602,7 +604,8 @@ def test_end_to_end_dicom_folder(tmp_path, tiny_sdseg, data_dir):
             value = header.GetMetaData(tag).strip()
             if len(value) >= 4:
                 assert value not in text, tag
-    assert str(folder) not in text
+    # The input's path is recorded once, where `meddiffseg refine` finds the image again.
+    assert summary["input"]["path"] == str(folder.absolute()) and text.count(str(folder)) == 1
 
 
 def test_rerun_replaces_outputs_and_keeps_other_files(tmp_path, tiny_guided, small_volume):

@@ -1,0 +1,190 @@
+"""One correction from files to files: what ``meddiffseg refine`` does.
+
+:func:`load_session` opens an earlier result (a ``segment`` or ``refine`` output folder) as an
+:class:`~MedDiffSegLib.interactive.session.InteractiveSession`: the image named in its
+``summary.json`` (or given), the model that made it (checked against the recorded sha256), its
+label and uncertainty maps and its earlier corrections. :func:`run_refine` applies one correction
+and writes the same outputs as ``segment`` into another folder, atomically; its ``summary.json``
+keeps the earlier summary's record and adds the correction to ``interactions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelError, OutputError
+from ..inference.pipeline import SEGMENTATION, SUMMARY, UNCERTAINTY, _check_output_dir, place_outputs
+from .session import Interaction, InteractiveSession, Point
+
+
+def read_result_summary(result_dir: str | os.PathLike) -> dict:
+    """The ``summary.json`` of a result folder, or an :class:`InputError` saying why it is not one."""
+    folder = Path(result_dir).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder: give the output folder of 'meddiffseg segment' or 'refine'")
+    path = folder / SUMMARY
+    if not path.is_file():
+        raise InputError(f"{folder} holds no {SUMMARY}: it is not a MedDiffSeg result folder")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("organs"), list) or "model" not in summary:
+        raise InputError(f"{path} is not a MedDiffSeg summary (no organs or model recorded)")
+    for name in (SEGMENTATION,):
+        if not (folder / name).is_file():
+            raise InputError(f"{folder} lacks {name}: the result is incomplete")
+    return summary
+
+
+def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | None = None, model=None,
+                 device: str = "auto", samples: int | None = None, seed: int | None = None,
+                 precision: str = "auto", locked: Sequence[str] = ()) -> tuple[InteractiveSession, dict, Path]:
+    """``(session, summary, image path)`` for a result folder; see the module docstring."""
+    import SimpleITK as sitk
+
+    from ..io.volume import read_dicom_series, read_volume
+    from ..registry.package import ModelPackage
+    from ..registry.store import resolve_model
+
+    folder = Path(result_dir).expanduser()
+    summary = read_result_summary(folder)
+    recorded = (summary.get("input") or {}).get("path")
+    if image is None and not recorded:
+        raise InputError(f"{folder / SUMMARY} does not record the image it was made from; give it with --image")
+    image_path = Path(image if image is not None else recorded).expanduser()
+    if not image_path.exists():
+        raise InputError(f"the image {image_path} does not exist" +
+                         ("" if image is not None else f" (recorded in {folder / SUMMARY}); give it with --image"))
+    img = read_dicom_series(image_path)[0] if image_path.is_dir() else read_volume(image_path)
+    size = (summary.get("input") or {}).get("size")
+    if size is not None and [int(s) for s in img.GetSize()] != [int(s) for s in size]:
+        raise InputError(f"the image {image_path} has size {list(img.GetSize())} but the result was made from an "
+                         f"image of size {size}: it is not the same image")
+    recorded_model = summary["model"]
+    if model is None:
+        package = resolve_model(recorded_model.get("name"))
+        if recorded_model.get("weights_sha256") and package.weights_sha256 != recorded_model["weights_sha256"]:
+            raise ModelError(f"the installed {package.name!r} ({package.version}) is not the model that made this "
+                             f"result ({recorded_model.get('version')}, sha256 {recorded_model['weights_sha256'][:12]}…); "
+                             "give that model with --model")
+    else:
+        package = model if isinstance(model, ModelPackage) else resolve_model(model)
+    package.verify()
+    organs = [o["name"] for o in sorted(summary["organs"], key=lambda o: int(o["label"]))]
+    labels = sitk.ReadImage(str(folder / SEGMENTATION))
+    unc_path = folder / UNCERTAINTY
+    uncertainty = sitk.ReadImage(str(unc_path), sitk.sitkFloat32) if unc_path.is_file() else None
+    for m in (labels, uncertainty):
+        if m is not None:  # written on the image's grid: take its exact geometry (NIfTI rounds it)
+            if m.GetSize() == img.GetSize() and np.allclose(m.GetSpacing(), img.GetSpacing(), atol=1e-3):
+                m.CopyInformation(img)
+    settings = summary.get("settings") or {}
+    interactions = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
+    locked = list(dict.fromkeys([*(summary.get("locked") or []), *locked]))
+    session = InteractiveSession(
+        img, package, organs, sitk.Cast(labels, sitk.sitkUInt8), uncertainty, device=device,
+        samples=int(samples if samples is not None else settings.get("samples", 1)),
+        seed=int(seed if seed is not None else settings.get("seed", 0)), precision=precision, locked=locked,
+        interactions=interactions)
+    return session, summary, image_path
+
+
+def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ: str, *,
+               positive: Sequence[Point] = (), negative: Sequence[Point] = (), box: Sequence[float] | None = None,
+               image: str | os.PathLike | None = None, model=None, device: str = "auto", samples: int | None = None,
+               seed: int | None = None, precision: str = "auto", locked: Sequence[str] = (),
+               should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Correct ``organ`` of the result in ``result_dir`` and write the corrected result to ``out_dir``.
+
+    Everything is checked before ``out_dir`` is touched (a bad click, organ or folder writes
+    nothing); the outputs are renamed into place at the end. Returns the new summary.
+    """
+    import SimpleITK as sitk
+
+    from ..inference.pipeline import _check_int
+    from ..io.volume import write_image_atomic
+    from ..uncertainty.ensemble import variance_for_storage
+
+    t_start = time.perf_counter()
+    _check_int("samples", samples, 1)
+    if not positive and not negative and box is None:
+        raise InputError("give at least one --click, --negative-click or --box")
+    src = Path(result_dir).expanduser().absolute()
+    out = Path(out_dir).expanduser().absolute()
+    if out == src:
+        raise OutputError(f"--out {out} is the result being refined: write the corrected result to another folder "
+                          "(the earlier one is kept)")
+    session, summary, image_path = load_session(src, image=image, model=model, device=device, samples=samples,
+                                                seed=seed, precision=precision, locked=locked)
+    session.locate(positive, negative, box)  # a point outside the image fails here, before any output
+    session.canonical_name(organ)
+    to_create = _check_output_dir(out, image_path)
+    t_load = time.perf_counter() - t_start
+    inter = session.refine(organ, positive, negative, box, should_cancel=should_cancel)
+    labels, uncertainty = session.labels, session.uncertainty
+    stored = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
+    stored.CopyInformation(uncertainty)
+
+    def write(staging: Path) -> None:
+        write_image_atomic(labels, staging / SEGMENTATION)
+        write_image_atomic(stored, staging / UNCERTAINTY)
+
+    def make_summary() -> dict:
+        return refined_summary(summary, session, labels, uncertainty, image_path,
+                               timings={"load": t_load, "refine": inter.seconds,
+                                        "total": time.perf_counter() - t_start})
+
+    return place_outputs(out, to_create, write, [SEGMENTATION, UNCERTAINTY], make_summary,
+                         should_cancel_check(should_cancel))
+
+
+def should_cancel_check(should_cancel: Callable[[], bool] | None) -> Callable[[], None]:
+    from ..errors import Cancelled
+
+    def check() -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("correction cancelled; no output was written")
+    return check
+
+
+def refined_summary(before: dict, session: InteractiveSession, labels, uncertainty, image_path: Path,
+                    timings: dict) -> dict:
+    """The earlier summary with the organs' volumes and uncertainty recounted and the corrections recorded.
+
+    Fields that only the automatic run could know (the most uncertain slice, where an organ probably
+    continues) are kept from it for the organs no correction touched and cleared for the others.
+    """
+    import SimpleITK as sitk
+
+    summary = json.loads(json.dumps(before))  # a deep copy
+    lab = sitk.GetArrayViewFromImage(labels)
+    unc = sitk.GetArrayViewFromImage(uncertainty)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    counts = np.bincount(lab.reshape(-1), minlength=len(session.organs) + 1)
+    corrected = {i.organ for i in session.interactions}
+    for entry in summary["organs"]:
+        label = int(entry["label"])
+        count = int(counts[label]) if label < len(counts) else 0
+        entry["voxel_count"] = count
+        entry["volume_ml"] = count * voxel_ml
+        if entry["name"] in corrected:
+            entry["mean_uncertainty"] = float(unc[lab == label].mean(dtype=np.float64)) if count else None
+            entry["possible_continuation"] = []
+            entry["max_uncertainty_slice"] = entry["max_uncertainty_position_mm"] = None
+    summary["interactions"] = [i.to_dict() for i in session.interactions]
+    summary["locked"] = sorted(session.locked)
+    summary["outputs"] = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY, "probabilities": {}}
+    summary.setdefault("input", {})["path"] = str(image_path.absolute())
+    summary["refine"] = {"samples": session.samples, "seed": session.seed, "click_radius_mm": session.radius_mm,
+                         "timings_s": {k: round(float(v), 4) for k, v in timings.items()}}
+    return summary
+
+
+__all__ = ["load_session", "read_result_summary", "run_refine", "refined_summary"]

@@ -1,0 +1,142 @@
+"""``meddiffseg refine``: a segment result corrected with clicks, from files to files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedDiffSegLib.cli.main import main
+from MedDiffSegLib.errors import InputError, ModelError, OutputError
+from MedDiffSegLib.interactive.refine import run_refine
+from MedDiffSegLib.registry import export_zip, install_zip
+from tinymodels import make_tiny_package
+
+
+@pytest.fixture(scope="module")
+def interactive_pkg(tmp_path_factory) -> Path:
+    return make_tiny_package(tmp_path_factory.mktemp("pkg") / "tiny-interactive", "guided", prompt_channels=4,
+                             name="tiny-interactive", samples=1).path
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    z, y, x = np.mgrid[0:10, 0:40, 0:48].astype(np.float32)
+    arr = np.where(((x - 24) / 18) ** 2 + ((y - 20) / 14) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.5, 5.0))
+    img.SetOrigin((-90.0, 12.5, 300.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path_factory.mktemp("vol") / "ct.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, volume, interactive_pkg) -> Path:
+    out = tmp_path_factory.mktemp("res") / "seg"
+    assert main(["segment", str(volume), "--out", str(out), "--model", str(interactive_pkg), "--organ", "liver",
+                 "--organ", "spleen", "--quiet", "--samples", "1"]) == 0
+    return out
+
+
+def _centre(volume: Path) -> tuple[float, float, float]:
+    img = sitk.ReadImage(str(volume))
+    return img.TransformIndexToPhysicalPoint((24, 20, 5))
+
+
+def _arg(p) -> str:
+    return ",".join(f"{v:.3f}" for v in p)
+
+
+def test_refine_writes_a_result_on_the_input_grid_and_records_the_clicks(tmp_path, volume, result, interactive_pkg,
+                                                                         capsys):
+    src_listing = sorted((f.name, f.stat().st_mtime_ns) for f in result.iterdir())
+    click = _centre(volume)
+    out = tmp_path / "r1"
+    assert main(["refine", str(result), "--organ", "liver", "--click", _arg(click), "--model", str(interactive_pkg),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Liver:" in printed and "voxels changed" in printed
+    ref = sitk.ReadImage(str(volume))
+    for name in ("segmentation.nii.gz", "uncertainty.nii.gz"):
+        img = sitk.ReadImage(str(out / name))
+        assert img.GetSize() == ref.GetSize()
+        assert np.allclose(img.GetSpacing(), ref.GetSpacing()) and np.allclose(img.GetOrigin(), ref.GetOrigin())
+        assert np.allclose(img.GetDirection(), ref.GetDirection())
+    summary = json.loads((out / "summary.json").read_text())
+    (inter,) = summary["interactions"]
+    assert inter["organ"] == "liver" and inter["clicks"] == [{"point_mm": list(click), "positive": True}]
+    assert inter["slices"] and all(0 <= k < 10 for k in inter["slices"])
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    before = sitk.GetArrayFromImage(sitk.ReadImage(str(result / "segmentation.nii.gz")))
+    assert inter["changed_voxels"] == int((lab != before).sum())
+    assert np.array_equal(lab == 2, before == 2)  # a liver correction never changes the spleen
+    assert [o["voxel_count"] for o in summary["organs"]] == [int((lab == 1).sum()), int((lab == 2).sum())]
+    # the earlier result is untouched
+    assert sorted((f.name, f.stat().st_mtime_ns) for f in result.iterdir()) == src_listing
+
+    # refining the refined result keeps the earlier click
+    out2 = tmp_path / "r2"
+    assert main(["refine", str(out), "--organ", "liver", "--negative-click", _arg(click), "--model",
+                 str(interactive_pkg), "--out", str(out2), "--quiet"]) == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert [len(i["clicks"]) for i in s2["interactions"]] == [1, 1]
+    assert s2["interactions"][0] == inter and s2["interactions"][1]["clicks"][0]["positive"] is False
+
+
+def test_the_recorded_model_is_found_and_checked(tmp_path, volume, result, interactive_pkg):
+    click = _centre(volume)
+    with pytest.raises(ModelError, match="tiny-interactive"):  # not installed: named in the error
+        run_refine(result, tmp_path / "a", "liver", positive=[click])
+    install_zip(export_zip(interactive_pkg, tmp_path / "pkg.zip"))
+    run_refine(result, tmp_path / "b", "liver", positive=[click])
+    assert (tmp_path / "b" / "summary.json").is_file()
+    other = make_tiny_package(tmp_path / "other", "guided", prompt_channels=4, name="tiny-interactive", seed=3)
+    shutil.rmtree(tmp_path / "home-models", ignore_errors=True)
+    install_zip(export_zip(other, tmp_path / "other.zip"), force=True)
+    with pytest.raises(ModelError, match="not the model that made this result"):
+        run_refine(result, tmp_path / "c", "liver", positive=[click])
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("case", ["outside", "organ", "no_summary", "same_out", "no_click", "bad_point"])
+def test_bad_refine_writes_nothing(tmp_path, volume, result, interactive_pkg, case):
+    out = tmp_path / "out"
+    argv = ["refine", str(result), "--organ", "liver", "--click", _arg(_centre(volume)), "--model",
+            str(interactive_pkg), "--out", str(out), "--quiet"]
+    expected = InputError.exit_code
+    if case == "outside":
+        argv[5] = "900,900,900"
+    elif case == "organ":
+        argv[3] = "kidney_left"
+        expected = ModelError.exit_code
+    elif case == "no_summary":
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        argv[1] = str(empty)
+    elif case == "same_out":
+        argv[-2] = str(result)
+        expected = OutputError.exit_code
+    elif case == "no_click":
+        del argv[4:6]
+    elif case == "bad_point":
+        argv[5] = "1,2"
+    listing = sorted(f.name for f in result.iterdir())
+    assert main(argv) == expected
+    assert not out.exists()
+    assert sorted(f.name for f in result.iterdir()) == listing
+
+
+def test_a_model_without_prompts_cannot_refine(tmp_path, volume):
+    plain = make_tiny_package(tmp_path / "plain", "guided", name="tiny-plain")
+    res = tmp_path / "res"
+    assert main(["segment", str(volume), "--out", str(res), "--model", str(plain.path), "--organ", "liver",
+                 "--quiet"]) == 0
+    assert main(["refine", str(res), "--organ", "liver", "--click", _arg(_centre(volume)), "--model",
+                 str(plain.path), "--out", str(tmp_path / "r")]) == ModelError.exit_code
+    assert not (tmp_path / "r").exists()
