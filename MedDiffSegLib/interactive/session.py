@@ -16,14 +16,15 @@ The stages of one correction, in the order :meth:`InteractiveSession.refine` run
    an error before anything changes.
 2. **Slab**: the slices the correction can reach: the slices of the box, and every slice within the
    model's click radius (``inference.click_radius_mm``) of a click of this organ.
-3. **Per slice, outwards from the clicks**: the slice's input and image encoding (cached,
-   :meth:`~InteractiveSession.encoded_slice`); its prompt maps (:meth:`~InteractiveSession.prompts_for`):
-   every click of this organ so far as a 3D distance map, clicks carried over from the change on
-   the previous slice (so a correction follows the organ through the volume), the box, and the
-   current mask as the previous-mask channel; sampling and blending of the windows; the new mask.
-   Going outwards, a direction stops where the change dies out (fewer than
-   :data:`MIN_CHANGE_PIXELS` model pixels changed) beyond the slab's core, or where the organ is absent
-   both before and after.
+3. **Sample, outwards from the clicks**: the core (the slices of the new clicks and box) first, then
+   batches of :data:`SLAB_BATCH` slices outwards in each direction. Per slice: its input and image
+   encoding (cached, :meth:`~InteractiveSession.encode`; :meth:`~InteractiveSession.encode_all`
+   encodes the whole volume ahead of the first click), and its prompt maps
+   (:meth:`~InteractiveSession.prompts_for`): every click of this organ so far as a 3D distance map
+   (weaker on slices farther from it, nothing beyond the click radius), the box on the slices it
+   spans, and the current mask as the previous-mask channel. A direction stops where no click or
+   box reaches, where the organ ends (absent before and after), or where the change dies out
+   (fewer than :data:`MIN_CHANGE_PIXELS` voxels changed).
 4. **Write back** into the label map with two rules: a correction of one organ never changes another
    organ's voxels (it takes only background and gives back only background), and a locked organ
    never changes (refining it is refused). The uncertainty map takes the organ's new variance on the
@@ -46,10 +47,12 @@ import torch
 
 from ..errors import Cancelled, InputError, ModelError
 from ..preprocessing.spec import inplane_size, intensity_bounds, resample_inplane
-from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map, error_click
+from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map
 
-#: A slice beyond the slab's core whose mask changed by fewer model pixels than this ends the propagation.
+#: A slice beyond the slab's core whose mask changed by fewer voxels than this ends the propagation.
 MIN_CHANGE_PIXELS = 4
+#: Slices re-sampled together when a correction spreads outwards from its core.
+SLAB_BATCH = 6
 
 Point = tuple[float, float, float]
 
@@ -142,7 +145,7 @@ class InteractiveSession:
         if int(getattr(self.method, "prompt_channels", 0)) != PROMPT_CHANNELS or self.radius_mm <= 0:
             raise ModelError(f"model {package.name!r} was not trained for interactive correction (no prompt "
                              "channels or no inference.click_radius_mm); use a model that was, e.g. abdomen-ct 2.0")
-        self.method.to(self.device).eval()
+        self.method.to(self.device, memory_format=torch.channels_last).eval()
         # stage 1: the canonical view of the image and everything derived from it
         self.image = image
         self.view = CanonicalView.from_image(image, self.spec.orientation)
@@ -161,7 +164,8 @@ class InteractiveSession:
         self.unc_c = (np.array(self.view.to_canonical(sitk.GetArrayViewFromImage(uncertainty)), dtype=np.float32)
                       if uncertainty is not None else np.zeros(self.labels_c.shape, dtype=np.float32))
         self._inputs: dict[int, torch.Tensor] = {}  # canonical slice -> network input [1, C, h, w]
-        self._encoded: dict[int, torch.Tensor] = {}  # canonical slice -> image encoding of its windows
+        self._encoded: dict[int, torch.Tensor] = {}  # canonical slice -> image encoding (one-window slices)
+        self._window_codes: dict[tuple[int, int], torch.Tensor] = {}  # (slice, MONAI batch) -> encodings
 
     # -- names and geometry --------------------------------------------------------------------
     def canonical_name(self, organ: str) -> str:
@@ -216,7 +220,7 @@ class InteractiveSession:
             self._inputs[k] = x
         return x
 
-    def prompts_for(self, k: int, label: int, located: _Located, carried: Sequence[Click]) -> torch.Tensor:
+    def prompts_for(self, k: int, label: int, located: _Located, carried: Sequence[Click] = ()) -> torch.Tensor:
         """The four prompt maps of canonical slice ``k`` for the organ with ``label`` (``[4, h, w]``)."""
         h, w = self.model_hw
         sk = self.spacing_kji[0]
@@ -239,9 +243,89 @@ class InteractiveSession:
         out[PREVIOUS] = (resample_inplane(mask, self.model_hw)[0, 0] >= 0.5).float() * 2.0 - 1.0
         return out
 
-    def sample_slice(self, k: int, organ_id: int, prompts: torch.Tensor,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance ``[h, w]`` of the organ on canonical slice ``k`` under ``prompts`` (model grid)."""
+    def encode(self, ks: Sequence[int]) -> None:
+        """Image encodings of the canonical slices ``ks`` that are not cached yet (one batch).
+
+        Only for slices that fit one window (the model grid no larger than the window, as for every
+        abdominal CT at 2 mm); :meth:`encode_all` calls it for the whole volume, e.g. while the user
+        reviews the automatic result, so that no click pays for it.
+        """
+        todo = [k for k in ks if k not in self._encoded]
+        if not todo or not self._one_window:
+            return
+        x = torch.cat([self._padded_input(k) for k in todo])
+        with torch.inference_mode(), self._autocast():
+            cond = self.method.condition(x.contiguous(memory_format=torch.channels_last))
+        for k, c in zip(todo, cond):
+            self._encoded[k] = c[None]
+
+    def encode_all(self, batch: int = 16, should_cancel: Callable[[], bool] | None = None) -> None:
+        """Encode every slice now (see :meth:`encode`)."""
+        for k0 in range(0, self.canon.shape[0], batch):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("encoding cancelled")
+            self.encode(range(k0, min(self.canon.shape[0], k0 + batch)))
+
+    @property
+    def _one_window(self) -> bool:
+        return self.model_hw[0] <= self.roi[0] and self.model_hw[1] <= self.roi[1]
+
+    def _padded_input(self, k: int) -> torch.Tensor:
+        """Slice ``k``'s input padded to the window with air (``[1, C, rh, rw]``), as MONAI pads it."""
+        x = self.encoded_slice(k)
+        h, w = self.model_hw
+        rh, rw = max(h, self.roi[0]), max(w, self.roi[1])
+        if (rh, rw) == (h, w):
+            return x
+        out = torch.full((1, x.shape[1], rh, rw), -1.0, dtype=x.dtype, device=x.device)
+        out[..., :h, :w] = x
+        return out
+
+    def _padded_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Prompt maps ``[n, 4, h, w]`` padded to the window as outside the organ (box and previous mask: -1)."""
+        n = prompts.shape[0]
+        h, w = self.model_hw
+        rh, rw = max(h, self.roi[0]), max(w, self.roi[1])
+        out = torch.zeros((n, PROMPT_CHANNELS, rh, rw), dtype=torch.float32, device=self.device)
+        out[:, PREVIOUS] = -1.0
+        has_box = (prompts[:, BOX] != 0).flatten(1).any(1)
+        out[has_box, BOX] = -1.0
+        out[..., :h, :w] = prompts.to(self.device)
+        return out
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def sample_slices(self, ks: Sequence[int], organ_id: int, prompts: torch.Tensor,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance ``[n, h, w]`` (model grid) of the organ on canonical slices ``ks`` under ``prompts`` ``[n, 4, h, w]``.
+
+        A slice that fits one window (the usual case) is sampled in one batch with the others, from its
+        cached encoding; a larger one goes through MONAI's sliding windows with Gaussian blending, its
+        image and prompts cropped together.
+        """
+        from ..uncertainty import ensemble_mean_variance
+
+        ks = list(ks)
+        h, w = self.model_hw
+        n = self.samples
+        if self._one_window:
+            self.encode(ks)
+            cond = torch.cat([self._encoded[k] for k in ks])
+            ids = torch.full((len(ks),), organ_id, dtype=torch.long, device=self.device)
+            with torch.inference_mode(), self._autocast():
+                probs = self.method.sample(cond, ids, n, self.steps, generator, prompts=self._padded_prompts(prompts))
+            mean, var = ensemble_mean_variance(probs.float(), dim=1)
+            return mean[:, :h, :w].clamp(0.0, 1.0), var[:, :h, :w].clamp(min=0.0)
+        means, variances = [], []
+        for k, p in zip(ks, prompts):
+            m, v = self._sample_windows(k, organ_id, p, generator)
+            means.append(m)
+            variances.append(v)
+        return torch.stack(means), torch.stack(variances)
+
+    def _sample_windows(self, k: int, organ_id: int, prompts: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         from monai.inferers import sliding_window_inference
 
         from ..uncertainty import ensemble_mean_variance
@@ -249,34 +333,26 @@ class InteractiveSession:
         x = self.encoded_slice(k)
         c = x.shape[1]
         h, w = self.model_hw
-        rh, rw = max(h, self.roi[0]), max(w, self.roi[1])
-        # Image and prompts travel together through the windows; padded here (image: air, prompts: as
-        # outside the organ) so that MONAI never pads them with one value.
-        stack = torch.zeros((1, c + PROMPT_CHANNELS, rh, rw), dtype=torch.float32, device=self.device)
-        stack[:, :c] = -1.0
-        stack[:, c + PREVIOUS] = -1.0
-        if bool((prompts[BOX] != 0).any()):
-            stack[:, c + BOX] = -1.0
-        stack[:, :c, :h, :w] = x
-        stack[0, c:, :h, :w] = prompts.to(self.device)
-        n = self.samples
-        encoded = self._encoded.get(k)
+        stack = torch.cat([self._padded_input(k), self._padded_prompts(prompts[None])], dim=1)
         ids = torch.tensor([organ_id], dtype=torch.long, device=self.device)
+        calls = [0]
 
         def predictor(win: torch.Tensor) -> torch.Tensor:
-            nonlocal encoded
-            if encoded is None or encoded.shape[0] != win.shape[0]:
-                encoded = self.method.condition(win[:, :c].contiguous())
-                self._encoded[k] = encoded
-            b = win.shape[0]
-            probs = self.method.sample(encoded, ids.repeat(b), n, self.steps, generator,
-                                       prompts=win[:, c:].contiguous())
+            # MONAI cuts the same windows in the same order every time: the n-th batch of slice k is
+            # always the same windows, so its encoding is cached under (k, n).
+            key = (k, calls[0])
+            calls[0] += 1
+            with self._autocast():
+                cond = self._window_codes.get(key)
+                if cond is None or cond.shape[0] != win.shape[0]:
+                    cond = self._window_codes[key] = self.method.condition(win[:, :c].contiguous())
+                probs = self.method.sample(cond, ids.repeat(win.shape[0]), self.samples, self.steps, generator,
+                                           prompts=win[:, c:].contiguous())
             m, v = ensemble_mean_variance(probs.float(), dim=1)
             return torch.stack([m, v], dim=1)
 
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                    enabled=self.amp_dtype is not None):
-            out = sliding_window_inference(stack, roi_size=self.roi, sw_batch_size=64, predictor=predictor,
+        with torch.inference_mode():
+            out = sliding_window_inference(stack, roi_size=self.roi, sw_batch_size=16, predictor=predictor,
                                            overlap=self.overlap, mode="gaussian")
         out = out[0, :, :h, :w].float()
         return out[0].clamp(0.0, 1.0), out[1].clamp(min=0.0)
@@ -315,56 +391,59 @@ class InteractiveSession:
         core_lo = min(n_k - 1, max(0, int(math.floor(min(ks) + 0.5))))
         core_hi = min(n_k - 1, max(0, int(math.floor(max(ks) + 0.5))))
         click_slices = [kji[0] for kji, _ in located.clicks]
-        new_labels = self.labels_c.copy()
-        new_unc = self.unc_c.copy()
-        touched: list[int] = []
+
+        def reached(k: int) -> bool:
+            dz = min((abs(k - c) * sk for c in click_slices), default=math.inf)
+            return dz < self.radius_mm or (located.box is not None and
+                                           located.box[0][0] - 0.5 <= k <= located.box[0][1] + 0.5)
+
+        updates: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slice -> (labels, uncertainty) staged
         changed = 0
 
-        def run(k: int, carry: list[Click]) -> tuple[int, list[Click], bool]:
-            """Re-sample slice ``k``; (voxels changed, the click its change carries on, organ present)."""
+        def run(batch: list[int]) -> list[tuple[int, bool]]:
+            """Re-sample the slices ``batch`` in one pass; per slice: (voxels changed, organ present)."""
             if should_cancel is not None and should_cancel():
                 raise Cancelled("correction cancelled; the result is unchanged")
-            prompts = self.prompts_for(k, label, located, carry)
-            mean, var = self.sample_slice(k, organ_id, prompts, generator)
-            old_model, new_model = prompts[PREVIOUS] > 0, mean >= self.threshold
-            want = (resample_inplane(mean[None, None], self.canon_hw)[0, 0] >= self.threshold).numpy()
-            var_c = resample_inplane(var[None, None], self.canon_hw)[0, 0].clamp_(min=0.0).numpy()
-            cur = new_labels[k]
-            gain = want & (cur == 0)  # only background becomes this organ
-            lose = ~want & (cur == label)  # only this organ becomes background
-            cur[gain] = label
-            cur[lose] = 0
-            mine = gain | lose | (cur == label)
-            new_unc[k][mine] = var_c[mine]
-            touched.append(k)
-            # the deepest point of the slice's largest change, carried to the next slice as a click
-            # (error_click(pred, gt) calls a region of gt that pred lacks "positive": here the old mask is
-            # the reference, so its positive regions are what the organ lost)
-            moved = error_click(new_model.numpy(), old_model.numpy(), self.model_spacing)
-            carry_on = [] if moved is None else [Click(moved[0], moved[1], not moved[2], 0.0)]
-            return int(gain.sum() + lose.sum()), carry_on, bool(old_model.any() or new_model.any())
+            prompts = torch.stack([self.prompts_for(k, label, located, ()) for k in batch])
+            mean, var = self.sample_slices(batch, organ_id, prompts, generator)
+            want_all = resample_inplane(mean[:, None], self.canon_hw)[:, 0] >= self.threshold
+            var_all = resample_inplane(var[:, None], self.canon_hw)[:, 0].clamp_(min=0.0).numpy()
+            out = []
+            for j, k in enumerate(batch):
+                want = want_all[j].numpy()
+                cur = self.labels_c[k].copy()
+                unc = self.unc_c[k].copy()
+                gain = want & (cur == 0)  # only background becomes this organ
+                lose = ~want & (cur == label)  # only this organ becomes background
+                cur[gain] = label
+                cur[lose] = 0
+                mine = gain | lose | (cur == label)
+                unc[mine] = var_all[j][mine]
+                updates[k] = (cur, unc)
+                present = bool((prompts[j, PREVIOUS] > 0).any() or (mean[j] >= self.threshold).any())
+                out.append((int(gain.sum() + lose.sum()), present))
+            return out
 
-        edge_carry: dict[int, list[Click]] = {}
-        for k in range(core_lo, core_hi + 1):
-            d, carry, _ = run(k, [])
+        for d, _ in run(list(range(core_lo, core_hi + 1))):
             changed += d
-            edge_carry[k] = carry
-        # Outwards from the core, a slice at a time, while a click reaches, the organ is there and the
-        # change goes on. A carried click is as strong as the nearest click's map on that slice, so the
-        # correction follows the organ's change in-plane but never reaches beyond the click radius.
+        # Outwards from the core in batches of SLAB_BATCH slices, while a click or the box reaches, and
+        # until the organ ends or the change dies out.
         for step, edge in ((1, core_hi), (-1, core_lo)):
-            carry, k = edge_carry[edge], edge + step
-            while 0 <= k < n_k:
-                dz = min((abs(k - c) * sk for c in click_slices), default=math.inf)
-                in_box = located.box is not None and located.box[0][0] - 0.5 <= k <= located.box[0][1] + 0.5
-                if dz >= self.radius_mm and not in_box:
-                    break  # no click or box reaches this slice: nothing can change here
-                d, nxt, present = run(k, [Click(c.row, c.col, c.positive, dz) for c in carry])
-                changed += d
-                if not present or (d < MIN_CHANGE_PIXELS and not in_box):
-                    break  # the organ ends here, or the change has died out
-                carry, k = nxt, k + step
-        self.labels_c, self.unc_c = new_labels, new_unc
+            k = edge + step
+            going = True
+            while going and 0 <= k < n_k and reached(k):
+                batch = []
+                while len(batch) < SLAB_BATCH and 0 <= k < n_k and reached(k):
+                    batch.append(k)
+                    k += step
+                for kk, (d, present) in zip(batch, run(batch)):
+                    changed += d
+                    if not present or d < MIN_CHANGE_PIXELS:
+                        going = False  # slices past this one in the batch are kept as computed
+        for k, (lab, unc) in updates.items():
+            self.labels_c[k] = lab
+            self.unc_c[k] = unc
+        touched = sorted(updates)
         axis, _ = self.view.input_index_of_canonical_slice(0)
         inter = Interaction(
             organ=name, positive=[tuple(map(float, p)) for p in positive],

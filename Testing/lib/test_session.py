@@ -57,9 +57,9 @@ class PromptRuleMethod(Method):
         raise NotImplementedError
 
 
-def _package(tmp_path: Path, prompt_channels: int = 4, radius: float | None = RADIUS, **config):
+def _package(tmp_path: Path, prompt_channels: int = 4, radius: float | None = RADIUS, roi: int = 16, **config):
     inf = dict(DEFAULT_INFERENCE)
-    inf.update({"roi_size": [16, 16], "overlap": 0.25, "samples": 1, "steps": 1, "sw_batch_size": 4})
+    inf.update({"roi_size": [roi, roi], "overlap": 0.25, "samples": 1, "steps": 1, "sw_batch_size": 4})
     if radius is not None:
         inf["click_radius_mm"] = radius
     cfg = {"num_organs": 2, "prompt_channels": prompt_channels, **config}
@@ -97,15 +97,16 @@ def _ball(img: sitk.Image, centre_mm, radius_mm) -> np.ndarray:
 
 
 def _session(tmp_path, img, labels, **kw):
-    pkg, method = _package(tmp_path, **{k: v for k, v in kw.items() if k == "noise"})
-    rest = {k: v for k, v in kw.items() if k != "noise"}
+    pkg, method = _package(tmp_path, **{k: v for k, v in kw.items() if k in ("noise", "roi")})
+    rest = {k: v for k, v in kw.items() if k not in ("noise", "roi")}
     return InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method, **rest), method
 
 
+@pytest.mark.parametrize("roi", [16, 64])  # sliding windows over a slice; one window per slice (batched slices)
 @pytest.mark.parametrize("direction", [None, (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)])
-def test_a_positive_click_adds_the_organ_where_clicked_and_nowhere_else(tmp_path, direction):
+def test_a_positive_click_adds_the_organ_where_clicked_and_nowhere_else(tmp_path, direction, roi):
     img, labels = _case(direction)
-    sess, _ = _session(tmp_path, img, labels)
+    sess, _ = _session(tmp_path, img, labels, roi=roi)
     before = sitk.GetArrayFromImage(labels)
     click = img.TransformIndexToPhysicalPoint((12, 27, 10))  # background below the liver, slice z=10
     inter = sess.refine("liver", positive=[click])
@@ -175,9 +176,10 @@ def test_clicks_accumulate_and_are_recorded(tmp_path):
     assert len(again.interactions) == 2
 
 
-def test_the_encoding_of_a_slice_is_computed_once(tmp_path):
+@pytest.mark.parametrize("roi", [16, 64])
+def test_the_encoding_of_a_slice_is_computed_once(tmp_path, roi):
     img, labels = _case()
-    sess, method = _session(tmp_path, img, labels)
+    sess, method = _session(tmp_path, img, labels, roi=roi)
     click = img.TransformIndexToPhysicalPoint((12, 27, 10))
     sess.refine("liver", positive=[click])
     first = method.condition_calls
@@ -232,3 +234,12 @@ def test_variance_of_the_corrected_organ_goes_to_the_uncertainty_map(tmp_path):
     ball = _ball(img, click, RADIUS / 2 - 3)
     assert float(unc[ball & (lab == 1)].min()) > 0  # 4 noisy samples: a variance where the organ was corrected
     assert float(unc[lab == 2].max()) == 0  # the spleen was not re-sampled
+
+
+def test_encode_all_leaves_nothing_for_the_clicks_to_encode(tmp_path):
+    img, labels = _case()
+    sess, method = _session(tmp_path, img, labels, roi=64)
+    sess.encode_all(batch=7)
+    assert method.condition_calls == 3  # 20 slices in batches of 7
+    sess.refine("liver", positive=[img.TransformIndexToPhysicalPoint((12, 27, 10))])
+    assert method.condition_calls == 3
