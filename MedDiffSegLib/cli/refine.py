@@ -58,6 +58,11 @@ def _box(text: str) -> tuple[float, ...]:
 
 
 def add_parser(sub) -> None:
+    _add_refine(sub)
+    _add_suggest(sub)
+
+
+def _add_refine(sub) -> None:
     p = sub.add_parser("refine", help="correct one organ of a result with clicks and a box",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", metavar="RESULT_DIR", help="output folder of 'meddiffseg segment' or 'refine'")
@@ -83,6 +88,51 @@ def add_parser(sub) -> None:
     p._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
 
+SUGGEST_DESCRIPTION = """\
+Where to click next: the places near an organ where the samples of a result disagree most,
+ranked by the expected volume of wrong voxels there (from uncertainty.nii.gz; a result of one
+sample has none: segment with --samples 5 or more). Each suggestion is a point (LPS, mm), the
+kind of click (positive where the organ is probably missing, negative where it is probably
+over-segmented) and a confidence: the chance that the point is wrongly labelled now.
+--model-free ranks the boundary band instead (the reference, needs no uncertainty).
+"""
+
+
+def _add_suggest(sub) -> None:
+    p = sub.add_parser("suggest", help="where to click next to correct an organ of a result",
+                       description=SUGGEST_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("result", metavar="RESULT_DIR", help="output folder of 'meddiffseg segment' or 'refine'")
+    p.add_argument("--organ", required=True)
+    p.add_argument("-k", type=int, default=3, help="how many suggestions (default: 3)")
+    p.add_argument("--model-free", action="store_true", help="rank the mask's boundary band, not the uncertainty")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(func=_cmd_suggest)
+
+
+def _cmd_suggest(args) -> int:
+    import json
+
+    from ..interactive.refine import result_suggestions
+
+    if args.k < 1:
+        raise InputError(f"-k must be at least 1, got {args.k}")
+    found = result_suggestions(args.result, args.organ, args.k, model_free=args.model_free)
+    if args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        _print_suggestions(found)
+    return 0
+
+
+def _print_suggestions(found: list[dict]) -> None:
+    if not found:
+        print("no suggestion: the samples agree everywhere near the organ (or the result has one sample)")
+    for i, x in enumerate(found, start=1):
+        kind = "click" if x["positive"] else "negative click"
+        print(f"{i}. {kind} at {','.join(f'{v:.1f}' for v in x['point_mm'])} (slice {x['slice']}): "
+              f"{100 * x['confidence']:.0f}% likely wrong there, about {x['expected_wrong_ml']:.1f} mL")
+
+
 def _cmd_refine(args) -> int:
     from ..interactive.refine import run_refine
     from .main import _CancelOnInterrupt
@@ -103,4 +153,8 @@ def _cmd_refine(args) -> int:
               f"(axis {last['slice_axis']}); now {entry['volume_ml']:.1f} mL; "
               f"{len(summary['interactions'])} correction(s) recorded; {last['seconds']:.2f} s")
         print(f"wrote {args.out}/segmentation.nii.gz, uncertainty.nii.gz, summary.json")
+        found = (summary.get("suggestions") or {}).get(last["organ"]) or []
+        if found:
+            print("where to click next:")
+            _print_suggestions(found)
     return 0

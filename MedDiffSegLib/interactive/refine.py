@@ -136,10 +136,13 @@ def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ:
         write_image_atomic(labels, staging / SEGMENTATION)
         write_image_atomic(stored, staging / UNCERTAINTY)
 
+    suggestions = [x.to_dict() for x in session.suggest(inter.organ, 3)]
+
     def make_summary() -> dict:
-        return refined_summary(summary, session, labels, uncertainty, image_path,
-                               timings={"load": t_load, "refine": inter.seconds,
-                                        "total": time.perf_counter() - t_start})
+        out = refined_summary(summary, session, labels, uncertainty, image_path,
+                              timings={"load": t_load, "refine": inter.seconds, "total": time.perf_counter() - t_start})
+        out["suggestions"] = {inter.organ: suggestions}
+        return out
 
     return place_outputs(out, to_create, write, [SEGMENTATION, UNCERTAINTY], make_summary,
                          should_cancel_check(should_cancel))
@@ -187,4 +190,28 @@ def refined_summary(before: dict, session: InteractiveSession, labels, uncertain
     return summary
 
 
-__all__ = ["load_session", "read_result_summary", "run_refine", "refined_summary"]
+__all__ = ["load_session", "read_result_summary", "result_suggestions", "run_refine", "refined_summary"]
+
+
+def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *, model_free: bool = False,
+                       image: str | os.PathLike | None = None) -> list[dict]:
+    """Where to click next on ``organ`` of a result folder (no model needed: its maps and image geometry)."""
+    import SimpleITK as sitk
+
+    from .session import suggest_clicks
+
+    folder = Path(result_dir).expanduser()
+    summary = read_result_summary(folder)
+    entry = next((o for o in summary["organs"] if organ.lower() in (o["name"].lower(), str(o.get("display_name", "")).lower())),
+                 None)
+    if entry is None:
+        raise InputError(f"organ {organ!r} is not in {folder}; it has: {', '.join(o['name'] for o in summary['organs'])}")
+    labels = sitk.ReadImage(str(folder / SEGMENTATION))
+    unc_path = folder / UNCERTAINTY
+    unc = sitk.GetArrayFromImage(sitk.ReadImage(str(unc_path), sitk.sitkFloat32)) if unc_path.is_file() else None
+    if unc is None and not model_free:
+        raise InputError(f"{folder} has no {UNCERTAINTY}; use --model-free")
+    lab = sitk.GetArrayFromImage(labels)
+    found = suggest_clicks(labels, lab, unc if unc is not None else np.zeros(lab.shape, np.float32),
+                           int(entry["label"]), entry["name"], k, model_free=model_free)
+    return [x.to_dict() for x in found]

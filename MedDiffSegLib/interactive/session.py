@@ -93,6 +93,24 @@ class Interaction:
 
 
 @dataclass
+class Suggestion:
+    """A place to click next (see :meth:`InteractiveSession.suggest`)."""
+
+    organ: str
+    point_mm: Point  # LPS
+    positive: bool  # a positive click (organ probably missing there) or a negative one
+    confidence: float  # the region's mean chance that the current label is wrong
+    expected_wrong_ml: float  # the region's expected volume of wrong voxels
+    region_ml: float
+    slice_index: int  # along the input's slice axis
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"organ": self.organ, "point_mm": [round(v, 2) for v in self.point_mm], "positive": self.positive,
+                "confidence": round(self.confidence, 4), "expected_wrong_ml": round(self.expected_wrong_ml, 3),
+                "region_ml": round(self.region_ml, 3), "slice": self.slice_index}
+
+
+@dataclass
 class _Located:
     """Clicks and box in canonical continuous voxel coordinates ``(k, j, i)``."""
 
@@ -454,6 +472,13 @@ class InteractiveSession:
         self.interactions.append(inter)
         return inter
 
+    # -- where to click next ------------------------------------------------------------------
+    def suggest(self, organ: str, k: int = 3, **options) -> list["Suggestion"]:
+        """Up to ``k`` places where a click on ``organ`` is most likely to help (:func:`suggest_clicks`)."""
+        name = self.canonical_name(organ)
+        return suggest_clicks(self.image, self.view.from_canonical(self.labels_c), self.view.from_canonical(self.unc_c),
+                              self.organs.index(name) + 1, name, k, **options)
+
     # -- results -------------------------------------------------------------------------------
     def lock(self, organ: str) -> None:
         self.locked.add(self.canonical_name(organ))
@@ -475,3 +500,62 @@ class InteractiveSession:
     def uncertainty(self) -> sitk.Image:
         """The current uncertainty map on the image's grid (float32)."""
         return self._to_image(self.unc_c)
+
+
+def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarray, label: int, organ: str, k: int = 3,
+                   *, band_mm: float = 10.0, min_variance: float = 0.02, model_free: bool = False) -> list[Suggestion]:
+    """Up to ``k`` places where a click on the organ with ``label`` is most likely to help, best first.
+
+    ``labels`` and ``uncertainty`` are the result's maps as arrays on ``image``'s grid (``[z, y, x]``).
+    From the uncertainty map (the samples' variance ``v`` of the organ's probability; for samples
+    that are each 0 or 1, ``v = p(1 - p)``, so the chance that the current label is wrong there is
+    ``e = (1 - sqrt(1 - 4v)) / 2``): within ``band_mm`` of the organ's mask, on voxels that are this
+    organ or background, the voxels with ``v >= min_variance`` are grouped into 3D connected regions,
+    ranked by their expected number of wrong voxels (the sum of ``e``). The suggested point is the
+    region's voxel deepest inside it; its click is positive when that voxel is outside the current
+    mask (the organ is probably missing there) and negative inside it. ``confidence`` is ``e``
+    averaged over the region: the chance that the click lands on a wrong voxel.
+
+    ``model_free`` ignores the uncertainty and ranks the regions of a band of 2 voxels on both sides
+    of the mask's boundary by size: the reference a suggestion must beat (it also works with 1
+    sample). Returns an empty list when nothing stands out (e.g. a 1-sample result, whose
+    uncertainty map is all zero).
+    """
+    from scipy import ndimage
+
+    from ..io.geometry import CanonicalView
+
+    mask = np.asarray(labels) == label
+    if not mask.any():
+        return []
+    sp = tuple(float(v) for v in image.GetSpacing()[::-1])  # [z, y, x]
+    mine = (np.asarray(labels) == 0) | mask
+    if model_free:
+        cand = ((mask & ~ndimage.binary_erosion(mask, iterations=2))
+                | (ndimage.binary_dilation(mask, iterations=2) & ~mask)) & mine
+        err = cand.astype(np.float32)
+    else:
+        unc = np.asarray(uncertainty, dtype=np.float32)
+        near = ndimage.distance_transform_edt(~mask, sampling=sp) <= band_mm
+        err = (1.0 - np.sqrt(1.0 - 4.0 * np.clip(unc, 0.0, 0.25))) / 2.0
+        cand = near & mine & (unc >= min_variance)
+    regions, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    mass = ndimage.sum_labels(err, regions, index=np.arange(1, n + 1))
+    size = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    view = CanonicalView.from_image(image, "LPS")
+    out: list[Suggestion] = []
+    for r in np.argsort(-mass, kind="stable")[:k]:
+        sl = ndimage.find_objects((regions == r + 1).astype(np.int8))[0]
+        region = regions[sl] == r + 1
+        depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=sp)[1:-1, 1:-1, 1:-1]
+        z, y, x = (int(s.start) + int(i) for s, i in zip(sl, np.unravel_index(int(np.argmax(depth)), depth.shape)))
+        point = image.TransformIndexToPhysicalPoint((x, y, z))
+        kk = int(round(view.canonical_of_input_index((z, y, x))[0]))
+        out.append(Suggestion(organ=organ, point_mm=tuple(float(v) for v in point), positive=not bool(mask[z, y, x]),
+                              confidence=float(mass[r] / size[r]), expected_wrong_ml=float(mass[r]) * voxel_ml,
+                              region_ml=float(size[r]) * voxel_ml,
+                              slice_index=int(view.input_index_of_canonical_slice(kk)[1])))
+    return out

@@ -140,3 +140,22 @@ def test_a_model_without_prompts_cannot_refine(tmp_path, volume):
     assert main(["refine", str(res), "--organ", "liver", "--click", _arg(_centre(volume)), "--model",
                  str(plain.path), "--out", str(tmp_path / "r")]) == ModelError.exit_code
     assert not (tmp_path / "r").exists()
+
+
+def test_suggest_reads_a_result_without_the_model(tmp_path, volume, interactive_pkg, capsys):
+    res = tmp_path / "res"
+    assert main(["segment", str(volume), "--out", str(res), "--model", str(interactive_pkg), "--organ", "liver",
+                 "--samples", "4", "--quiet", "--no-adaptive"]) == 0
+    capsys.readouterr()
+    assert main(["suggest", str(res), "--organ", "liver", "-k", "2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    unc = sitk.GetArrayFromImage(sitk.ReadImage(str(res / "uncertainty.nii.gz")))
+    ref = sitk.ReadImage(str(volume))
+    assert len(found) <= 2
+    for x in found:
+        z, y, xx = np.array(ref.TransformPhysicalPointToIndex(x["point_mm"]))[::-1]
+        assert unc[z, y, xx] >= 0.02 and 0 < x["confidence"] <= 0.5
+    assert main(["suggest", str(res), "--organ", "liver", "--model-free"]) == 0
+    assert "at " in capsys.readouterr().out
+    assert main(["suggest", str(res), "--organ", "pancreas"]) == InputError.exit_code
+    assert main(["suggest", str(tmp_path), "--organ", "liver"]) == InputError.exit_code

@@ -243,3 +243,31 @@ def test_encode_all_leaves_nothing_for_the_clicks_to_encode(tmp_path):
     assert method.condition_calls == 3  # 20 slices in batches of 7
     sess.refine("liver", positive=[img.TransformIndexToPhysicalPoint((12, 27, 10))])
     assert method.condition_calls == 3
+
+
+def test_suggestions_rank_uncertain_regions_near_the_organ(tmp_path):
+    img, labels = _case()
+    before = sitk.GetArrayFromImage(labels)
+    unc = np.zeros(before.shape, np.float32)
+    unc[8:13, 18:22, 10:16] = 0.24  # just below the liver (outside it): a likely miss, 120 voxels
+    unc[9:11, 10:12, 12:14] = 0.09  # inside the liver: a smaller doubt, 8 voxels
+    unc[9:11, 10:12, 26:28] = 0.25  # on the spleen: never a liver suggestion
+    unc[0:2, 0:3, 0:3] = 0.25  # far from the liver: outside the band
+    u = sitk.GetImageFromArray(unc)
+    u.CopyInformation(img)
+    pkg, method = _package(tmp_path)
+    sess = InteractiveSession(img, pkg, ["liver", "spleen"], labels, u, method=method)
+    first, second = sess.suggest("liver", k=5)
+    zyx = np.array(img.TransformPhysicalPointToIndex(first.point_mm))[::-1]
+    assert 8 <= zyx[0] < 13 and 18 <= zyx[1] < 22 and 10 <= zyx[2] < 16 and first.positive
+    e = (1 - math.sqrt(1 - 4 * 0.24)) / 2
+    assert first.confidence == pytest.approx(e, rel=1e-4)
+    assert first.expected_wrong_ml == pytest.approx(120 * e * 0.012, rel=1e-3)  # 2×2×3 mm voxels
+    zyx2 = np.array(img.TransformPhysicalPointToIndex(second.point_mm))[::-1]
+    assert before[tuple(zyx2)] == 1 and not second.positive
+    # the model-free reference needs no variance: the boundary band, the largest first
+    free = sess.suggest("liver", k=2, model_free=True)
+    assert free and all(f.confidence == 1.0 for f in free)
+    # nothing stands out without variance
+    flat = InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method)
+    assert flat.suggest("liver") == []
