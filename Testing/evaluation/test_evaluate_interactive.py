@@ -1,0 +1,83 @@
+"""bench/evaluate_interactive.py: the challenge's oracle click, the Dice curve, and a whole case run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tinymodels import make_tiny_package
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ev():
+    spec = importlib.util.spec_from_file_location("evaluate_interactive", REPO / "bench" / "evaluate_interactive.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_clicks_the_deepest_point_of_the_largest_error(ev):
+    gt = np.zeros((10, 20, 20), bool)
+    gt[2:8, 4:16, 4:16] = True
+    pred = gt.copy()
+    pred[2:8, 4:16, 10:16] = False  # a 6×12×6 miss
+    pred[0, 0:2, 0:2] = True  # a 4-voxel false positive
+    (z, y, x), positive = ev.oracle_click(pred, gt, (1.0, 1.0, 1.0))
+    assert positive and gt[z, y, x] and not pred[z, y, x]
+    assert 4 <= z <= 5 and 12 <= x <= 13 and 4 <= y < 16  # mid-slab in its two thin directions (ties: first)
+    over = gt.copy()
+    over[0:2] = True
+    (z, y, x), positive = ev.oracle_click(over, gt, (1.0, 1.0, 1.0))
+    assert not positive and over[z, y, x] and not gt[z, y, x]
+    assert ev.oracle_click(gt, gt, (1.0, 1.0, 1.0)) is None
+    # anisotropic spacing: the deepest point in mm, not in voxels
+    thin = np.zeros((9, 9, 30), bool)
+    thin[:, :, :] = True
+    (z, y, x), _ = ev.oracle_click(np.zeros_like(thin), thin, (5.0, 1.0, 1.0))
+    assert z == 4 and y == 4
+
+
+def test_auc_and_dice(ev):
+    assert ev.auc([0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert ev.auc([0.0, 1.0]) == pytest.approx(0.5)
+    a = np.zeros((4, 4), bool)
+    assert ev.dice(a, a) == 1.0
+    a[0, 0] = True
+    assert ev.dice(a, np.zeros_like(a)) == 0.0
+
+
+def test_a_case_runs_every_variant(ev, tmp_path):
+    pkg = make_tiny_package(tmp_path / "pkg", "guided", prompt_channels=4, name="tiny-interactive", samples=1)
+    arr = np.full((8, 40, 48), -500, np.int16)
+    arr[1:7, 8:32, 8:40] = 60
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.0, 5.0))
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[2:6, 12:24, 10:22] = 5
+    lab[2:6, 12:24, 26:36] = 1
+    gt = sitk.GetImageFromArray(lab)
+    gt.CopyInformation(img)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(gt, str(tmp_path / "gt.nii.gz"))
+    case = {"name": "synthetic", "image": tmp_path / "ct.nii.gz", "label": tmp_path / "gt.nii.gz",
+            "table": {"liver": 5, "spleen": 1}}
+    method = pkg.load_method("cpu")
+    out = ev.run_case(case, pkg, method, ["liver", "spleen"], list(ev.VARIANTS), 2, 2, "cpu", log=lambda m: None)
+    for v in ev.VARIANTS:
+        for organ in ("liver", "spleen"):
+            r = out[v][organ]
+            assert len(r["dice"]) == (4 if v == "box" else 3)
+            assert all(0.0 <= d <= 1.0 for d in r["dice"]) and r["final"] == r["dice"][-1]
+            assert len(r["seconds"]) == len(r["clicks"]) <= (3 if v == "box" else 2)
+    assert out["box"]["liver"]["dice"][0] == 0.0  # the box variant starts from the organ removed
+    summary = ev.summarise({"synthetic": out}, list(ev.VARIANTS), ["liver", "spleen"])
+    assert summary["auto"]["liver"]["n"] == 1 and len(summary["box"]["spleen"]["dice_mean"]) == 4
+    text = ev.markdown(summary, "cmd", "cpu")
+    assert "**auto**" in text and "| liver | 1 |" in text

@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Interactive correction under the CVPR 2025 interactive-segmentation protocol, on the test patients.
+
+    python bench/evaluate_interactive.py MODEL [--clicks 5] [--variants auto box suggested model-free]
+        [--samples 1] [--cases A B ...] [--organs ...] [--out DIR] [--doc docs/interactive.md]
+
+For every **test** case of ``bench/protocol.json`` of the model's modality (BTCV 6, CHAOS MR 5; used
+for nothing else) and every organ of the model the dataset labels, each variant starts from a
+result and adds ``--clicks`` clicks, one at a time, each re-sampled by the model
+(:class:`~MedDiffSegLib.interactive.session.InteractiveSession`); Dice (input grid) after every
+step:
+
+- ``auto``: the automatic segmentation of all organs prompted together (1 sample unless
+  ``--samples``), then clicks from the **oracle**: the point deepest inside the largest 3D error
+  region of the organ (distance-transform maximum, in mm; positive where the organ is missed,
+  negative where it is over-segmented), as the challenge places them;
+- ``box``: the organ removed from the automatic result, then a box (the true organ's 3D bounding
+  box) as the first step, then oracle clicks;
+- ``suggested``: the automatic result, then clicks placed at the model's own first suggestion
+  (:func:`~MedDiffSegLib.interactive.session.suggest_clicks`, from the uncertainty; needs
+  ``--samples`` >= 2), or the model-free one when none stands out;
+- ``model-free``: the same with the model-free suggestion (the boundary band's largest region).
+
+Reports per variant and organ: Dice at each step (mean ± sd over cases, n), the area under the
+Dice-per-step curve (trapezoid, normalised to [0, 1]), the final Dice and the seconds per step;
+writes ``DIR/<variant>/<case>.json`` and ``DIR/summary.json`` and, with ``--doc``, the tables into
+that Markdown file between markers. Failures (organ absent after the last step) are counted apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("auto", "box", "suggested", "model-free")
+
+
+def oracle_click(pred: np.ndarray, gt: np.ndarray, spacing_zyx) -> tuple[tuple[int, int, int], bool] | None:
+    """The challenge's next click: ``((z, y, x), positive)`` deepest inside the largest 3D error region, or None."""
+    from scipy import ndimage
+
+    best = None
+    for positive, err in ((True, gt & ~pred), (False, pred & ~gt)):
+        if not err.any():
+            continue
+        lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(lab.ravel())[1:]
+        k = int(np.argmax(sizes))
+        if best is None or sizes[k] > best[0]:
+            best = (int(sizes[k]), positive, lab, k + 1)
+    if best is None:
+        return None
+    _, positive, lab, idx = best
+    sl = ndimage.find_objects((lab == idx).astype(np.int8))[0]
+    region = lab[sl] == idx
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+    at = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return tuple(int(s.start) + int(i) for s, i in zip(sl, at)), positive  # type: ignore[return-value]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def auc(values: list[float]) -> float:
+    """Area under Dice per step (trapezoid), steps scaled to [0, 1]."""
+    if len(values) < 2:
+        return float(values[0]) if values else float("nan")
+    return float(np.trapezoid(values, dx=1.0 / (len(values) - 1)))
+
+
+def gt_box_mm(image, gt: np.ndarray) -> tuple[float, ...]:
+    z, y, x = np.nonzero(gt)
+    a = image.TransformIndexToPhysicalPoint((int(x.min()), int(y.min()), int(z.min())))
+    b = image.TransformIndexToPhysicalPoint((int(x.max()), int(y.max()), int(z.max())))
+    return (*a, *b)
+
+
+def run_case(case: dict, package, method, organs: list[str], variants: list[str], clicks: int, samples: int,
+             device: str, log=print) -> dict:
+    """Every variant for every organ of one case; returns ``{variant: {organ: record}}``."""
+    import SimpleITK as sitk
+
+    from MedDiffSegLib.inference.engine import segment_volume
+    from MedDiffSegLib.interactive.session import InteractiveSession, suggest_clicks
+    from MedDiffSegLib.io import read_volume
+    from MedDiffSegLib.training.data import _labels_on_image_grid
+
+    image = read_volume(case["image"])
+    gt_all = sitk.GetArrayFromImage(_labels_on_image_grid(sitk.ReadImage(str(case["label"])), image))
+    spacing = tuple(float(v) for v in image.GetSpacing()[::-1])
+    t0 = time.perf_counter()
+    auto = segment_volume(image, package, organs, samples=samples, seed=0, device=device, method=method)
+    t_auto = time.perf_counter() - t0
+    start_labels, start_unc = auto.labels, auto.uncertainty
+    session = InteractiveSession(image, package, organs, start_labels, start_unc, method=method, device=device,
+                                 samples=samples)
+    session.encode_all()
+    start_lab = session.labels_c.copy()
+    start_u = session.unc_c.copy()
+    out: dict = {v: {} for v in variants}
+    for organ in organs:
+        label = organs.index(organ) + 1
+        gt = gt_all == case["table"][organ]
+        for variant in variants:
+            session.labels_c[...] = start_lab
+            session.unc_c[...] = start_u
+            session.interactions.clear()
+            if variant == "box":
+                session.labels_c[session.labels_c == label] = 0
+            lab = sitk.GetArrayViewFromImage(session.labels)
+            steps = [dice(lab == label, gt)]
+            seconds: list[float] = []
+            kinds: list[str] = []
+            if variant == "box" and gt.any():
+                t = time.perf_counter()
+                session.refine(organ, box=gt_box_mm(image, gt))
+                seconds.append(time.perf_counter() - t)
+                kinds.append("box")
+                steps.append(dice(sitk.GetArrayViewFromImage(session.labels) == label, gt))
+            for _ in range(clicks):
+                cur = sitk.GetArrayFromImage(session.labels) == label
+                if variant in ("auto", "box"):
+                    found = oracle_click(cur, gt, spacing)
+                    if found is None:
+                        break
+                    (z, y, x), positive = found
+                    point = image.TransformIndexToPhysicalPoint((x, y, z))
+                else:
+                    sug = [] if variant == "model-free" else session.suggest(organ, 1)
+                    if not sug:
+                        sug = session.suggest(organ, 1, model_free=True)
+                    if not sug:
+                        break
+                    point, positive = sug[0].point_mm, sug[0].positive
+                t = time.perf_counter()
+                if positive:
+                    session.refine(organ, positive=[point])
+                else:
+                    session.refine(organ, negative=[point])
+                seconds.append(time.perf_counter() - t)
+                kinds.append("positive" if positive else "negative")
+                steps.append(dice(sitk.GetArrayViewFromImage(session.labels) == label, gt))
+            while len(steps) < clicks + 1 + (variant == "box"):
+                steps.append(steps[-1])  # nothing left to correct: the Dice stays
+            out[variant][organ] = {"dice": steps, "auc": auc(steps), "final": steps[-1], "seconds": seconds,
+                                   "clicks": kinds, "failure": bool(gt.any() and steps[-1] == 0.0)}
+        log(f"{case['name']} {organ}: " + ", ".join(f"{v} {out[v][organ]['dice'][0]:.3f}->{out[v][organ]['final']:.3f}"
+                                                     for v in variants))
+    out["_auto_seconds"] = t_auto
+    return out
+
+
+def summarise(per_case: dict[str, dict], variants: list[str], organs: list[str]) -> dict:
+    summary: dict = {}
+    for v in variants:
+        summary[v] = {}
+        for o in organs:
+            recs = [c[v][o] for c in per_case.values() if o in c.get(v, {})]
+            if not recs:
+                continue
+            n_steps = max(len(r["dice"]) for r in recs)
+            steps = [[r["dice"][min(i, len(r["dice"]) - 1)] for r in recs] for i in range(n_steps)]
+            secs = [s for r in recs for s in r["seconds"]]
+            summary[v][o] = {
+                "n": len(recs), "failures": int(sum(r["failure"] for r in recs)),
+                "dice_mean": [float(np.mean(s)) for s in steps], "dice_sd": [float(np.std(s)) for s in steps],
+                "auc_mean": float(np.mean([r["auc"] for r in recs])),
+                "final_mean": float(np.mean([r["final"] for r in recs])), "final_sd": float(np.std([r["final"] for r in recs])),
+                "seconds_per_step": float(np.mean(secs)) if secs else None,
+            }
+    return summary
+
+
+def markdown(summary: dict, command: str, hardware: str) -> str:
+    lines = [f"Command: `{command}`  ", f"Hardware: {hardware}", ""]
+    for v, per in summary.items():
+        if not per:
+            continue
+        n_steps = max(len(r["dice_mean"]) for r in per.values())
+        head = ["organ", "n"] + [f"step {i}" for i in range(n_steps)] + ["AUC", "final (sd)", "s/step", "failures"]
+        lines += [f"**{v}**", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for o, r in per.items():
+            sps = "-" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
+            lines.append("| " + " | ".join([o, str(r["n"]), *(f"{d:.3f}" for d in r["dice_mean"]), f"{r['auc_mean']:.3f}",
+                                            f"{r['final_mean']:.3f} ({r['final_sd']:.3f})", sps, str(r["failures"])]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--cases", nargs="*")
+    ap.add_argument("--organs", nargs="*")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("runs/interactive"))
+    ap.add_argument("--doc", type=Path)
+    args = ap.parse_args(argv)
+
+    from MedDiffSegLib.evaluation.protocol import protocol_cases
+    from MedDiffSegLib.registry import ModelPackage, resolve_model
+
+    pkg = ModelPackage.from_folder(args.model) if Path(args.model).is_dir() else resolve_model(args.model)
+    pkg.verify()
+    method = pkg.load_method(args.device)
+    protocol = json.loads((REPO / "bench" / "protocol.json").read_text())
+    root = Path(os.environ.get("MEDDIFFSEG_DATA") or REPO.parent / "shared" / "data")
+    cases = [c for c in protocol_cases(protocol, pkg.preprocessing.modality, pkg.organ_names, root, args.cases)
+             if c["role"] == "test"]
+    per_case: dict[str, dict] = {}
+    organs_all: list[str] = []
+    for case in cases:
+        organs = [o for o in case["organs"] if not args.organs or o in args.organs]
+        organs_all += [o for o in organs if o not in organs_all]
+        per_case[case["name"]] = run_case(case, pkg, method, organs, args.variants, args.clicks, args.samples,
+                                          args.device)
+        for v in args.variants:
+            (args.out / v).mkdir(parents=True, exist_ok=True)
+            (args.out / v / f"{case['name']}.json").write_text(json.dumps(per_case[case["name"]][v], indent=1))
+    summary = summarise(per_case, args.variants, organs_all)
+    command = "python bench/evaluate_interactive.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.device}"
+    (args.out / "summary.json").write_text(json.dumps({"command": command, "model": pkg.name, "version": pkg.version,
+                                                       "summary": summary}, indent=1))
+    text = markdown(summary, command, hardware)
+    print(text)
+    if args.doc:
+        start, end = f"<!-- interactive:{pkg.name}:start -->", f"<!-- interactive:{pkg.name}:end -->"
+        body = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else "# Interactive correction\n\n"
+        block = f"{start}\n{text.rstrip()}\n{end}"
+        body = (body[:body.index(start)] + block + body[body.index(end) + len(end):]) if start in body and end in body \
+            else body.rstrip() + "\n\n" + block + "\n"
+        args.doc.write_text(body, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
