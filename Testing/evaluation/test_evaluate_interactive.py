@@ -38,10 +38,9 @@ def test_oracle_clicks_the_deepest_point_of_the_largest_error(ev):
     assert not positive and over[z, y, x] and not gt[z, y, x]
     assert ev.oracle_click(gt, gt, (1.0, 1.0, 1.0)) is None
     # anisotropic spacing: the deepest point in mm, not in voxels
-    thin = np.zeros((9, 9, 30), bool)
-    thin[:, :, :] = True
-    (z, y, x), _ = ev.oracle_click(np.zeros_like(thin), thin, (5.0, 1.0, 1.0))
-    assert z == 4 and y == 4
+    slab = np.ones((9, 30, 30), bool)  # 45 × 30 × 30 mm: in mm the in-plane centre is deepest (15 mm) from
+    (z, y, x), _ = ev.oracle_click(np.zeros_like(slab), slab, (5.0, 1.0, 1.0))  # slice 2 on (5 mm × 3)
+    assert z == 2 and 14 <= y <= 15 and 14 <= x <= 15  # in voxels it would be slice 4 only
 
 
 def test_auc_and_dice(ev):
