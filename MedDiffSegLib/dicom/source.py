@@ -31,6 +31,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from ..errors import InputError, OutputError
+from ..io.volume import array_view
 
 StrPath = str | os.PathLike
 
@@ -159,7 +160,7 @@ def align_to_grid(image: sitk.Image, grid: Grid, what: str) -> np.ndarray:
         raise InputError(f"{what} does not lie on the DICOM series' voxel grid: " + "; ".join(problems)
                          + ". It must have the series' exact geometry (as 'meddiffseg segment' writes it)")
 
-    array = sitk.GetArrayViewFromImage(image)  # [k, j, i] of the image = numpy axes 2 - a
+    array = array_view(image)  # [k, j, i] of the image = numpy axes 2 - a; holds the image (may be returned as is)
     flips = tuple(2 - a for a in range(3) if flip[a])
     if flips:
         array = np.flip(array, flips)

@@ -364,6 +364,25 @@ def write_image_atomic(image: sitk.Image, path: StrPath, compress: bool = True) 
     return target
 
 
+class _ImageVoxels:
+    """Hands an image's voxel buffer to numpy while holding the image (see :func:`array_view`)."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def array_view(image: sitk.Image) -> np.ndarray:
+    """A read-only numpy view ``[z, y, x]`` (``[z, y, x, c]`` for vectors) of ``image``'s voxels, without a copy,
+    that keeps ``image`` alive for as long as the view or any array derived from it without a copy exists.
+
+    ``sitk.GetArrayViewFromImage`` does not: its view reads freed memory (or crashes) once the image it
+    came from is dropped. Use this wherever a view may outlive the variable that holds the image (kept
+    in a dict, returned, passed on).
+    """
+    return np.asarray(_ImageVoxels(image))
+
+
 def image_from_array(array_zyx, reference: sitk.Image) -> sitk.Image:
     """A scalar image from a numpy ``[z, y, x]`` array with ``reference``'s spacing, origin, direction.
 
