@@ -91,11 +91,13 @@ modality:
   modality is the DICOM Modality tag of a series (CT or MR; other modalities are
   refused), else --modality. Without --model the default model for that modality is
   used (a file without --modality is refused: nothing is guessed). Before the model
-  runs, its modality is checked against the input: a CT model refuses an input tagged
-  or declared MR and one whose intensities are implausible as Hounsfield units (a CT
-  has fat and air at -50 HU and below in at least 5% of its voxels; an MR has none);
-  an MR model refuses an input tagged or declared CT and, when neither is known, one
-  whose intensities look like HU. The error names the installed models that fit;
+  runs, the input's intensities are checked against its tag or --modality, both ways:
+  intensities implausible as Hounsfield units (a CT has fat and air at -50 HU and below
+  in at least 5% of its voxels; an MR has none) contradict CT, intensities plausible
+  as HU contradict MR. A model refuses an input tagged or declared the other modality;
+  without a tag or --modality, a CT model refuses intensities implausible as HU and an
+  MR model intensities that look like HU. The error says what the input probably is,
+  the flag to use (--modality CT|MR or --model) and the installed models that fit;
   --allow-modality-mismatch runs the model anyway (with a warning, recorded in
   summary.json as modality_check.overridden).
 

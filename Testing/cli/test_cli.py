@@ -388,10 +388,38 @@ def test_mr_model_on_ct_stops_and_modality_contradicting_the_tag_is_an_input_err
     _assert_one_error_line(capsys.readouterr().err, "the input is CT (--modality)")
     # no tag, nothing declared: HU intensities are not an MR
     assert main(_segment_argv(small_volume, out, tiny_mr)) == ModelError.exit_code
-    _assert_one_error_line(capsys.readouterr().err, "looks like a CT in Hounsfield units")
+    _assert_one_error_line(capsys.readouterr().err, "the input's intensities look like a CT in Hounsfield units",
+                           "if it is a CT, pass --modality CT instead of --model")
     assert main(_segment_argv(series, out, tiny_guided, "--modality", "MR")) == InputError.exit_code
     _assert_one_error_line(capsys.readouterr().err, "--modality MR contradicts the DICOM Modality tag CT")
     _assert_no_outputs(out)
+
+
+@pytest.mark.parametrize("rel,declared,fragments", [
+    ("totalsegmentator/example_ct.nii.gz", "MR",
+     ("model 'abdomen-mr' is an MR model and the input is MR (--modality), but its intensities look like a CT",
+      "if it is a CT, pass --modality CT;", "installed CT models: abdomen-ct (the default)")),
+    ("chaos_mr/imagesTr/chaos_t2_01.nii.gz", "CT",
+     ("model 'abdomen-ct' is a CT model and the input is CT (--modality), but its intensities are implausible",
+      "if it is an MR, pass --modality MR;", "installed MR models: abdomen-mr (the default)")),
+], ids=["ct-declared-mr", "mr-declared-ct"])
+def test_a_real_scan_declared_the_wrong_modality_stops_before_the_network(rel, declared, fragments, tmp_path, data_dir,
+                                                                         monkeypatch, capsys):
+    """Issue #25: a CT declared MR ran the MR model and reported a 7.9 L 'liver'; the refusal of an MR
+    declared CT did not name abdomen-mr or --modality MR. Both stop after reading the input: no network,
+    nothing written."""
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network must not run")
+
+    monkeypatch.setattr(engine_module, "segment_volume", no_network)
+    out = tmp_path / "out"
+    inp = data_dir / rel
+    before = sha256_file(inp)
+    rc = main(["segment", str(inp), "--modality", declared, "--organ", "liver", "--out", str(out), "--quiet"])
+    assert rc == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, *fragments, "--allow-modality-mismatch")
+    _assert_no_outputs(out)
+    assert sha256_file(inp) == before
 
 
 # -- atomicity: failures and cancellation leave nothing ------------------------------------------
