@@ -22,6 +22,11 @@ from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelE
 from ..modality import DEFAULT_MODELS, MODALITIES
 
 PROG = "meddiffseg"
+#: Samples per organ when --samples is not given: the 3D Slicer module's default "Standard" preset, so that a
+#: plain run has an uncertainty map (1 sample cannot disagree with itself). On the test patients 5 one-step
+#: samples find errors near the organ about as well as 10 (docs/uncertainty.md); a one-organ run on a 2-core
+#: CPU is about 1.5x the time of 1 sample (README "How long it takes").
+DEFAULT_SAMPLES = 5
 DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm", "lms")
 
 EXIT_CODES_TEXT = f"""\
@@ -57,11 +62,13 @@ how it works:
   starting from random noise conditioned on the image. --samples N draws N masks per
   organ; their mean is the probability (thresholded into the segmentation) and their
   disagreement is the uncertainty. More samples give a smoother probability and a more
-  reliable uncertainty map at N times the network time; 1 sample gives a segmentation
-  but an all-zero (uninformative) uncertainty. --steps K is the number of denoising
-  steps of each reverse run: more steps cost more time, and some models (trained for a
-  single-step reverse) do not improve with more. Defaults for both come from the model
-  ('meddiffseg models info MODEL'). --seed fixes the random noise: the same input,
+  reliable uncertainty map at up to N times the network time; 1 sample gives a
+  segmentation but no uncertainty (an all-zero map). The default is 5 samples, the
+  3D Slicer module's Standard preset: about 1.5x the time of 1 sample for one organ
+  on a 2-core CPU; --samples 1 is the fastest run. --steps K is the number of
+  denoising steps of each reverse run: more steps cost more time, and some models
+  (trained for a single-step reverse) do not improve with more; its default comes
+  from the model ('meddiffseg models info MODEL'). --seed fixes the random noise: the same input,
   model, options, seed and device give the same result on CPU.
 
 outputs (in --out DIR; all images have the input's exact voxel grid: size, spacing,
@@ -77,7 +84,9 @@ origin and direction, so they overlay the input voxel for voxel in any viewer):
   uncertainty_pmap.dcm         the uncertainty as a DICOM Parametric Map (with --dicom-seg)
   summary.json                 per organ: label, volume in mL, mean uncertainty inside
                                the mask, the axial slice with the highest uncertainty
-                               (index along the input axis given as slice_axis);
+                               (0-based voxel index along the IJK axis slice_axis_ijk,
+                               I, J or K as in ITK and 3D Slicer; K for an axial scan;
+                               slice_axis is the same axis in numpy order, 0 = K);
                                timings; model name/version/sha256; settings; software
                                versions; input size, spacing and modality; the
                                modality check. No patient names, IDs, dates or
@@ -261,7 +270,8 @@ def _add_segment(sub) -> None:
                    help="run the model even when it is made for another modality than the input "
                         "(tag, --modality or intensities implausible as CT Hounsfield units); a warning is printed")
     p.add_argument("--samples", type=int, metavar="N",
-                   help="diffusion samples per organ; uncertainty needs N >= 2 (default: the model's)")
+                   help=f"diffusion samples per organ; uncertainty needs N >= 2 (default: {DEFAULT_SAMPLES}, the "
+                        "Slicer module's Standard preset; 1 is fastest, without an uncertainty map)")
     p.add_argument("--steps", type=int, metavar="K", help="denoising steps per sample (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for reproducible results (default: 0)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
@@ -299,7 +309,8 @@ def _cmd_segment(args) -> int:
     try:
         with _CancelOnInterrupt() as cancel:
             summary = run_segment(
-                args.input, args.out, args.organ, model=args.model, samples=args.samples, steps=args.steps,
+                args.input, args.out, args.organ, model=args.model,
+                samples=DEFAULT_SAMPLES if args.samples is None else args.samples, steps=args.steps,
                 seed=args.seed, device=args.device, scheduler=args.scheduler, staple=args.staple,
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
                 progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
@@ -322,21 +333,32 @@ def _print_segment_result(summary: dict, out: str) -> None:
              *(summary["outputs"][k] for k in ("dicom_seg", "uncertainty_pmap") if k in summary["outputs"]),
              "summary.json"]
     print(f"wrote {', '.join(str(out_dir / f) for f in files)}")
-    rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice")]
+    s = summary["settings"]
+    one_sample = int(s.get("samples") or 0) == 1
+    rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice (IJK)")]
     for o in summary["organs"]:
-        mu = "-" if o["mean_uncertainty"] is None else f"{o['mean_uncertainty']:.4f}"
-        sl = "-" if o["max_uncertainty_slice"] is None else str(o["max_uncertainty_slice"])
+        mu = "-" if o["mean_uncertainty"] is None or one_sample else f"{o['mean_uncertainty']:.4f}"
+        sl = "-" if o["max_uncertainty_slice"] is None else _slice_text(o, o["max_uncertainty_slice"])
         rows.append((str(o["label"]), o["display_name"], f"{o['volume_ml']:.1f}", mu, sl))
     _print_table(rows)
+    if one_sample:
+        print(f"no uncertainty map: 1 sample cannot disagree with itself, so {summary['outputs']['uncertainty']} is "
+              f"all zeros; run with --samples {DEFAULT_SAMPLES} (the default) or more for one")
     for o in summary["organs"]:  # where an organ probably continues unsegmented (the samples agree there)
         for run in o.get("possible_continuation") or []:
-            where = {"beyond_mask": f"beyond its {run.get('side') or 'end'} end", "gap": "in gaps inside it",
-                     "not_segmented": "although nothing was segmented"}.get(run["kind"], run["kind"])
             first, last = min(run["slices"]), max(run["slices"])
-            slices = f"slice {first}" if first == last else f"slices {first}-{last}"
-            print(f"review {o['display_name']}: it probably continues {where} ({slices}, {run['extent_mm']:.0f} mm; "
-                  f"most at slice {run['peak_slice']})")
-    s = summary["settings"]
+            where = f"on slice {_slice_text(o, first)}" if first == last else \
+                f"on slices {_slice_text(o, first)}-{last}"
+            extent = f"{run['extent_mm']:.0f} mm, clearest on {_slice_text(o, run['peak_slice'])}"
+            if run["kind"] == "beyond_mask":
+                text = f"the organ probably continues beyond its {run.get('side') or 'end'} end, unsegmented, {where}"
+            elif run["kind"] == "gap":
+                text = f"the organ probably continues through a gap in the segmentation {where}"
+            elif run["kind"] == "not_segmented":
+                text = f"nothing was segmented, but the organ is probably there {where}"
+            else:
+                text = f"the organ probably continues ({run['kind']}) {where}"
+            print(f"review {o['display_name']}: {text} ({extent})")
     check = summary.get("modality_check") or {}
     source = {"dicom": "its DICOM tag", "declared": "--modality", "intensities": "its intensities"}
     inp = summary.get("input", {})
@@ -354,6 +376,12 @@ def _print_segment_result(summary: dict, out: str) -> None:
     print(f"model {summary['model']['name']} {summary['model']['version']} ({modality}); {s['samples']} sample(s){drawn}, "
           f"{s['steps']} step(s), seed {s['seed']}; {s['device']}, {s.get('precision', 'fp32')}; "
           f"{summary['timings_s']['total']:.1f} s")
+
+
+def _slice_text(organ: dict, index: int) -> str:
+    """A slice index with its IJK axis, e.g. "K 57" (just the index for a summary without the axis)."""
+    axis = organ.get("slice_axis_ijk")
+    return f"{axis} {index}" if axis else str(index)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

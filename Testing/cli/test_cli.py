@@ -208,6 +208,33 @@ def test_adaptive_sampling_and_precision_are_reported(tmp_path, tiny_guided, sma
     assert "drawn per window" in text_a and "bf16" in text_f and "drawn per window" not in text_f
 
 
+def test_default_samples_are_the_slicer_standard_preset(tmp_path, tiny_guided, small_volume, capsys):
+    """Issue #25: a plain run had 1 sample and so an all-zero uncertainty map; it now draws Slicer's Standard 5."""
+    import sys as _sys
+
+    from MedDiffSegLib.cli.main import DEFAULT_SAMPLES
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedDiffSeg"))
+    try:
+        from MedDiffSegLogicLib.presets import DEFAULT_PRESET, QUALITY_PRESETS
+    finally:
+        _sys.path.pop(0)
+    assert DEFAULT_SAMPLES == QUALITY_PRESETS[DEFAULT_PRESET].samples == 5
+    out = tmp_path / "out"
+    argv = ["segment", str(small_volume), "--out", str(out), "--model", str(tiny_guided), "--organ", "liver",
+            "--device", "cpu", "--no-adaptive"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["settings"]["samples"] == 5  # the package's own default (2) is not used by the CLI
+    windows = summary["sampling"]["windows"] - summary["sampling"]["windows_outside_body"]
+    assert summary["sampling"]["organs"]["liver"]["samples_drawn"] == 5 * windows
+    assert "; 5 sample(s)" in printed and "no uncertainty map" not in printed
+    assert main(argv[:-1] + ["--samples", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "no uncertainty map: 1 sample cannot disagree with itself" in printed
+
+
 def test_unknown_device(tmp_path, tiny_guided, small_volume, capsys):
     out = tmp_path / "out"
     assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "tpu")) == DeviceError.exit_code
@@ -567,6 +594,8 @@ def _check_outputs(out: Path, reference: sitk.Image, n_organs: int, *, exact: bo
         if count:
             assert o["mean_uncertainty"] == pytest.approx(float(u[labels == o["label"]].mean()), rel=1e-4, abs=1e-7)
             assert 0 <= o["max_uncertainty_slice"] < reference.GetSize()[2 - o["slice_axis"]]
+        if o["slice_axis"] is not None:  # the same axis as ITK and Slicer name it: numpy axis 0 is K
+            assert o["slice_axis_ijk"] == "IJK"[2 - o["slice_axis"]]
     for key in ("read", "preprocess", "network", "postprocess", "write", "total"):
         assert summary["timings_s"][key] >= 0
     assert summary["timings_s"]["total"] >= summary["timings_s"]["network"]
@@ -588,9 +617,14 @@ def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
     stdout = capsys.readouterr().out
     assert "Spleen" in stdout and "Liver" in stdout and "volume (mL)" in stdout
     assert "(CT model; input CT from its intensities)" in stdout
+    assert "most uncertain slice (IJK)" in stdout
     ref = sitk.ReadImage(str(ct))
     summary = _check_outputs(out, ref, 2, exact=True)
     assert [o["name"] for o in summary["organs"]] == ["spleen", "liver"]
+    assert {o["slice_axis_ijk"] for o in summary["organs"]} == {"K"}  # an axial CT: its slices run along K
+    for o in summary["organs"]:
+        if o["max_uncertainty_slice"] is not None:
+            assert f"{o['display_name']}" in stdout and f"K {o['max_uncertainty_slice']}" in stdout
     assert summary["settings"]["samples"] == 2 and summary["settings"]["steps"] == 1
     assert summary["settings"]["seed"] == 7
     assert summary["model"]["weights_sha256"] == sha256_file(tiny_guided / "weights.safetensors")
@@ -687,7 +721,7 @@ def test_segment_output_names_slices_to_review(capsys):
     from MedDiffSegLib.cli.main import _print_segment_result
 
     organ = {"label": 1, "name": "liver", "display_name": "Liver", "volume_ml": 1500.0, "mean_uncertainty": None,
-             "max_uncertainty_slice": None,
+             "max_uncertainty_slice": None, "slice_axis": 0, "slice_axis_ijk": "K",
              "possible_continuation": [{"kind": "beyond_mask", "side": "superior", "slices": [88, 89, 90],
                                         "extent_mm": 7.5, "area_mm2": [300.0, 200.0, 120.0], "peak_slice": 88,
                                         "peak_position_mm": [0.0, 0.0, 10.0]}]}
@@ -697,5 +731,15 @@ def test_segment_output_names_slices_to_review(capsys):
                "settings": {"samples": 1, "steps": 1, "seed": 0, "device": "cpu"}, "model": {"name": "m", "version": "1"},
                "timings_s": {"total": 1.0}, "input": {}, "modality_check": {}}
     _print_segment_result(summary, "out")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("review")]
-    assert lines == ["review Liver: it probably continues beyond its superior end (slices 88-90, 8 mm; most at slice 88)"]
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("review")]
+    assert lines == ["review Liver: the organ probably continues beyond its superior end, unsegmented, on slices "
+                     "K 88-90 (8 mm, clearest on K 88)"]
+    # a 1-sample run says plainly that there is no uncertainty map, and how to get one
+    assert "no uncertainty map: 1 sample cannot disagree with itself" in out and "--samples 5 (the default)" in out
+    for kind, text in (("gap", "the organ probably continues through a gap in the segmentation on slice K 40"),
+                       ("not_segmented", "nothing was segmented, but the organ is probably there on slice K 40")):
+        run = {"kind": kind, "side": None, "slices": [40], "extent_mm": 2.5, "area_mm2": [80.0], "peak_slice": 40,
+               "peak_position_mm": [0.0, 0.0, 0.0]}
+        _print_segment_result({**summary, "organs": [{**organ, "possible_continuation": [run]}]}, "out")
+        assert f"review Liver: {text} (2 mm, clearest on K 40)" in capsys.readouterr().out
