@@ -404,10 +404,12 @@ def _add_models(sub) -> None:
     pl.add_argument("--json", action="store_true", help="print the list as JSON")
     pl.set_defaults(func=_cmd_models_list)
 
-    pi = msub.add_parser("info", help="show a model's card: organs, preprocessing, provenance, metrics",
-                         description="Show a model's card. NAME is an installed model name or a package folder.")
+    pi = msub.add_parser("info", help="show a model: method, modality, organs, data, scores, where its card is",
+                         description="Show a model in short lines: name, method, modality, organs, input, training "
+                                     "data, scores and where its model card is. NAME is an installed model name or "
+                                     "a package folder. --json prints the full record (model.json).")
     pi.add_argument("name", metavar="NAME")
-    pi.add_argument("--json", action="store_true", help="print model.json as JSON")
+    pi.add_argument("--json", action="store_true", help="print the full record (model.json) as JSON")
     pi.add_argument("--verify", action="store_true", help="also check the weights file against its sha256")
     pi.set_defaults(func=_cmd_models_info)
 
@@ -497,50 +499,67 @@ def _defaults_by_name(packages) -> dict[str, str]:
     return found
 
 
-def _fmt_code(c: dict) -> str:
-    return f"{c.get('meaning', '?')} ({c.get('scheme', '?')} {c.get('code', '?')})"
+#: ``models info`` keeps its lines to this many characters (longer values wrap under their label).
+INFO_WIDTH = 100
+
+
+def _info_line(label: str, text: str) -> str:
+    """``label: text`` wrapped at :data:`INFO_WIDTH`, continuation lines indented under the text."""
+    import textwrap
+
+    head = f"{label + ':':<10} "
+    return textwrap.fill(text, width=INFO_WIDTH, initial_indent=head, subsequent_indent=" " * len(head),
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _input_text(pre: dict) -> str:
+    """The preprocessing in a phrase, e.g. "CT, window [-125, 275] HU, 2 mm in-plane, LPS, 3 context slices"."""
+    parts = [str(pre.get("modality", "?"))]
+    if pre.get("modality") == "CT" and pre.get("ct_window"):
+        lo, hi = pre["ct_window"]
+        parts.append(f"window [{lo:g}, {hi:g}] HU")
+    if pre.get("modality") == "MR" and pre.get("mr_percentiles"):
+        lo, hi = pre["mr_percentiles"]
+        parts.append(f"scaled between its {lo:g} and {hi:g} percentiles")
+    if pre.get("spacing"):
+        parts.append(" × ".join(f"{float(v):g}" for v in pre["spacing"]) + " mm in-plane")
+    if pre.get("orientation"):
+        parts.append(str(pre["orientation"]))
+    if int(pre.get("context_slices", 1) or 1) > 1:
+        parts.append(f"{pre['context_slices']} context slices")
+    return ", ".join(parts)
 
 
 def _cmd_models_info(args) -> int:
-    from ..registry.store import package_origin, resolve_model, scan_packages
+    from ..registry.card import data_text, score_lines
+    from ..registry.store import MODEL_JSON, package_info, package_origin, scan_package_infos
 
-    pkg = resolve_model(args.name)
+    pkg = package_info(args.name)  # model.json alone: no torch
     if getattr(args, "verify", False):
         pkg.verify()  # raises ModelError naming the mismatch
-    if args.json:
-        print(json.dumps(pkg.to_dict(), indent=2))
+    if args.json:  # the full record, for machines
+        print(json.dumps(json.loads((pkg.path / MODEL_JSON).read_text(encoding="utf-8")), indent=2))
         return 0
-    print(f"{pkg.name} {pkg.version}  ({package_origin(pkg)}: {pkg.path})")
-    if pkg.description:
-        print(f"  {pkg.description}")
-    print(f"method: {pkg.method_name}")
-    installed = scan_packages().packages
+    installed = scan_package_infos().packages
     is_default = any(p.name == pkg.name and p.path == pkg.path for p in installed) and \
         _defaults_by_name(installed).get(pkg.name) == pkg.modality
-    print(f"modality: {pkg.modality}" + (f" (the default {pkg.modality} model)" if is_default else ""))
-    print(f"weights sha256: {pkg.weights_sha256}" + (" (verified)" if getattr(args, "verify", False) else ""))
-    print("organs (label = position of --organ on the command line):")
-    rows = [("  NAME", "DISPLAY NAME", "COLOUR", "CATEGORY", "TYPE")]
-    for o in pkg.organs:
-        rows.append((f"  {o.name}", o.display_name, "#%02x%02x%02x" % tuple(o.color),
-                     _fmt_code(o.category), _fmt_code(o.type)))
-    _print_table(rows)
-    pre = pkg.preprocessing.to_dict()
-    print("preprocessing:")
-    for k, v in pre.items():
-        if (k == "ct_window" and pre.get("modality") != "CT") or (k == "mr_percentiles" and pre.get("modality") != "MR"):
-            continue
-        print(f"  {k}: {v}")
-    print("inference defaults:")
-    for k, v in pkg.inference.items():
-        print(f"  {k}: {v}")
-    for title, block in (("provenance", pkg.provenance), ("metrics", pkg.metrics)):
-        print(f"{title}:" + ("" if block else " (none recorded)"))
-        for k, v in block.items():
-            print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    lines = [f"{pkg.name} {pkg.version} ({package_origin(pkg)})"]
+    if pkg.description:
+        lines.append(_info_line("about", pkg.description))
+    lines.append(_info_line("method", pkg.method_name))
+    lines.append(_info_line("modality", pkg.modality + (f" (the default {pkg.modality} model)" if is_default else "")))
+    lines.append(_info_line("organs", ", ".join(pkg.organ_names)))
+    lines.append(_info_line("input", _input_text(pkg.preprocessing)))
+    lines.append(_info_line("data", data_text(pkg.provenance) or "not recorded"))
+    scores = score_lines(pkg.metrics)
+    for i, text in enumerate(scores or ["none recorded"]):
+        lines.append(_info_line("scores" if i == 0 else "", text))
+    verified = " (verified)" if getattr(args, "verify", False) else ""
+    lines.append(_info_line("weights", f"sha256 {pkg.weights_sha256}{verified}"))
     card = pkg.path / "MODEL_CARD.md"
-    if card.is_file():
-        print(f"model card: {card}")
+    lines.append(_info_line("card", str(card) if card.is_file() else f"none (the package is in {pkg.path})"))
+    lines.append(f"the full record (provenance, metrics, settings): {PROG} models info {args.name} --json")
+    print("\n".join(lines))
     return 0
 
 
