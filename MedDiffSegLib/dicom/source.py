@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from ..errors import InputError, OutputError
-from ..io.volume import array_view
+from ..io.volume import array_view, publish_file
 
 StrPath = str | os.PathLike
 
@@ -493,7 +493,7 @@ def write_dataset_atomic(ds: Dataset, path: StrPath) -> Path:
             ds.save_as(f, enforce_file_format=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, target)
+        publish_file(tmp_name, target)  # 0644 like the NIfTI outputs, not mkstemp's 0600
         tmp_name = None
     except OSError as exc:
         raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from exc

@@ -383,6 +383,27 @@ def array_view(image: sitk.Image) -> np.ndarray:
     return np.asarray(_ImageVoxels(image))
 
 
+def _current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux); else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # another thread may create a file in between: only where /proc cannot say
+    os.umask(mask)
+    return mask
+
+
+def publish_file(tmp: StrPath, target: StrPath) -> None:
+    """Rename a finished temporary file into place with the permissions of a newly created file (``0666``
+    less the umask, 0644 usually), as the image files get: ``tempfile.mkstemp`` makes its files private (0600)."""
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, target)
+
+
 def image_from_array(array_zyx, reference: sitk.Image) -> sitk.Image:
     """A scalar image from a numpy ``[z, y, x]`` array with ``reference``'s spacing, origin, direction.
 

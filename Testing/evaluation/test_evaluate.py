@@ -148,6 +148,12 @@ def test_cli_evaluate_json_and_table(case, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "liver" in text and "missed (FAILURE)" in text and "1 failure(s) of 3" in text and "AUROC" in text
     report = json.loads(out.read_text())
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file, not mkstemp's 0600
     kidney = next(o for o in report["organs"] if o["name"] == "kidney")
     assert kidney["hd95_mm"] == "inf" and kidney["dice"] == 0.0
     assert report["summary"]["mean_hd95_mm"] == "inf"
