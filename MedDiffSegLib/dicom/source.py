@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from ..errors import InputError, OutputError
-from ..io.volume import array_view, publish_file
+from ..io.volume import array_view, pseudo_filesystem, publish_file
 
 StrPath = str | os.PathLike
 
@@ -519,6 +519,10 @@ def check_output_path(path: StrPath) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {shown}: {parent} is not a folder")
+    kernel_fs = pseudo_filesystem(target)
+    if kernel_fs is not None:
+        raise OutputError(f"cannot write {shown}: it is on {kernel_fs}, a kernel file system that holds no files; "
+                          "choose a folder on a disk")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {shown}: no write permission on {parent}")
     return target

@@ -114,6 +114,12 @@ def _check_output_dir(out_dir: Path, input_path: Path) -> list[Path]:
             raise OutputError(f"output folder {out_dir} exists and is not a folder")
     elif not existing.is_dir():
         raise OutputError(f"cannot create output folder {out_dir}: {existing} is not a folder")
+    from ..io.volume import pseudo_filesystem
+
+    kernel_fs = pseudo_filesystem(out_dir)
+    if kernel_fs is not None:  # writable for root, perhaps, but no place for files: refused before the run
+        raise OutputError(f"output folder {out_dir} is on {kernel_fs}, a kernel file system that holds no files; "
+                          "choose a folder on a disk")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {out_dir} is not writable (no write permission on {existing})")
     try:

@@ -383,6 +383,41 @@ def array_view(image: sitk.Image) -> np.ndarray:
     return np.asarray(_ImageVoxels(image))
 
 
+#: Kernel file systems: they hold no user files (writing there fails, or worse, changes the kernel's settings).
+_PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+    "pstore", "bpf", "efivarfs", "fusectl", "binfmt_misc", "mqueue", "hugetlbfs", "autofs", "rpc_pipefs", "nsfs",
+})
+
+
+def pseudo_filesystem(path: StrPath) -> str | None:
+    """The kernel file system (``proc``, ``sysfs``, ``devtmpfs``...) that ``path`` would be created on, or None.
+
+    Judged on the nearest existing ancestor of ``path`` (links resolved): ``/proc`` and ``/sys`` by their
+    place, anything else by the mount table (``/proc/self/mounts``, where the system has one).
+    """
+    current = Path(path).expanduser().absolute()
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    resolved = current.resolve()
+    top = resolved.parts[1] if len(resolved.parts) > 1 else ""
+    if top in ("proc", "sys"):
+        return "proc" if top == "proc" else "sysfs"
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    best, kind = -1, None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))  # \040 is a space
+        if (point == resolved or point in resolved.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind if kind in _PSEUDO_FILESYSTEMS else None
+
+
 def _current_umask() -> int:
     """The process's umask, read without changing it where the system says it (Linux); else set and restored."""
     try:

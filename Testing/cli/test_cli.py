@@ -251,6 +251,30 @@ def test_output_under_a_regular_file(tmp_path, tiny_guided, small_volume, capsys
     assert blocker.read_text(encoding="utf-8") == "keep me\n"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or not Path("/sys/kernel").is_dir(), reason="no /proc or /sys")
+@pytest.mark.parametrize("out", ["/proc/meddiffseg-out", "/sys/kernel/meddiffseg/out"], ids=["proc", "sys"])
+def test_output_on_a_kernel_file_system_is_refused_before_the_run(out, tiny_guided, small_volume, monkeypatch, capsys):
+    """Issue #25: an --out under /proc or /sys passed the up-front check (writable for root) and failed
+    only after inference (exit 5 after ~20 s)."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("nothing may run before the output folder is known to be usable")
+
+    monkeypatch.setattr(engine_module, "segment_volume", no_run)
+    monkeypatch.setattr(volume_module, "read_volume", no_run)
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, f"output folder {out} is on ", "a kernel file system",
+                           "choose a folder on a disk")
+    assert not Path(out).exists()
+
+
+def test_kernel_file_systems_are_told_apart_from_ordinary_folders(tmp_path):
+    from MedDiffSegLib.io.volume import pseudo_filesystem
+
+    assert pseudo_filesystem(tmp_path / "a" / "b") is None and pseudo_filesystem(tmp_path) is None
+    if Path("/proc/self").is_dir():
+        assert pseudo_filesystem("/proc/no/such/folder") == "proc" and pseudo_filesystem("/sys/x") == "sysfs"
+
+
 def test_output_is_an_existing_file(tmp_path, tiny_guided, small_volume, capsys):
     out = tmp_path / "results"
     out.write_text("x", encoding="utf-8")
