@@ -255,3 +255,23 @@ def test_cli_evaluate_three_probability_maps_and_the_uncertainty_on_real_data(da
         assert 0 < report["calibration"]["organs"][name]["ece_near_organ"] < 1
     u = report["uncertainty"]
     assert u["error_voxels"] > 0 and 0.5 < u["auroc"] <= 1.0 and set(u["organs"]) == set(codes)
+
+
+def test_the_readme_evaluate_example_writes_into_an_ignored_folder():
+    """Issue #25: the README's example wrote scores.json into the repository root, which git did not ignore."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"meddiffseg evaluate (?:[^\n]*\\\n)*[^\n]*", text)
+    assert commands, "the README shows no 'meddiffseg evaluate' command"
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for command in commands:
+        target = re.search(r"--json\s+(\S+)", command).group(1)
+        assert "/" in target, f"{target} would land in the repository root"
+        ignored = subprocess.run(["git", "check-ignore", "-q", target], cwd=repo, capture_output=True)
+        assert ignored.returncode == 0, f"{target} (the README's evaluate example) is not ignored by git"
