@@ -432,6 +432,9 @@ def segment_volume(
         raise InputError(
             f"the input must be a scalar (grey-level) volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
         )
+    from ..io.volume import check_image
+
+    check_image(image, "the input")  # a regular grid and finite voxel values (an image not read by read_volume)
     if isinstance(organs, str):
         organs = [organs]
     organs = list(organs or [])
