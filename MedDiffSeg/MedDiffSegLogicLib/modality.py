@@ -54,7 +54,7 @@ class VolumeModality:
     def text(self) -> str:
         """E.g. "MR (DICOM Modality)" or "CT (intensities in Hounsfield units)"."""
         if self.source == "dicom":
-            return f"{self.modality} (DICOM Modality)"  # the tag decides; contradictingText() says when the voxels disagree
+            return f"{self.modality} (DICOM Modality)"
         if self.modality is None:
             return "of unknown modality (its voxels all have one value)"
         how = "intensities in Hounsfield units" if self.modality == "CT" else "intensities not in Hounsfield units"
