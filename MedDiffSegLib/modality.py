@@ -23,15 +23,18 @@ registry then raises a ModelError saying no such model is installed and how to i
 several are installed, asking to choose one with ``--model``).
 
 **Mismatch** (:func:`check_model_fits`), checked after the input is read and before anything is
-written:
+written. The intensities are checked both ways, whatever the model:
 
-- a CT model refuses an input whose tag or declaration says MR, and an input whose intensities are
-  implausible as Hounsfield units (whatever its tag: the model's HU window would see nonsense);
-- an MR model refuses an input whose tag or declaration says CT, and -- when there is neither -- an
-  input whose intensities are plausible as HU (an MR has no share of voxels at -50 or below).
+- an input whose tag or declaration contradicts its own intensities is refused: one tagged or
+  declared CT whose intensities are implausible as Hounsfield units, and one tagged or declared MR
+  whose intensities are plausible as HU (an MR has no share of voxels at -50 or below);
+- a model refuses an input whose tag or declaration says the other modality;
+- with neither a tag nor a declaration, a CT model refuses intensities implausible as HU and an MR
+  model intensities plausible as HU.
 
-A refusal is a :class:`~MedDiffSegLib.errors.ModalityMismatchError` naming the installed models that
-fit; ``allow_mismatch`` (``--allow-modality-mismatch``) turns it into a logged warning, and the
+A refusal is a :class:`~MedDiffSegLib.errors.ModalityMismatchError` that says what the input
+probably is, the flag that runs it so (``--modality CT|MR``, or ``--model``), and the installed models
+that fit; ``allow_mismatch`` (``--allow-modality-mismatch``) turns it into a logged warning, and the
 summary records it.
 
 **HU plausibility** (:func:`hu_plausibility`): every CT in Hounsfield units has fat (about -100 HU)
@@ -324,6 +327,7 @@ def _article(modality: str) -> str:
 
 
 def _fitting_text(modality: str, fitting_models: Callable[[str], Sequence[str]] | None) -> str:
+    """The installed models of ``modality`` (its default marked), or how to install one; "" when unknown."""
     if fitting_models is None:
         return ""
     try:
@@ -331,9 +335,18 @@ def _fitting_text(modality: str, fitting_models: Callable[[str], Sequence[str]] 
     except Exception as exc:  # listing must never hide the real problem
         log.debug("listing %s models failed: %s", modality, exc)
         return ""
-    if names:
-        return f"installed {modality} models: {', '.join(names)} (choose one with --model)"
-    return f"no {modality} model is installed (install one with 'meddiffseg models install PACKAGE.zip')"
+    if not names:
+        return f"no {modality} model is installed (install one with 'meddiffseg models install PACKAGE.zip')"
+    default = pick_default(modality, {n: modality for n in names})
+    return f"installed {modality} models: " + ", ".join(n + (" (the default)" if n == default else "") for n in names)
+
+
+def _intensities_say(hu: HUCheck) -> str:
+    """What plausible or implausible HU intensities say, for a message."""
+    if hu.plausible:
+        return (f"its intensities look like a CT in Hounsfield units ({hu.dark_fraction:.0%} of the voxels are at or "
+                f"below {HU_DARK_AT_MOST:g}, as fat and air in a CT; an MR has almost none)")
+    return f"its intensities are implausible as Hounsfield units: {hu.reason}"
 
 
 def check_model_fits(model_modality: str, model_name: str, info: InputModality, array=None, *,
@@ -346,35 +359,40 @@ def check_model_fits(model_modality: str, model_name: str, info: InputModality, 
     :class:`ModalityMismatchError` on a mismatch unless ``allow_mismatch``, which logs a warning.
     """
     model_modality = normalise_modality(model_modality)
-    if hu is None and array is not None and (model_modality == "CT" or info.modality is None):
+    if hu is None and array is not None:
         hu = hu_plausibility(array)
-    reason, wanted = "", None
-    if info.modality is not None and info.modality != model_modality:
-        reason = (f"model {model_name!r} is {_article(model_modality)} {model_modality} model but the input is "
-                  f"{info.describe()}")
-        wanted = info.modality
-    elif model_modality == "CT" and hu is not None and hu.plausible is False:
-        reason = (f"model {model_name!r} is a CT model but the input's intensities are implausible as Hounsfield "
-                  f"units: {hu.reason}")
-        if info.modality == "CT":
-            reason += (f"; the input is {info.describe()}: check that it is stored in Hounsfield units "
-                       "(rescale slope and intercept applied)")
-        else:
-            wanted = "MR"
-    elif model_modality == "MR" and info.modality is None and hu is not None and hu.plausible is True:
-        reason = (f"model {model_name!r} is an MR model but the input looks like a CT in Hounsfield units "
-                  f"({hu.dark_fraction:.0%} of its voxels are at or below {HU_DARK_AT_MOST:g}, as fat and air in a CT; "
-                  "an MR has almost none)")
-        wanted = "CT"
+    model_text = f"model {model_name!r} is {_article(model_modality)} {model_modality} model"
+    said = info.modality
+    by_intensities = None if hu is None or hu.plausible is None else ("CT" if hu.plausible else "MR")
+    reason, hints = "", []
+    if said is not None and by_intensities is not None and said != by_intensities:
+        # The input contradicts itself: its tag or declaration against its intensities.
+        joint = " and" if said == model_modality else ","
+        reason = f"{model_text}{joint} the input is {info.describe()}, but {_intensities_say(hu)}"  # type: ignore[arg-type]
+        flag = f"--modality {by_intensities}"
+        if info.source == "dicom":
+            flag += f" with --allow-modality-mismatch (overriding its DICOM Modality tag {said})"
+        hints.append(f"if it is {_article(by_intensities)} {by_intensities}, pass {flag}")
+        hints.append(_fitting_text(by_intensities, fitting_models))
+        if said == "CT":
+            hints.append("if it is a CT, check that it is stored in Hounsfield units (rescale slope and intercept "
+                         "applied)")
+    elif said is not None and said != model_modality:
+        reason = f"{model_text} but the input is {info.describe()}"
+        selects = f"--modality {said}" if info.source == "declared" else "its DICOM Modality tag"
+        hints.append(f"choose {_article(said)} {said} model with --model, or leave --model out ({selects} then "
+                     f"selects the default {said} model)")
+        hints.append(_fitting_text(said, fitting_models))
+    elif said is None and by_intensities is not None and by_intensities != model_modality:
+        reason = f"{model_text} but the input's " + _intensities_say(hu).removeprefix("its ")  # type: ignore[arg-type]
+        hints.append(f"if it is {_article(by_intensities)} {by_intensities}, pass --modality {by_intensities} instead "
+                     f"of --model (the default {by_intensities} model is used) or choose one with --model")
+        hints.append(_fitting_text(by_intensities, fitting_models))
     if not reason:
         return ModalityCheck(model_modality, info, hu, False, False)
     if allow_mismatch:
         log.warning("modality mismatch overridden (--allow-modality-mismatch): %s", reason)
         return ModalityCheck(model_modality, info, hu, True, True, reason)
-    parts = [reason]
-    if wanted is not None:
-        fitting = _fitting_text(wanted, fitting_models)
-        if fitting:
-            parts.append(("if it is an MR, " if info.modality is None and wanted == "MR" else "") + fitting)
+    parts = [reason, *(h for h in hints if h)]
     parts.append(f"pass --allow-modality-mismatch to run {model_name!r} anyway")
     raise ModalityMismatchError("; ".join(parts))

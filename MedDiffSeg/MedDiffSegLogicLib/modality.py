@@ -4,7 +4,9 @@ The rules are the library's (:mod:`MedDiffSegLib.modality`), applied to a volume
 
 - a volume loaded from DICOM has its source instances' SOP Instance UIDs in ``DICOM.instanceUIDs``
   (see :mod:`.dicomexport`); the Modality tag of the first one's file, found through the DICOM
-  database, says CT or MR;
+  database, says CT or MR (its voxels are checked against the tag: a series tagged MR whose values
+  look like Hounsfield units, or one tagged CT whose values do not, is warned about and refused
+  unless the user confirms, as the library refuses it);
 - otherwise (or when the database does not know the files, or the tag is neither CT nor MR) the
   voxels decide: CT when they are plausible as Hounsfield units
   (:func:`MedDiffSegLib.modality.hu_plausibility`), MR when not, unknown (None: every model is
@@ -47,7 +49,7 @@ class VolumeModality:
     modality: str | None          # "CT", "MR", or None when the voxels cannot tell (one value)
     source: str                   # "dicom" (its series' Modality tag) or "intensities"
     dicomTag: str = ""            # the raw Modality tag when the volume came from DICOM ("" otherwise)
-    hu: HUCheck | None = None     # the intensity check (None when the DICOM tag decided)
+    hu: HUCheck | None = None     # the intensity check (for a DICOM volume: checked against its tag)
 
     def text(self) -> str:
         """E.g. "MR (DICOM Modality)" or "CT (intensities in Hounsfield units)"."""
@@ -58,6 +60,17 @@ class VolumeModality:
         how = "intensities in Hounsfield units" if self.modality == "CT" else "intensities not in Hounsfield units"
         note = f"; DICOM Modality {self.dicomTag}" if self.dicomTag else ""
         return f"{self.modality} ({how}{note})"
+
+    def contradictingText(self) -> str:
+        """For a DICOM volume whose voxels contradict its Modality tag, a sentence saying so ("" otherwise)."""
+        if self.source != "dicom" or self.hu is None or self.hu.plausible is None:
+            return ""
+        byVoxels = "CT" if self.hu.plausible else "MR"
+        if byVoxels == self.modality:
+            return ""
+        how = "look like a CT in Hounsfield units" if self.hu.plausible else "are not in Hounsfield units"
+        return (f"this volume is tagged {self.modality} in DICOM, but its intensities {how}: if it is "
+                f"{_AN[byVoxels]} {byVoxels}, choose {_AN[byVoxels]} {byVoxels} model.")
 
     def inputModality(self) -> InputModality:
         """What the library's check knows before looking at the voxels: the DICOM tag, or nothing."""
@@ -86,13 +99,14 @@ def dicomModalityTag(volumeNode, database) -> str:
 
 
 def volumeModality(volumeNode, database=None) -> VolumeModality:
-    """CT or MR for ``volumeNode``: its DICOM Modality tag when it is CT or MR, else its intensities."""
+    """CT or MR for ``volumeNode``: its DICOM Modality tag when it is CT or MR, else its intensities (which
+    are checked against the tag too)."""
     from .geometry import volumeArray
 
     tag = dicomModalityTag(volumeNode, database)
-    if tag in MODALITIES:
-        return VolumeModality(tag, "dicom", tag)
     hu = hu_plausibility(volumeArray(volumeNode))
+    if tag in MODALITIES:
+        return VolumeModality(tag, "dicom", tag, hu)
     modality = None if hu.plausible is None else ("CT" if hu.plausible else "MR")
     return VolumeModality(modality, "intensities", tag, hu)
 
@@ -131,11 +145,17 @@ def defaultModelName(packages: Sequence[Any], modality: str = "CT") -> str:
 
 
 def mismatchWarning(packageName: str, packageModalityValue: str, volume: VolumeModality | None) -> str:
-    """The warning the panel shows when the chosen model is not made for the volume's modality ("" when it is)."""
-    if volume is None or volume.modality is None or packageModalityValue == volume.modality:
+    """The warning the panel shows when the chosen model is not made for the volume's modality, or the volume's
+    DICOM tag and its voxels disagree ("" when neither): what a run refuses unless the user confirms."""
+    if volume is None or volume.modality is None:
         return ""
-    return (f"{packageName} is {_AN.get(packageModalityValue, 'a')} {packageModalityValue} model, but this volume is "
-            f"{volume.text()}: choose {_AN.get(volume.modality, 'a')} {volume.modality} model for it.")
+    contradiction = volume.contradictingText()
+    if packageModalityValue == volume.modality:
+        return contradiction[0].upper() + contradiction[1:] if contradiction else ""
+    return " ".join(t for t in (
+        f"{packageName} is {_AN.get(packageModalityValue, 'a')} {packageModalityValue} model, but this volume is "
+        f"{volume.text()}: choose {_AN.get(volume.modality, 'a')} {volume.modality} model for it.",
+        contradiction[0].upper() + contradiction[1:] if contradiction else "") if t)
 
 
 def checkVolume(package, volume: VolumeModality, volumeNode=None, *, allowMismatch: bool = False,
@@ -143,15 +163,16 @@ def checkVolume(package, volume: VolumeModality, volumeNode=None, *, allowMismat
     """The library's :func:`~MedDiffSegLib.modality.check_model_fits` for ``package`` on this volume.
 
     Raises :class:`~MedDiffSegLib.errors.ModalityMismatchError` on a mismatch unless ``allowMismatch``.
-    ``volumeNode`` is needed only when ``volume`` came from the DICOM tag and the package is a CT
-    model (the intensities are then checked too).
+    ``volumeNode`` is needed when ``volume`` came from the DICOM tag: its intensities are then checked
+    against the tag (a series tagged MR whose values look like Hounsfield units is refused, as one
+    tagged CT whose values do not).
     """
     from .geometry import volumeArray
 
     hu = volume.hu
     modalityValue = packageModality(package)
     array = None
-    if hu is None and volumeNode is not None and modalityValue == "CT":
+    if hu is None and volumeNode is not None:
         array = volumeArray(volumeNode)
     return check_model_fits(modalityValue, getattr(package, "name", str(package)), volume.inputModality(), array,
                             hu=hu, allow_mismatch=allowMismatch, fitting_models=fittingModels)

@@ -65,6 +65,7 @@ def modelRows() -> list[ModelRow]:
 def describe(name: str) -> str:
     """A few lines about an installed package: what it segments, how it was made, its scores, where it is."""
     from MedDiffSegLib.registry import package_info, package_origin
+    from MedDiffSegLib.registry.card import data_text
 
     from .presets import scoreSummary
 
@@ -74,9 +75,9 @@ def describe(name: str) -> str:
     scores = scoreSummary(info.metrics)
     if scores:
         lines.append(scores[0].upper() + scores[1:] + ".")
-    trained = info.provenance.get("data") or info.provenance.get("dataset") or info.provenance.get("trained_on")
+    trained = data_text(info.provenance)
     if trained:
-        lines.append(f"Trained on: {trained if isinstance(trained, str) else ', '.join(map(str, trained))}.")
+        lines.append(f"Trained on: {trained}.")
     lines.append(f"{package_origin(info).capitalize()} package in {info.path}; weights sha256 {info.weights_sha256[:16]}...")
     return "\n".join(lines)
 

@@ -93,42 +93,9 @@ def estimateCpuSeconds(dimensionsIJK, spacing, package, organs: int, samples: in
 
 
 def scoreSummary(metrics) -> str:
-    """A short text of the scores a package records, for its description in the model list.
+    """A short text of the scores a package records, for its description in the model list: the library's
+    :func:`MedDiffSegLib.registry.card.score_lines` (the real-data protocol's test patients first, then
+    held-out numbers, else the trainer's last validation Dice), joined; "" when none."""
+    from MedDiffSegLib.registry.card import score_lines
 
-    The real-data protocol first (``metrics.protocol``, written by ``bench/evaluate_protocol.py``:
-    mean Dice per organ over the test patients of each dataset), then held-out numbers
-    (``metrics.evaluation`` cases whose role says UNSEEN, written by ``bench/record_evaluation.py``),
-    else the trainer's last validation Dice; "" when none.
-    """
-    metrics = metrics if isinstance(metrics, dict) else {}
-
-    def dice_text(dice: dict) -> str:
-        return ", ".join(f"{name} {value:.2f}" for name, value in dice.items() if isinstance(value, (int, float)))
-
-    parts = []
-    protocol = metrics.get("protocol")
-    results = protocol.get("results") if isinstance(protocol, dict) else None
-    for group, result in (results.items() if isinstance(results, dict) else ()):
-        per_seed = result.get("per_seed") if isinstance(result, dict) else None
-        if not isinstance(per_seed, dict) or not per_seed or str(result.get("role")) != "test":
-            continue
-        first = next(iter(per_seed.values()))
-        organs = first.get("organs") if isinstance(first, dict) else None
-        dice = {name: o.get("dice_mean") for name, o in (organs or {}).items() if isinstance(o, dict)}
-        if dice_text(dice):
-            parts.append(f"mean Dice on {first.get('cases')} {group} test patients: {dice_text(dice)}")
-    if parts:
-        return "; ".join(parts)
-    evaluation = metrics.get("evaluation")
-    for case, result in (evaluation.items() if isinstance(evaluation, dict) else ()):
-        if not isinstance(result, dict) or not str(result.get("role", "")).upper().startswith("UNSEEN"):
-            continue
-        dice = {name: o.get("dice") for name, o in (result.get("organs") or {}).items() if isinstance(o, dict)}
-        if dice_text(dice):
-            parts.append(f"Dice on unseen {case}: {dice_text(dice)}")
-    if parts:
-        return "; ".join(parts)
-    validation = metrics.get("validation")
-    if isinstance(validation, dict) and isinstance(validation.get("dice"), dict) and dice_text(validation["dice"]):
-        return f"validation Dice during training: {dice_text(validation['dice'])}"
-    return ""
+    return "; ".join(score_lines(metrics))

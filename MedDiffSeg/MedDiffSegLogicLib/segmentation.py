@@ -347,10 +347,10 @@ def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=No
         from MedDiffSegLib.errors import Cancelled
 
         raise Cancelled("segmentation cancelled")
-    import SimpleITK as sitk
+    from MedDiffSegLib.io import array_view
 
-    labels = sitk.GetArrayViewFromImage(result.labels)
-    uncertainty = sitk.GetArrayViewFromImage(result.uncertainty)
+    labels = array_view(result.labels)  # each view holds its image, whatever happens to ``result``
+    uncertainty = array_view(result.uncertainty)
     duration = time.perf_counter() - t0
     summary = inProcessSummary(result, package, duration, modalityCheck)
     return buildResultNodes(volumeNode, labels, uncertainty, _organDicts(package, options.organs), summary,

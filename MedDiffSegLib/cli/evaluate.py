@@ -91,6 +91,7 @@ def _probability_map(tokens: list[str], labels) -> dict[str, str]:
 def _cmd_evaluate(args) -> int:
     from ..errors import MedDiffSegError, OutputError
     from ..evaluation import evaluate, format_report, parse_label_specs, to_json_ready
+    from ..io.volume import publish_file
 
     if args.bins < 1:
         raise MedDiffSegError(f"--bins must be >= 1, got {args.bins}")
@@ -111,7 +112,7 @@ def _cmd_evaluate(args) -> int:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(to_json_ready(report), f, indent=2, allow_nan=False)
                 f.write("\n")
-            os.replace(tmp, out)
+            publish_file(tmp, out)  # 0644, not mkstemp's 0600
         except OSError as exc:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)

@@ -22,6 +22,11 @@ from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelE
 from ..modality import DEFAULT_MODELS, MODALITIES
 
 PROG = "meddiffseg"
+#: Samples per organ when --samples is not given: the 3D Slicer module's default "Standard" preset, so that a
+#: plain run has an uncertainty map (1 sample cannot disagree with itself). On the test patients 5 one-step
+#: samples find errors near the organ about as well as 10 (docs/uncertainty.md); a one-organ run on a 2-core
+#: CPU is about 1.5x the time of 1 sample (README "How long it takes").
+DEFAULT_SAMPLES = 5
 DEFAULT_SCHEDULERS = ("ddim", "euler_ancestral", "dpmsolver++", "unipc", "ddpm", "lms")
 
 EXIT_CODES_TEXT = f"""\
@@ -57,11 +62,13 @@ how it works:
   starting from random noise conditioned on the image. --samples N draws N masks per
   organ; their mean is the probability (thresholded into the segmentation) and their
   disagreement is the uncertainty. More samples give a smoother probability and a more
-  reliable uncertainty map at N times the network time; 1 sample gives a segmentation
-  but an all-zero (uninformative) uncertainty. --steps K is the number of denoising
-  steps of each reverse run: more steps cost more time, and some models (trained for a
-  single-step reverse) do not improve with more. Defaults for both come from the model
-  ('meddiffseg models info MODEL'). --seed fixes the random noise: the same input,
+  reliable uncertainty map at up to N times the network time; 1 sample gives a
+  segmentation but no uncertainty (an all-zero map). The default is 5 samples, the
+  3D Slicer module's Standard preset: about 1.5x the time of 1 sample for one organ
+  on a 2-core CPU; --samples 1 is the fastest run. --steps K is the number of
+  denoising steps of each reverse run: more steps cost more time, and some models
+  (trained for a single-step reverse) do not improve with more; its default comes
+  from the model ('meddiffseg models info MODEL'). --seed fixes the random noise: the same input,
   model, options, seed and device give the same result on CPU.
 
 outputs (in --out DIR; all images have the input's exact voxel grid: size, spacing,
@@ -77,7 +84,9 @@ origin and direction, so they overlay the input voxel for voxel in any viewer):
   uncertainty_pmap.dcm         the uncertainty as a DICOM Parametric Map (with --dicom-seg)
   summary.json                 per organ: label, volume in mL, mean uncertainty inside
                                the mask, the axial slice with the highest uncertainty
-                               (index along the input axis given as slice_axis);
+                               (0-based voxel index along the IJK axis slice_axis_ijk,
+                               I, J or K as in ITK and 3D Slicer; K for an axial scan;
+                               slice_axis is the same axis in numpy order, 0 = K);
                                timings; model name/version/sha256; settings; software
                                versions; input size, spacing and modality; the
                                modality check. No patient names, IDs, dates or
@@ -91,11 +100,13 @@ modality:
   modality is the DICOM Modality tag of a series (CT or MR; other modalities are
   refused), else --modality. Without --model the default model for that modality is
   used (a file without --modality is refused: nothing is guessed). Before the model
-  runs, its modality is checked against the input: a CT model refuses an input tagged
-  or declared MR and one whose intensities are implausible as Hounsfield units (a CT
-  has fat and air at -50 HU and below in at least 5% of its voxels; an MR has none);
-  an MR model refuses an input tagged or declared CT and, when neither is known, one
-  whose intensities look like HU. The error names the installed models that fit;
+  runs, the input's intensities are checked against its tag or --modality, both ways:
+  intensities implausible as Hounsfield units (a CT has fat and air at -50 HU and below
+  in at least 5% of its voxels; an MR has none) contradict CT, intensities plausible
+  as HU contradict MR. A model refuses an input tagged or declared the other modality;
+  without a tag or --modality, a CT model refuses intensities implausible as HU and an
+  MR model intensities that look like HU. The error says what the input probably is,
+  the flag to use (--modality CT|MR or --model) and the installed models that fit;
   --allow-modality-mismatch runs the model anyway (with a warning, recorded in
   summary.json as modality_check.overridden).
 
@@ -259,7 +270,8 @@ def _add_segment(sub) -> None:
                    help="run the model even when it is made for another modality than the input "
                         "(tag, --modality or intensities implausible as CT Hounsfield units); a warning is printed")
     p.add_argument("--samples", type=int, metavar="N",
-                   help="diffusion samples per organ; uncertainty needs N >= 2 (default: the model's)")
+                   help=f"diffusion samples per organ; uncertainty needs N >= 2 (default: {DEFAULT_SAMPLES}, the "
+                        "Slicer module's Standard preset; 1 is fastest, without an uncertainty map)")
     p.add_argument("--steps", type=int, metavar="K", help="denoising steps per sample (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for reproducible results (default: 0)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
@@ -297,7 +309,8 @@ def _cmd_segment(args) -> int:
     try:
         with _CancelOnInterrupt() as cancel:
             summary = run_segment(
-                args.input, args.out, args.organ, model=args.model, samples=args.samples, steps=args.steps,
+                args.input, args.out, args.organ, model=args.model,
+                samples=DEFAULT_SAMPLES if args.samples is None else args.samples, steps=args.steps,
                 seed=args.seed, device=args.device, scheduler=args.scheduler, staple=args.staple,
                 largest_component=args.largest_component, save_probabilities=args.save_probabilities,
                 progress=bar, should_cancel=cancel, dicom_seg=args.dicom_seg,
@@ -320,21 +333,32 @@ def _print_segment_result(summary: dict, out: str) -> None:
              *(summary["outputs"][k] for k in ("dicom_seg", "uncertainty_pmap") if k in summary["outputs"]),
              "summary.json"]
     print(f"wrote {', '.join(str(out_dir / f) for f in files)}")
-    rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice")]
+    s = summary["settings"]
+    one_sample = int(s.get("samples") or 0) == 1
+    rows = [("label", "organ", "volume (mL)", "mean uncertainty", "most uncertain slice (IJK)")]
     for o in summary["organs"]:
-        mu = "-" if o["mean_uncertainty"] is None else f"{o['mean_uncertainty']:.4f}"
-        sl = "-" if o["max_uncertainty_slice"] is None else str(o["max_uncertainty_slice"])
+        mu = "-" if o["mean_uncertainty"] is None or one_sample else f"{o['mean_uncertainty']:.4f}"
+        sl = "-" if o["max_uncertainty_slice"] is None else _slice_text(o, o["max_uncertainty_slice"])
         rows.append((str(o["label"]), o["display_name"], f"{o['volume_ml']:.1f}", mu, sl))
     _print_table(rows)
+    if one_sample:
+        print(f"no uncertainty map: 1 sample cannot disagree with itself, so {summary['outputs']['uncertainty']} is "
+              f"all zeros; run with --samples {DEFAULT_SAMPLES} (the default) or more for one")
     for o in summary["organs"]:  # where an organ probably continues unsegmented (the samples agree there)
         for run in o.get("possible_continuation") or []:
-            where = {"beyond_mask": f"beyond its {run.get('side') or 'end'} end", "gap": "in gaps inside it",
-                     "not_segmented": "although nothing was segmented"}.get(run["kind"], run["kind"])
             first, last = min(run["slices"]), max(run["slices"])
-            slices = f"slice {first}" if first == last else f"slices {first}-{last}"
-            print(f"review {o['display_name']}: it probably continues {where} ({slices}, {run['extent_mm']:.0f} mm; "
-                  f"most at slice {run['peak_slice']})")
-    s = summary["settings"]
+            where = f"on slice {_slice_text(o, first)}" if first == last else \
+                f"on slices {_slice_text(o, first)}-{last}"
+            extent = f"{run['extent_mm']:.0f} mm, clearest on {_slice_text(o, run['peak_slice'])}"
+            if run["kind"] == "beyond_mask":
+                text = f"the organ probably continues beyond its {run.get('side') or 'end'} end, unsegmented, {where}"
+            elif run["kind"] == "gap":
+                text = f"the organ probably continues through a gap in the segmentation {where}"
+            elif run["kind"] == "not_segmented":
+                text = f"nothing was segmented, but the organ is probably there {where}"
+            else:
+                text = f"the organ probably continues ({run['kind']}) {where}"
+            print(f"review {o['display_name']}: {text} ({extent})")
     check = summary.get("modality_check") or {}
     source = {"dicom": "its DICOM tag", "declared": "--modality", "intensities": "its intensities"}
     inp = summary.get("input", {})
@@ -352,6 +376,12 @@ def _print_segment_result(summary: dict, out: str) -> None:
     print(f"model {summary['model']['name']} {summary['model']['version']} ({modality}); {s['samples']} sample(s){drawn}, "
           f"{s['steps']} step(s), seed {s['seed']}; {s['device']}, {s.get('precision', 'fp32')}; "
           f"{summary['timings_s']['total']:.1f} s")
+
+
+def _slice_text(organ: dict, index: int) -> str:
+    """A slice index with its IJK axis, e.g. "K 57" (just the index for a summary without the axis)."""
+    axis = organ.get("slice_axis_ijk")
+    return f"{axis} {index}" if axis else str(index)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
@@ -374,10 +404,12 @@ def _add_models(sub) -> None:
     pl.add_argument("--json", action="store_true", help="print the list as JSON")
     pl.set_defaults(func=_cmd_models_list)
 
-    pi = msub.add_parser("info", help="show a model's card: organs, preprocessing, provenance, metrics",
-                         description="Show a model's card. NAME is an installed model name or a package folder.")
+    pi = msub.add_parser("info", help="show a model: method, modality, organs, data, scores, where its card is",
+                         description="Show a model in short lines: name, method, modality, organs, input, training "
+                                     "data, scores and where its model card is. NAME is an installed model name or "
+                                     "a package folder. --json prints the full record (model.json).")
     pi.add_argument("name", metavar="NAME")
-    pi.add_argument("--json", action="store_true", help="print model.json as JSON")
+    pi.add_argument("--json", action="store_true", help="print the full record (model.json) as JSON")
     pi.add_argument("--verify", action="store_true", help="also check the weights file against its sha256")
     pi.set_defaults(func=_cmd_models_info)
 
@@ -467,50 +499,67 @@ def _defaults_by_name(packages) -> dict[str, str]:
     return found
 
 
-def _fmt_code(c: dict) -> str:
-    return f"{c.get('meaning', '?')} ({c.get('scheme', '?')} {c.get('code', '?')})"
+#: ``models info`` keeps its lines to this many characters (longer values wrap under their label).
+INFO_WIDTH = 100
+
+
+def _info_line(label: str, text: str) -> str:
+    """``label: text`` wrapped at :data:`INFO_WIDTH`, continuation lines indented under the text."""
+    import textwrap
+
+    head = f"{label + ':':<10} "
+    return textwrap.fill(text, width=INFO_WIDTH, initial_indent=head, subsequent_indent=" " * len(head),
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _input_text(pre: dict) -> str:
+    """The preprocessing in a phrase, e.g. "CT, window [-125, 275] HU, 2 mm in-plane, LPS, 3 context slices"."""
+    parts = [str(pre.get("modality", "?"))]
+    if pre.get("modality") == "CT" and pre.get("ct_window"):
+        lo, hi = pre["ct_window"]
+        parts.append(f"window [{lo:g}, {hi:g}] HU")
+    if pre.get("modality") == "MR" and pre.get("mr_percentiles"):
+        lo, hi = pre["mr_percentiles"]
+        parts.append(f"scaled between its {lo:g} and {hi:g} percentiles")
+    if pre.get("spacing"):
+        parts.append(" × ".join(f"{float(v):g}" for v in pre["spacing"]) + " mm in-plane")
+    if pre.get("orientation"):
+        parts.append(str(pre["orientation"]))
+    if int(pre.get("context_slices", 1) or 1) > 1:
+        parts.append(f"{pre['context_slices']} context slices")
+    return ", ".join(parts)
 
 
 def _cmd_models_info(args) -> int:
-    from ..registry.store import package_origin, resolve_model, scan_packages
+    from ..registry.card import data_text, score_lines
+    from ..registry.store import MODEL_JSON, package_info, package_origin, scan_package_infos
 
-    pkg = resolve_model(args.name)
+    pkg = package_info(args.name)  # model.json alone: no torch
     if getattr(args, "verify", False):
         pkg.verify()  # raises ModelError naming the mismatch
-    if args.json:
-        print(json.dumps(pkg.to_dict(), indent=2))
+    if args.json:  # the full record, for machines
+        print(json.dumps(json.loads((pkg.path / MODEL_JSON).read_text(encoding="utf-8")), indent=2))
         return 0
-    print(f"{pkg.name} {pkg.version}  ({package_origin(pkg)}: {pkg.path})")
-    if pkg.description:
-        print(f"  {pkg.description}")
-    print(f"method: {pkg.method_name}")
-    installed = scan_packages().packages
+    installed = scan_package_infos().packages
     is_default = any(p.name == pkg.name and p.path == pkg.path for p in installed) and \
         _defaults_by_name(installed).get(pkg.name) == pkg.modality
-    print(f"modality: {pkg.modality}" + (f" (the default {pkg.modality} model)" if is_default else ""))
-    print(f"weights sha256: {pkg.weights_sha256}" + (" (verified)" if getattr(args, "verify", False) else ""))
-    print("organs (label = position of --organ on the command line):")
-    rows = [("  NAME", "DISPLAY NAME", "COLOUR", "CATEGORY", "TYPE")]
-    for o in pkg.organs:
-        rows.append((f"  {o.name}", o.display_name, "#%02x%02x%02x" % tuple(o.color),
-                     _fmt_code(o.category), _fmt_code(o.type)))
-    _print_table(rows)
-    pre = pkg.preprocessing.to_dict()
-    print("preprocessing:")
-    for k, v in pre.items():
-        if (k == "ct_window" and pre.get("modality") != "CT") or (k == "mr_percentiles" and pre.get("modality") != "MR"):
-            continue
-        print(f"  {k}: {v}")
-    print("inference defaults:")
-    for k, v in pkg.inference.items():
-        print(f"  {k}: {v}")
-    for title, block in (("provenance", pkg.provenance), ("metrics", pkg.metrics)):
-        print(f"{title}:" + ("" if block else " (none recorded)"))
-        for k, v in block.items():
-            print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    lines = [f"{pkg.name} {pkg.version} ({package_origin(pkg)})"]
+    if pkg.description:
+        lines.append(_info_line("about", pkg.description))
+    lines.append(_info_line("method", pkg.method_name))
+    lines.append(_info_line("modality", pkg.modality + (f" (the default {pkg.modality} model)" if is_default else "")))
+    lines.append(_info_line("organs", ", ".join(pkg.organ_names)))
+    lines.append(_info_line("input", _input_text(pkg.preprocessing)))
+    lines.append(_info_line("data", data_text(pkg.provenance) or "not recorded"))
+    scores = score_lines(pkg.metrics)
+    for i, text in enumerate(scores or ["none recorded"]):
+        lines.append(_info_line("scores" if i == 0 else "", text))
+    verified = " (verified)" if getattr(args, "verify", False) else ""
+    lines.append(_info_line("weights", f"sha256 {pkg.weights_sha256}{verified}"))
     card = pkg.path / "MODEL_CARD.md"
-    if card.is_file():
-        print(f"model card: {card}")
+    lines.append(_info_line("card", str(card) if card.is_file() else f"none (the package is in {pkg.path})"))
+    lines.append(f"the full record (provenance, metrics, settings): {PROG} models info {args.name} --json")
+    print("\n".join(lines))
     return 0
 
 

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from ..errors import InputError, OutputError
+from ..io.volume import array_view, pseudo_filesystem, publish_file
 
 StrPath = str | os.PathLike
 
@@ -159,7 +160,7 @@ def align_to_grid(image: sitk.Image, grid: Grid, what: str) -> np.ndarray:
         raise InputError(f"{what} does not lie on the DICOM series' voxel grid: " + "; ".join(problems)
                          + ". It must have the series' exact geometry (as 'meddiffseg segment' writes it)")
 
-    array = sitk.GetArrayViewFromImage(image)  # [k, j, i] of the image = numpy axes 2 - a
+    array = array_view(image)  # [k, j, i] of the image = numpy axes 2 - a; holds the image (may be returned as is)
     flips = tuple(2 - a for a in range(3) if flip[a])
     if flips:
         array = np.flip(array, flips)
@@ -492,7 +493,7 @@ def write_dataset_atomic(ds: Dataset, path: StrPath) -> Path:
             ds.save_as(f, enforce_file_format=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_name, target)
+        publish_file(tmp_name, target)  # 0644 like the NIfTI outputs, not mkstemp's 0600
         tmp_name = None
     except OSError as exc:
         raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from exc
@@ -518,6 +519,10 @@ def check_output_path(path: StrPath) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {shown}: {parent} is not a folder")
+    kernel_fs = pseudo_filesystem(target)
+    if kernel_fs is not None:
+        raise OutputError(f"cannot write {shown}: it is on {kernel_fs}, a kernel file system that holds no files; "
+                          "choose a folder on a disk")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {shown}: no write permission on {parent}")
     return target

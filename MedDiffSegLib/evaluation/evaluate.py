@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, MedDiffSegError
-from ..io import read_volume
+from ..io import array_view, read_volume
 from .metrics import CONVENTIONS, OrganScore, organ_score, summarise
 from .uncertainty import _auroc_sorted, _organ_uncertainty, _sorted_scores, calibration, near_band
 
@@ -219,7 +219,7 @@ def evaluate(
     if uncertainty is not None:
         u_img, u_shown = _read(uncertainty, "the uncertainty map")
         u_img, _ = on_reference_grid(u_img, pred_img, f"the uncertainty map {u_shown}", f"the prediction {pred_shown}")
-        u = sitk.GetArrayViewFromImage(u_img)
+        u = array_view(u_img)  # holds u_img: the view never outlives its voxels
         if u_img.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{u_shown} must hold one value per voxel")
         if u.dtype.kind == "f" and not np.isfinite(u).all():
@@ -233,7 +233,7 @@ def evaluate(
                                   f"({', '.join(by_name)})")
         pr_img, pr_shown = _read(src, f"the probability map of {name}")
         pr_img, _ = on_reference_grid(pr_img, pred_img, f"the probability map {pr_shown}", f"the prediction {pred_shown}")
-        prob_maps[name] = (sitk.GetArrayViewFromImage(pr_img), pr_shown)
+        prob_maps[name] = (array_view(pr_img), pr_shown)  # each view holds its own image
 
     bands: dict[str, np.ndarray] = {}
 

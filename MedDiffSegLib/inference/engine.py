@@ -179,11 +179,19 @@ class OrganStats:
     max_uncertainty_slice: int | None
     #: Physical (LPS, mm) position of that slice's centre.
     max_uncertainty_position: tuple[float, float, float] | None = None
-    #: numpy axis (0 = z, 1 = y, 2 = x) of the input array that ``max_uncertainty_slice`` indexes.
+    #: numpy axis (0 = z, 1 = y, 2 = x) of the input array that ``max_uncertainty_slice`` indexes
+    #: (and the slices of ``possible_continuation``); :attr:`slice_axis_ijk` names it as ITK and Slicer do.
     slice_axis: int | None = None
     #: Where the organ probably continues unsegmented (see :mod:`MedDiffSegLib.uncertainty.continuation`):
     #: one dict per run of slices, with input slice indices, the anatomical side and the peak slice's position.
     possible_continuation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def slice_axis_ijk(self) -> str | None:
+        """The slice axis as ITK / 3D Slicer name the image's index axes: "I", "J" or "K" (numpy axis 0 is K).
+
+        A slice index counts the same way in both: slice 12 along K is voxel index k = 12 (0-based)."""
+        return None if self.slice_axis is None else "IJK"[2 - int(self.slice_axis)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,7 +200,7 @@ class OrganStats:
             "mean_uncertainty": self.mean_uncertainty,
             "max_uncertainty_slice": self.max_uncertainty_slice,
             "max_uncertainty_position_mm": list(self.max_uncertainty_position) if self.max_uncertainty_position else None,
-            "slice_axis": self.slice_axis,
+            "slice_axis": self.slice_axis, "slice_axis_ijk": self.slice_axis_ijk,
             "possible_continuation": [dict(c) for c in self.possible_continuation],
         }
 
@@ -424,6 +432,9 @@ def segment_volume(
         raise InputError(
             f"the input must be a scalar (grey-level) volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
         )
+    from ..io.volume import check_image
+
+    check_image(image, "the input")  # a regular grid and finite voxel values (an image not read by read_volume)
     if isinstance(organs, str):
         organs = [organs]
     organs = list(organs or [])

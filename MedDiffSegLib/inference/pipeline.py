@@ -115,6 +115,12 @@ def _check_output_dir(out_dir: Path, input_path: Path) -> list[Path]:
             raise OutputError(f"output folder {out_dir} exists and is not a folder")
     elif not existing.is_dir():
         raise OutputError(f"cannot create output folder {out_dir}: {existing} is not a folder")
+    from ..io.volume import pseudo_filesystem
+
+    kernel_fs = pseudo_filesystem(out_dir)
+    if kernel_fs is not None:  # writable for root, perhaps, but no place for files: refused before the run
+        raise OutputError(f"output folder {out_dir} is on {kernel_fs}, a kernel file system that holds no files; "
+                          "choose a folder on a disk")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {out_dir} is not writable (no write permission on {existing})")
     try:
@@ -495,16 +501,19 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
         entry = {"name": name, "display_name": organ.display_name, "label": label, "voxel_count": count,
                  "color": list(organ.color), "category": dict(organ.category), "type": dict(organ.type),
                  "volume_ml": count * voxel_ml, "mean_uncertainty": None, "max_uncertainty_slice": None,
-                 "slice_axis": None, "max_uncertainty_position_mm": None, "possible_continuation": []}
+                 "slice_axis": None, "slice_axis_ijk": None, "max_uncertainty_position_mm": None,
+                 "possible_continuation": []}
         st = engine_stats.get(name)  # the engine's per-organ statistics (OrganStats)
         if st is not None:  # also for an empty mask: "not segmented" is the signal that matters then
             entry["possible_continuation"] = [dict(c) for c in (getattr(st, "possible_continuation", None) or [])]
+            # the axis the slice indices count along: numpy order (0 = z) and as ITK / Slicer name it (K = z)
+            axis = getattr(st, "slice_axis", None)
+            entry["slice_axis"] = None if axis is None else int(axis)
+            entry["slice_axis_ijk"] = getattr(st, "slice_axis_ijk", None)
         if count and st is not None and st.mean_uncertainty is not None:
             entry["mean_uncertainty"] = _finite_or_none(st.mean_uncertainty)
             if getattr(st, "max_uncertainty_slice", None) is not None:
                 entry["max_uncertainty_slice"] = int(st.max_uncertainty_slice)
-                axis = getattr(st, "slice_axis", None)
-                entry["slice_axis"] = None if axis is None else int(axis)
                 pos = getattr(st, "max_uncertainty_position", None)
                 entry["max_uncertainty_position_mm"] = None if pos is None else [float(v) for v in pos]
         organs_out.append(entry)

@@ -3,7 +3,8 @@
 Importing this package does not import torch: :mod:`.store` (finding, installing, the torch-free
 :class:`~.store.PackageInfo`) is loaded at once, :mod:`.package` (``ModelPackage``, ``Organ``,
 ``save_package``, which need the preprocessing spec and so torch) on first use of one of its
-names. ``from MedDiffSegLib.registry import ModelPackage`` works as before.
+names. ``from MedDiffSegLib.registry import ModelPackage`` works as before. :mod:`.card` turns what a
+``model.json`` records into short text (scores, training data) for ``models info`` and the Slicer module.
 """
 
 from .store import (

@@ -60,6 +60,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import MedDiffSegError, ModelError, OutputError
+from ..io.volume import publish_file
 from ..preprocessing import PreprocessSpec, inplane_size, normalise_intensity, resample_inplane
 from ..preprocessing.spec import intensity_bounds
 
@@ -365,20 +366,12 @@ def _lr_factor(steps: int) -> Callable[[int], float]:
     return lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
 
 
-def _publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file the ordinary permissions (mkstemp makes it private) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        _publish(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -498,7 +491,7 @@ def pretrain(
     tmp = out / f".{ENCODER_FILE}.tmp"
     try:
         save_file(state, str(tmp), metadata=meta)
-        _publish(tmp, enc_path)
+        publish_file(tmp, enc_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

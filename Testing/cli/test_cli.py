@@ -208,6 +208,33 @@ def test_adaptive_sampling_and_precision_are_reported(tmp_path, tiny_guided, sma
     assert "drawn per window" in text_a and "bf16" in text_f and "drawn per window" not in text_f
 
 
+def test_default_samples_are_the_slicer_standard_preset(tmp_path, tiny_guided, small_volume, capsys):
+    """Issue #25: a plain run had 1 sample and so an all-zero uncertainty map; it now draws Slicer's Standard 5."""
+    import sys as _sys
+
+    from MedDiffSegLib.cli.main import DEFAULT_SAMPLES
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedDiffSeg"))
+    try:
+        from MedDiffSegLogicLib.presets import DEFAULT_PRESET, QUALITY_PRESETS
+    finally:
+        _sys.path.pop(0)
+    assert DEFAULT_SAMPLES == QUALITY_PRESETS[DEFAULT_PRESET].samples == 5
+    out = tmp_path / "out"
+    argv = ["segment", str(small_volume), "--out", str(out), "--model", str(tiny_guided), "--organ", "liver",
+            "--device", "cpu", "--no-adaptive"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["settings"]["samples"] == 5  # the package's own default (2) is not used by the CLI
+    windows = summary["sampling"]["windows"] - summary["sampling"]["windows_outside_body"]
+    assert summary["sampling"]["organs"]["liver"]["samples_drawn"] == 5 * windows
+    assert "; 5 sample(s)" in printed and "no uncertainty map" not in printed
+    assert main(argv[:-1] + ["--samples", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "no uncertainty map: 1 sample cannot disagree with itself" in printed
+
+
 def test_unknown_device(tmp_path, tiny_guided, small_volume, capsys):
     out = tmp_path / "out"
     assert main(_segment_argv(small_volume, out, tiny_guided, "--device", "tpu")) == DeviceError.exit_code
@@ -222,6 +249,30 @@ def test_output_under_a_regular_file(tmp_path, tiny_guided, small_volume, capsys
     assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
     _assert_one_error_line(capsys.readouterr().err, "report.txt is not a folder")
     assert blocker.read_text(encoding="utf-8") == "keep me\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or not Path("/sys/kernel").is_dir(), reason="no /proc or /sys")
+@pytest.mark.parametrize("out", ["/proc/meddiffseg-out", "/sys/kernel/meddiffseg/out"], ids=["proc", "sys"])
+def test_output_on_a_kernel_file_system_is_refused_before_the_run(out, tiny_guided, small_volume, monkeypatch, capsys):
+    """Issue #25: an --out under /proc or /sys passed the up-front check (writable for root) and failed
+    only after inference (exit 5 after ~20 s)."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("nothing may run before the output folder is known to be usable")
+
+    monkeypatch.setattr(engine_module, "segment_volume", no_run)
+    monkeypatch.setattr(volume_module, "read_volume", no_run)
+    assert main(_segment_argv(small_volume, out, tiny_guided)) == OutputError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, f"output folder {out} is on ", "a kernel file system",
+                           "choose a folder on a disk")
+    assert not Path(out).exists()
+
+
+def test_kernel_file_systems_are_told_apart_from_ordinary_folders(tmp_path):
+    from MedDiffSegLib.io.volume import pseudo_filesystem
+
+    assert pseudo_filesystem(tmp_path / "a" / "b") is None and pseudo_filesystem(tmp_path) is None
+    if Path("/proc/self").is_dir():
+        assert pseudo_filesystem("/proc/no/such/folder") == "proc" and pseudo_filesystem("/sys/x") == "sysfs"
 
 
 def test_output_is_an_existing_file(tmp_path, tiny_guided, small_volume, capsys):
@@ -388,10 +439,38 @@ def test_mr_model_on_ct_stops_and_modality_contradicting_the_tag_is_an_input_err
     _assert_one_error_line(capsys.readouterr().err, "the input is CT (--modality)")
     # no tag, nothing declared: HU intensities are not an MR
     assert main(_segment_argv(small_volume, out, tiny_mr)) == ModelError.exit_code
-    _assert_one_error_line(capsys.readouterr().err, "looks like a CT in Hounsfield units")
+    _assert_one_error_line(capsys.readouterr().err, "the input's intensities look like a CT in Hounsfield units",
+                           "if it is a CT, pass --modality CT instead of --model")
     assert main(_segment_argv(series, out, tiny_guided, "--modality", "MR")) == InputError.exit_code
     _assert_one_error_line(capsys.readouterr().err, "--modality MR contradicts the DICOM Modality tag CT")
     _assert_no_outputs(out)
+
+
+@pytest.mark.parametrize("rel,declared,fragments", [
+    ("totalsegmentator/example_ct.nii.gz", "MR",
+     ("model 'abdomen-mr' is an MR model and the input is MR (--modality), but its intensities look like a CT",
+      "if it is a CT, pass --modality CT;", "installed CT models: abdomen-ct (the default)")),
+    ("chaos_mr/imagesTr/chaos_t2_01.nii.gz", "CT",
+     ("model 'abdomen-ct' is a CT model and the input is CT (--modality), but its intensities are implausible",
+      "if it is an MR, pass --modality MR;", "installed MR models: abdomen-mr (the default)")),
+], ids=["ct-declared-mr", "mr-declared-ct"])
+def test_a_real_scan_declared_the_wrong_modality_stops_before_the_network(rel, declared, fragments, tmp_path, data_dir,
+                                                                         monkeypatch, capsys):
+    """Issue #25: a CT declared MR ran the MR model and reported a 7.9 L 'liver'; the refusal of an MR
+    declared CT did not name abdomen-mr or --modality MR. Both stop after reading the input: no network,
+    nothing written."""
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network must not run")
+
+    monkeypatch.setattr(engine_module, "segment_volume", no_network)
+    out = tmp_path / "out"
+    inp = data_dir / rel
+    before = sha256_file(inp)
+    rc = main(["segment", str(inp), "--modality", declared, "--organ", "liver", "--out", str(out), "--quiet"])
+    assert rc == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, *fragments, "--allow-modality-mismatch")
+    _assert_no_outputs(out)
+    assert sha256_file(inp) == before
 
 
 # -- atomicity: failures and cancellation leave nothing ------------------------------------------
@@ -539,6 +618,8 @@ def _check_outputs(out: Path, reference: sitk.Image, n_organs: int, *, exact: bo
         if count:
             assert o["mean_uncertainty"] == pytest.approx(float(u[labels == o["label"]].mean()), rel=1e-4, abs=1e-7)
             assert 0 <= o["max_uncertainty_slice"] < reference.GetSize()[2 - o["slice_axis"]]
+        if o["slice_axis"] is not None:  # the same axis as ITK and Slicer name it: numpy axis 0 is K
+            assert o["slice_axis_ijk"] == "IJK"[2 - o["slice_axis"]]
     for key in ("read", "preprocess", "network", "postprocess", "write", "total"):
         assert summary["timings_s"][key] >= 0
     assert summary["timings_s"]["total"] >= summary["timings_s"]["network"]
@@ -560,9 +641,14 @@ def test_end_to_end_nifti(tmp_path, tiny_guided, data_dir, capsys):
     stdout = capsys.readouterr().out
     assert "Spleen" in stdout and "Liver" in stdout and "volume (mL)" in stdout
     assert "(CT model; input CT from its intensities)" in stdout
+    assert "most uncertain slice (IJK)" in stdout
     ref = sitk.ReadImage(str(ct))
     summary = _check_outputs(out, ref, 2, exact=True)
     assert [o["name"] for o in summary["organs"]] == ["spleen", "liver"]
+    assert {o["slice_axis_ijk"] for o in summary["organs"]} == {"K"}  # an axial CT: its slices run along K
+    for o in summary["organs"]:
+        if o["max_uncertainty_slice"] is not None:
+            assert f"{o['display_name']}" in stdout and f"K {o['max_uncertainty_slice']}" in stdout
     assert summary["settings"]["samples"] == 2 and summary["settings"]["steps"] == 1
     assert summary["settings"]["seed"] == 7
     assert summary["model"]["weights_sha256"] == sha256_file(tiny_guided / "weights.safetensors")
@@ -662,7 +748,7 @@ def test_segment_output_names_slices_to_review(capsys):
     from MedDiffSegLib.cli.main import _print_segment_result
 
     organ = {"label": 1, "name": "liver", "display_name": "Liver", "volume_ml": 1500.0, "mean_uncertainty": None,
-             "max_uncertainty_slice": None,
+             "max_uncertainty_slice": None, "slice_axis": 0, "slice_axis_ijk": "K",
              "possible_continuation": [{"kind": "beyond_mask", "side": "superior", "slices": [88, 89, 90],
                                         "extent_mm": 7.5, "area_mm2": [300.0, 200.0, 120.0], "peak_slice": 88,
                                         "peak_position_mm": [0.0, 0.0, 10.0]}]}
@@ -672,5 +758,15 @@ def test_segment_output_names_slices_to_review(capsys):
                "settings": {"samples": 1, "steps": 1, "seed": 0, "device": "cpu"}, "model": {"name": "m", "version": "1"},
                "timings_s": {"total": 1.0}, "input": {}, "modality_check": {}}
     _print_segment_result(summary, "out")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("review")]
-    assert lines == ["review Liver: it probably continues beyond its superior end (slices 88-90, 8 mm; most at slice 88)"]
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("review")]
+    assert lines == ["review Liver: the organ probably continues beyond its superior end, unsegmented, on slices "
+                     "K 88-90 (8 mm, clearest on K 88)"]
+    # a 1-sample run says plainly that there is no uncertainty map, and how to get one
+    assert "no uncertainty map: 1 sample cannot disagree with itself" in out and "--samples 5 (the default)" in out
+    for kind, text in (("gap", "the organ probably continues through a gap in the segmentation on slice K 40"),
+                       ("not_segmented", "nothing was segmented, but the organ is probably there on slice K 40")):
+        run = {"kind": kind, "side": None, "slices": [40], "extent_mm": 2.5, "area_mm2": [80.0], "peak_slice": 40,
+               "peak_position_mm": [0.0, 0.0, 0.0]}
+        _print_segment_result({**summary, "organs": [{**organ, "possible_continuation": [run]}]}, "out")
+        assert f"review Liver: {text} (2 mm, clearest on K 40)" in capsys.readouterr().out

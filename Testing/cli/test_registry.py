@@ -348,11 +348,14 @@ def test_cli_models_list_install_info(builtin_dir, tiny_packages, tiny_zips, cap
 
     assert main(["models", "info", "tiny-sdseg"]) == 0
     out = capsys.readouterr().out
-    for text in ("tiny-sdseg 0.0.1", "method: sdseg", "Liver", "Spleen", "SCT 10200004", "preprocessing:",
-                 "modality: CT", "spacing: [6.0, 6.0]", "provenance:", "trained: False", "metrics:", "weights sha256:"):
+    for text in ("tiny-sdseg 0.0.1 (user)", "method:    sdseg", "modality:  CT\n", "organs:    liver, spleen\n",
+                 "input:     CT, window", "6 × 6 mm in-plane", "data:      not recorded", "scores:    none recorded",
+                 f"weights:   sha256 {sha256_file(user_models_dir() / 'tiny-sdseg' / 'weights.safetensors')}\n",
+                 "card:      none (the package is in", "meddiffseg models info tiny-sdseg --json"):
         assert text in out, text
     assert main(["models", "info", "tiny-sdseg", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["method"] == "sdseg"
+    record = json.loads(capsys.readouterr().out)
+    assert record == json.loads((user_models_dir() / "tiny-sdseg" / "model.json").read_text()) and record["method"] == "sdseg"
 
 
 def test_cli_models_list_and_info_show_modality_and_defaults(builtin_dir, tiny_packages, tiny_mr, capsys):
@@ -369,10 +372,37 @@ def test_cli_models_list_and_info_show_modality_and_defaults(builtin_dir, tiny_p
     assert listed["liver-mr"]["modality"] == "MR" and listed["liver-mr"]["default_for"] == "MR"
     assert listed["abdomen-ct-guided"]["default_for"] == "CT" and listed["abdomen-ct-dts"]["default_for"] is None
     assert main(["models", "info", "liver-mr"]) == 0
-    assert "modality: MR (the default MR model)" in capsys.readouterr().out
+    assert "modality:  MR (the default MR model)\n" in capsys.readouterr().out
     assert main(["models", "info", "abdomen-ct-dts"]) == 0
     out = capsys.readouterr().out
-    assert "modality: CT\n" in out and "default" not in out.split("modality: CT", 1)[1].splitlines()[0]
+    assert "modality:  CT\n" in out
+
+
+def test_cli_models_info_of_the_shipped_default_is_short_and_local_paths_stay_in_the_json(capsys):
+    """Issue #25: 'models info abdomen-ct' printed 19 kB, one line of 13,271 characters of raw JSON, and the
+    path of the machine it was trained on (provenance.init_from). Now: short lines; --json the full record."""
+    from MedDiffSegLib.registry import package_info
+    from MedDiffSegLib.registry.card import score_lines
+
+    pkg = package_info("abdomen-ct")
+    assert main(["models", "info", "abdomen-ct"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(ln) for ln in lines) <= 100 and len(out) < 2000, out
+    labels = [ln.split(":", 1)[0] for ln in lines[1:] if ln[:1].isalpha()]
+    assert labels[:8] == ["about", "method", "modality", "organs", "input", "data", "scores", "weights"], labels
+    assert lines[0] == f"abdomen-ct {pkg.version} (built-in)"
+    assert "modality:  CT (the default CT model)" in out and "organs:    liver, spleen, kidney_right" in out
+    trained = pkg.provenance["data"]["train"][0]
+    assert f"data:      {trained['name']} ({len(trained['cases'])} cases)" in out
+    first_scores = " ".join(score_lines(pkg.metrics)[0].split())
+    assert first_scores.startswith("mean Dice on 6 btcv test patients: liver 0.91")
+    assert first_scores in " ".join(out.split())  # wrapped, but all there
+    assert f"card:      {pkg.path / 'MODEL_CARD.md'}" in out
+    assert "init_from" not in out and "{" not in out and str(pkg.provenance["init_from"]["path"]) not in out
+    assert main(["models", "info", "abdomen-ct", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record == json.loads((pkg.path / "model.json").read_text()) and "init_from" in record["provenance"]
 
 
 def test_cli_models_errors(builtin_dir, tiny_zips, tmp_path, capsys):
@@ -606,3 +636,14 @@ def test_cli_models_install_url_update_remove_verify(builtin_dir, tiny_zips, ver
     out = capsys.readouterr().out
     for word in ("update", "remove", "--sha256", "http"):
         assert word in out
+
+
+def test_data_text_names_datasets_and_case_counts_never_paths():
+    from MedDiffSegLib.registry.card import data_text
+
+    assert data_text(None) == data_text({}) == data_text({"trained": False}) == ""
+    assert data_text({"data": "12 BTCV patients"}) == "12 BTCV patients"
+    assert data_text({"data": {"train": [{"dataset": "btcv/dataset.json", "name": "btcv", "cases": ["a", "b"]}],
+                               "validation": [{"name": "dcmqi", "image": "/some/where/ct"}]}}) == \
+        "btcv (2 cases); validation: dcmqi"
+    assert data_text({"dataset": ["x", {"dataset": "y.json"}]}) == "x, y.json"

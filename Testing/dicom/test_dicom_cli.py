@@ -38,6 +38,18 @@ def segmented(tiny_pkg, ct3, tmp_path_factory) -> Path:
     return out
 
 
+def test_dicom_outputs_get_the_permissions_of_the_nifti_outputs(segmented):
+    """Issue #25: the DICOM files were written 0600 (mkstemp), the NIfTI files 0644 (the umask's)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in segmented.iterdir()}
+    assert modes["segmentation.dcm"] == modes["uncertainty_pmap.dcm"] == modes["segmentation.nii.gz"] \
+        == modes["summary.json"] == 0o666 & ~umask, modes
+
+
 def _labels_of(seg_file: Path, source) -> np.ndarray:
     return sitk.GetArrayFromImage(read_dicom_seg(seg_file, source).labels)
 

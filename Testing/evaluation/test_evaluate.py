@@ -148,6 +148,12 @@ def test_cli_evaluate_json_and_table(case, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "liver" in text and "missed (FAILURE)" in text and "1 failure(s) of 3" in text and "AUROC" in text
     report = json.loads(out.read_text())
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file, not mkstemp's 0600
     kidney = next(o for o in report["organs"] if o["name"] == "kidney")
     assert kidney["hd95_mm"] == "inf" and kidney["dice"] == 0.0
     assert report["summary"]["mean_hd95_mm"] == "inf"
@@ -174,3 +180,98 @@ def test_real_dicom_labels_against_a_dicom_oriented_prediction(data_dir):
     assert r["ground_truth_resampled"]
     for o in r["organs"]:
         assert o["dice"] == pytest.approx(1.0) and o["hd95_mm"] == 0.0 and o["status"] == "ok"
+
+
+# -- several probability maps: each map's voxels stay valid while the next is read (issue #25) ------
+
+
+def _blurred_masks(labels: sitk.Image, values: dict[str, int], sigma_mm: float = 4.0) -> dict[str, sitk.Image]:
+    """Smooth probabilities in [0, 1] from a label map's organ masks (a stand-in for a model's maps)."""
+    maps = {}
+    for name, value in values.items():
+        mask = sitk.Cast(labels == value, sitk.sitkFloat32)
+        smooth = sitk.SmoothingRecursiveGaussian(mask, sigma_mm)
+        maps[name] = sitk.Clamp(smooth, sitk.sitkFloat32, 0.0, 1.0)
+    return maps
+
+
+def test_several_probability_maps_are_each_scored_on_their_own_voxels(case, tmp_path):
+    """Three maps of different values: each organ's ECE is that of its own file (a view of a freed image
+    made the second and later maps read freed memory, or crash)."""
+    pred = sitk.ReadImage(str(case["pred"]))
+    gt_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case["gt"])))
+    paths, arrays = {}, {}
+    for name, value, level in (("liver", 1, 0.9), ("spleen", 2, 0.7), ("stray", 4, 0.6)):
+        arr = np.where(sitk.GetArrayFromImage(pred) == value, level, 0.02).astype(np.float32)
+        paths[name] = tmp_path / f"prob_{name}.nii.gz"
+        img = sitk.GetImageFromArray(arr)
+        img.CopyInformation(pred)
+        sitk.WriteImage(img, str(paths[name]))
+        arrays[name] = arr
+    labels = parse_label_specs(["liver=1:5", "spleen=2:1", "stray=4:3"])
+    r = evaluate(case["pred"], case["gt"], labels, uncertainty=case["unc"], probabilities=paths)
+    for spec in labels:
+        expected = calibration(arrays[spec.name], gt_arr == spec.gt_value)
+        got = r["calibration"]["organs"][spec.name]
+        assert got["ece"] == pytest.approx(expected["ece"], abs=1e-12), spec.name
+        assert got["bins"] == expected["bins"]
+        assert r["uncertainty"]["organs"][spec.name]["ece"] == pytest.approx(expected["ece"], abs=1e-12)
+
+
+def test_cli_evaluate_three_probability_maps_and_the_uncertainty_on_real_data(data_dir, tmp_path):
+    """TotalSegmentator's fast labels scored against its full-resolution labels of the same real CT, with
+    three probability maps and an uncertainty map made from the prediction; in a child process, so that a
+    memory fault shows as its exit status."""
+    import subprocess
+    import sys
+
+    ts = data_dir / "totalsegmentator"
+    pred_path, gt_path = ts / "example_seg_fast.nii.gz", ts / "example_seg.nii.gz"
+    codes = {"liver": 5, "spleen": 1, "kidney_right": 2}  # the same code table in both
+    maps = _blurred_masks(sitk.ReadImage(str(pred_path)), codes)
+    prob_args = []
+    for name, img in maps.items():
+        path = tmp_path / f"probability_{name}.nii.gz"
+        sitk.WriteImage(img, str(path))
+        prob_args.append(f"{name}={path}")
+    arrays = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"probability_{n}.nii.gz"))) for n in maps}
+    variance = np.max([p * (1 - p) for p in arrays.values()], axis=0).astype(np.float32)
+    unc = sitk.GetImageFromArray(variance)
+    unc.CopyInformation(maps["liver"])
+    sitk.WriteImage(unc, str(tmp_path / "uncertainty.nii.gz"))
+    out = tmp_path / "scores.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "MedDiffSegLib", "evaluate", "--pred", str(pred_path), "--gt", str(gt_path),
+         "--labels", *(f"{n}={v}" for n, v in codes.items()), "--uncertainty", str(tmp_path / "uncertainty.nii.gz"),
+         "--probabilities", *prob_args, "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    report = json.loads(out.read_text(encoding="utf-8"))
+    gt_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_path)))
+    assert set(report["calibration"]["organs"]) == set(codes)
+    for name, code in codes.items():
+        expected = calibration(arrays[name], gt_arr == code)["ece"]
+        assert report["calibration"]["organs"][name]["ece"] == pytest.approx(expected, abs=1e-12), name
+        assert 0 < report["calibration"]["organs"][name]["ece_near_organ"] < 1
+    u = report["uncertainty"]
+    assert u["error_voxels"] > 0 and 0.5 < u["auroc"] <= 1.0 and set(u["organs"]) == set(codes)
+
+
+def test_the_readme_evaluate_example_writes_into_an_ignored_folder():
+    """Issue #25: the README's example wrote scores.json into the repository root, which git did not ignore."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"meddiffseg evaluate (?:[^\n]*\\\n)*[^\n]*", text)
+    assert commands, "the README shows no 'meddiffseg evaluate' command"
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for command in commands:
+        target = re.search(r"--json\s+(\S+)", command).group(1)
+        assert "/" in target, f"{target} would land in the repository root"
+        ignored = subprocess.run(["git", "check-ignore", "-q", target], cwd=repo, capture_output=True)
+        assert ignored.returncode == 0, f"{target} (the README's evaluate example) is not ignored by git"

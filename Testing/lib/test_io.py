@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from MedDiffSegLib.errors import InputError, OutputError
-from MedDiffSegLib.io import CanonicalView, image_from_array, read_dicom_series, read_volume, write_image_atomic
+from MedDiffSegLib.io import (CanonicalView, array_view, image_from_array, read_dicom_series, read_volume,
+                              write_image_atomic)
 
 
 def _data_root() -> Path:
@@ -483,3 +484,47 @@ def test_image_from_array(data_dir: Path) -> None:
         image_from_array(labels[:, :, :-1], reference)
     with pytest.raises(ValueError, match="shape"):
         image_from_array(labels.transpose(2, 1, 0), reference)
+
+
+def _churn_memory(shape: tuple[int, ...], rounds: int = 8) -> None:
+    """Allocate and fill images of the same size, so that freed voxel buffers get reused."""
+    keep = []
+    for r in range(rounds):
+        keep.append(sitk.GetImageFromArray(np.full(shape, -7.0 - r, np.float32)))
+    del keep
+
+
+def test_array_view_keeps_its_image_alive() -> None:
+    values = np.random.default_rng(0).random((12, 34, 56)).astype(np.float32)
+    image = sitk.GetImageFromArray(values)
+    view = array_view(image)
+    part = view[3:9, ::2]  # an array derived from it without a copy holds the image too
+    del image
+    import gc
+
+    gc.collect()
+    _churn_memory(values.shape)
+    np.testing.assert_array_equal(view, values)
+    np.testing.assert_array_equal(part, values[3:9, ::2])
+    assert not view.flags.writeable  # the image's voxels are read through it, never written
+    vec = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
+    assert array_view(vec).shape == (4, 5, 6, 3)
+
+
+def test_array_on_a_dicom_grid_outlives_its_image() -> None:
+    """align_to_grid may return the image's voxels as they are; they must stay valid without the image."""
+    from MedDiffSegLib.dicom import Grid, align_to_grid
+
+    values = np.random.default_rng(1).random((6, 20, 24)).astype(np.float32)
+
+    def aligned() -> np.ndarray:
+        image = sitk.GetImageFromArray(values)
+        image.SetSpacing((0.7, 0.7, 2.0))
+        return align_to_grid(image, Grid.of(image), "the map")  # the image is dropped on return
+
+    array = aligned()
+    import gc
+
+    gc.collect()
+    _churn_memory(values.shape)
+    np.testing.assert_array_equal(array, values)

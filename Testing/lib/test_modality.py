@@ -49,26 +49,69 @@ REAL_CTS, REAL_MRS = _real_volumes()
 
 
 def test_the_real_data_has_every_expected_volume(data_dir):
-    # 18 BTCV + 2 TotalSegmentator CT files + 2 DICOM CT series; 15 CHAOS + 1 TotalSegmentator MR
-    assert len(REAL_CTS) == 22, REAL_CTS
-    assert len(REAL_MRS) == 16, REAL_MRS
+    """Every image of the data folder is in the lists below: each BTCV and CHAOS case its dataset.json lists,
+    the TotalSegmentator CT files, and the two DICOM CT series; the TotalSegmentator MR."""
+    count = {name: json.loads((data_dir / name / "dataset.json").read_text())["numTraining"] for name in ("btcv", "chaos_mr")}
+    assert len([r for r in REAL_CTS if r.startswith("btcv/")]) == count["btcv"] > 0
+    assert len([r for r in REAL_MRS if r.startswith("chaos_mr/")]) == count["chaos_mr"] > 0
+    assert len(REAL_CTS) == count["btcv"] + 4, REAL_CTS  # + example_ct, example_ct_sm, 2 DICOM series
+    assert len(REAL_MRS) == count["chaos_mr"] + 1, REAL_MRS
+    images = {f"totalsegmentator/{p.name}" for p in (data_dir / "totalsegmentator").glob("example_*.nii.gz")
+              if "_seg" not in p.name}
+    assert images <= set(REAL_CTS) | set(REAL_MRS)
+
+
+def _models(modality: str) -> list[str]:
+    """The installed models of a modality, as the CLI lists them in a refusal (the shipped ones here)."""
+    from MedDiffSegLib.registry import list_package_infos, models_for_modality
+
+    return [p.name for p in models_for_modality(modality, list_package_infos())]
+
+
+def _check_declared_both_ways(path: Path, truth: str, hu) -> None:
+    """The modality declared right passes with the default model of that modality; declared wrong, the
+    default model of the wrong modality refuses it, naming the right models and the flag (a DICOM series'
+    tag is its declaration: contradicting it is refused before any model is chosen)."""
+    wrong = "MR" if truth == "CT" else "CT"
+    tag = dicom_modality(path)
+    source = "dicom" if tag else "declared"
+    assert tag in ("", truth), (path, tag)
+    right = input_modality(dicom_tag=tag, declared=truth)
+    check = check_model_fits(truth, DEFAULT_MODELS[truth], right, hu=hu, fitting_models=_models)
+    assert not check.mismatch and check.input_modality == truth and check.input_source == source
+    if tag:
+        with pytest.raises(InputError, match=f"--modality {wrong} contradicts the DICOM Modality tag {truth}"):
+            input_modality(dicom_tag=tag, declared=wrong, shown=str(path))
+        lied = InputModality(wrong, "dicom", wrong)  # as if the series were tagged wrong
+        flag = f"pass --modality {truth} with --allow-modality-mismatch"
+    else:
+        lied = input_modality(declared=wrong)
+        flag = f"pass --modality {truth};"
+    with pytest.raises(ModalityMismatchError) as exc:
+        check_model_fits(wrong, DEFAULT_MODELS[wrong], lied, hu=hu, fitting_models=_models)
+    msg = str(exc.value)
+    assert f"if it is a{'n' if truth == 'MR' else ''} {truth}, {flag}" in msg, msg
+    assert f"installed {truth} models: {DEFAULT_MODELS[truth]} (the default)" in msg, msg
+    assert "--allow-modality-mismatch" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("rel", REAL_CTS)
-def test_every_real_ct_is_plausible_as_hu(rel, data_dir):
+def test_every_real_ct_is_plausible_as_hu_and_declared_mr_is_refused(rel, data_dir):
     """Including BTCV, clipped to [-125, 275] HU: air and fat saturate at -125, still 'dark'."""
     image = read_volume(data_dir / rel)  # kept alive: the array view does not own the voxels
     check = hu_plausibility(sitk.GetArrayViewFromImage(image))
     assert check.plausible is True, (rel, check)
     assert check.dark_fraction > 0.5 and 0 <= check.tissue_median <= 100, (rel, check)
+    _check_declared_both_ways(data_dir / rel, "CT", check)
 
 
 @pytest.mark.parametrize("rel", REAL_MRS)
-def test_every_real_mr_is_flagged_as_not_hu(rel, data_dir):
+def test_every_real_mr_is_flagged_as_not_hu_and_declared_ct_is_refused(rel, data_dir):
     image = read_volume(data_dir / rel)
     check = hu_plausibility(sitk.GetArrayViewFromImage(image))
     assert check.plausible is False, (rel, check)
     assert check.dark_fraction < 0.001 and "at or below -50" in check.reason
+    _check_declared_both_ways(data_dir / rel, "MR", check)
 
 
 def test_hu_check_on_synthetic_cases():
@@ -220,27 +263,47 @@ def test_matching_inputs_pass():
     assert check_model_fits("CT", "ct-model", UNKNOWN, CT_LIKE).input_source == "intensities"
     for info in (UNKNOWN, InputModality("MR", "dicom", "MR"), InputModality("MR", "declared")):
         assert not check_model_fits("MR", "mr-model", info, MR_LIKE).mismatch
-    # a declared MR that looks like HU is trusted (an MR model does not use the HU scale)
-    assert not check_model_fits("MR", "mr-model", InputModality("MR", "declared"), CT_LIKE).mismatch
+    # a matching model whose intensities cannot tell (one value) passes on the tag or declaration alone
+    blank = np.zeros((3, 8, 8), np.int16)
+    assert not check_model_fits("MR", "mr-model", InputModality("MR", "declared"), blank).mismatch
+    assert not check_model_fits("CT", "ct-model", InputModality("CT", "dicom", "CT"), blank).mismatch
     unknown = check_model_fits("MR", "mr-model", UNKNOWN, MR_LIKE)
     assert unknown.input_modality is None and unknown.to_dict()["hu_plausible"] is False
 
 
-CT_MODELS = "abdomen-ct-guided, site-ct"
+CT_MODELS = "installed CT models: abdomen-ct-guided (the default), site-ct"
 NO_MR = "no MR model is installed"
+HU_LIKE = "its intensities look like a CT in Hounsfield units"
+NOT_HU = "its intensities are implausible as Hounsfield units"
 
 
 @pytest.mark.parametrize("model,info,array,fragment,named", [
-    ("CT", InputModality("MR", "dicom", "MR"), CT_LIKE, "the input is MR (its DICOM Modality tag)", NO_MR),
+    ("CT", InputModality("MR", "dicom", "MR"), MR_LIKE, "the input is MR (its DICOM Modality tag)", NO_MR),
     ("CT", InputModality("MR", "declared"), MR_LIKE, "the input is MR (--modality)", NO_MR),
-    ("CT", UNKNOWN, MR_LIKE, "implausible as Hounsfield units", "if it is an MR, no MR model"),
-    ("CT", InputModality("CT", "dicom", "CT"), MR_LIKE,
-     "the input is CT (its DICOM Modality tag): check that it is stored in Hounsfield units", None),
+    ("CT", UNKNOWN, MR_LIKE, "the input's intensities are implausible as Hounsfield units",
+     "if it is an MR, pass --modality MR instead of --model"),
+    ("CT", InputModality("CT", "dicom", "CT"), MR_LIKE, f"and the input is CT (its DICOM Modality tag), but {NOT_HU}",
+     "if it is an MR, pass --modality MR with --allow-modality-mismatch (overriding its DICOM Modality tag CT)"),
+    ("CT", InputModality("CT", "declared"), MR_LIKE, f"and the input is CT (--modality), but {NOT_HU}",
+     "if it is an MR, pass --modality MR; no MR model is installed"),
     ("MR", InputModality("CT", "dicom", "CT"), CT_LIKE, "the input is CT (its DICOM Modality tag)", CT_MODELS),
-    ("MR", InputModality("CT", "declared"), MR_LIKE, "the input is CT (--modality)", CT_MODELS),
-    ("MR", UNKNOWN, CT_LIKE, "looks like a CT in Hounsfield units", CT_MODELS),
-], ids=["ct-model-mr-tag", "ct-model-mr-declared", "ct-model-not-hu", "ct-tag-not-hu", "mr-model-ct-tag",
-        "mr-model-ct-declared", "mr-model-hu-intensities"])
+    ("MR", InputModality("CT", "declared"), CT_LIKE, "the input is CT (--modality)", CT_MODELS),
+    ("MR", InputModality("CT", "declared"), MR_LIKE, f"the input is CT (--modality), but {NOT_HU}",
+     "if it is an MR, pass --modality MR"),
+    ("MR", UNKNOWN, CT_LIKE, "the input's intensities look like a CT in Hounsfield units",
+     f"if it is a CT, pass --modality CT instead of --model (the default CT model is used) or choose one with "
+     f"--model; {CT_MODELS}"),
+    # HU intensities contradict a declared or tagged MR, as implausible ones contradict CT (issue #25)
+    ("MR", InputModality("MR", "declared"), CT_LIKE, f"and the input is MR (--modality), but {HU_LIKE}",
+     f"if it is a CT, pass --modality CT; {CT_MODELS}"),
+    ("MR", InputModality("MR", "dicom", "MR"), CT_LIKE, f"and the input is MR (its DICOM Modality tag), but {HU_LIKE}",
+     f"if it is a CT, pass --modality CT with --allow-modality-mismatch (overriding its DICOM Modality tag MR); "
+     f"{CT_MODELS}"),
+    ("CT", InputModality("MR", "declared"), CT_LIKE, f", the input is MR (--modality), but {HU_LIKE}",
+     f"if it is a CT, pass --modality CT; {CT_MODELS}"),
+], ids=["ct-model-mr-tag", "ct-model-mr-declared", "ct-model-not-hu", "ct-tag-not-hu", "ct-declared-not-hu",
+        "mr-model-ct-tag", "mr-model-ct-declared", "mr-model-ct-declared-not-hu", "mr-model-hu-intensities",
+        "mr-declared-hu", "mr-tag-hu", "ct-model-mr-declared-hu"])
 def test_mismatches_stop_with_the_fitting_models_and_can_be_overridden(model, info, array, fragment, named, caplog):
     with pytest.raises(ModalityMismatchError) as exc:
         check_model_fits(model, "the-model", info, array, fitting_models=_fitting)

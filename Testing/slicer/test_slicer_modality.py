@@ -115,11 +115,15 @@ def test_volume_modality_from_the_dicom_tag(mrml, slicer, module, data_dir, mr_t
     logic = module.MedDiffSegLogic()
     ct_node, ct_db = dicom_node(slicer, mrml.scene, data_dir / "totalsegmentator" / "example_ct_dicom", "ct dicom")
     found = logic.volumeModality(ct_node, ct_db)
-    assert (found.modality, found.source, found.dicomTag) == ("CT", "dicom", "CT") and found.hu is None
+    assert (found.modality, found.source, found.dicomTag) == ("CT", "dicom", "CT") and found.hu.plausible is True
     assert found.text() == "CT (DICOM Modality)" and found.declaredForWorker() == "CT"
-    # the tag wins over the voxels (HU here); without the database, the voxels decide
+    assert found.contradictingText() == ""
+    # the tag names the modality; the voxels (HU here) are checked against it
     mr_node, mr_db = dicom_node(slicer, mrml.scene, mr_tagged_series, "mr-tagged")
-    assert (logic.volumeModality(mr_node, mr_db).modality, logic.volumeModality(mr_node, mr_db).source) == ("MR", "dicom")
+    tagged = logic.volumeModality(mr_node, mr_db)
+    assert (tagged.modality, tagged.source) == ("MR", "dicom") and tagged.hu.plausible is True
+    assert tagged.contradictingText() == ("this volume is tagged MR in DICOM, but its intensities look like a CT in "
+                                          "Hounsfield units: if it is a CT, choose a CT model.")
     assert logic.volumeModality(mr_node).source == "intensities"  # no DICOM database in this process
     fallback = modalityLib.volumeModality(mr_node, FakeDicomDatabase({}))  # files no longer in the database
     assert (fallback.modality, fallback.source) == ("CT", "intensities") and fallback.declaredForWorker() is None
@@ -171,15 +175,25 @@ def test_segment_refuses_a_ct_model_on_an_mr_and_runs_when_allowed(mrml, module,
     assert result.summary["model"]["modality"] == "CT"
 
 
-def test_segment_refuses_a_ct_model_on_a_dicom_mr(mrml, slicer, module, mr_tagged_series, tiny_package, tiny_mr):
+def test_segment_refuses_a_dicom_series_tagged_mr_whose_voxels_are_hu(mrml, slicer, module, mr_tagged_series,
+                                                                       tiny_package, tiny_mr):
+    """A CT tagged MR: the CT model refuses the tag, the MR model the voxels (issue #25); the panel warns first."""
     node, db = dicom_node(slicer, mrml.scene, mr_tagged_series, "mr-tagged")
+    logic = module.MedDiffSegLogic()
     before = scene_state(mrml, node)
     with pytest.raises(ModalityMismatchError, match=r"the input is MR \(its DICOM Modality tag\)"):
-        module.MedDiffSegLogic().segment(node, ORGANS, samples=1, model=tiny_package, device="cpu", database=db)
+        logic.segment(node, ORGANS, samples=1, model=tiny_package, device="cpu", database=db)
+    with pytest.raises(ModalityMismatchError, match=r"the input is MR \(its DICOM Modality tag\), but its intensities "
+                                                    r"look like a CT in Hounsfield units"):
+        logic.segment(node, ORGANS, samples=1, model=tiny_mr, device="cpu", database=db)
     assert_scene_unchanged(before, mrml, node)
-    result = module.MedDiffSegLogic().segment(node, ORGANS, samples=1, model=tiny_mr, device="cpu", database=db)
+    volume = logic.volumeModality(node, db)
+    assert logic.modalityWarning(node, tiny_mr, volume).startswith("This volume is tagged MR in DICOM, but its intensities")
+    assert "choose an MR model" in logic.modalityWarning(node, tiny_package, volume)
+    result = logic.segment(node, ORGANS, samples=1, model=tiny_mr, device="cpu", database=db, allowModalityMismatch=True)
     assert result.summary["input"] == {"modality": "MR", "modality_source": "dicom"}
-    assert result.summary["modality_check"]["mismatch"] is False
+    check = result.summary["modality_check"]
+    assert check["mismatch"] is True and check["overridden"] is True and check["hu_plausible"] is True
 
 
 def test_segment_without_a_model_uses_the_default_for_the_volume(mrml, slicer, module, ct_node, mr_node, builtin_defaults,
@@ -188,8 +202,10 @@ def test_segment_without_a_model_uses_the_default_for_the_volume(mrml, slicer, m
     assert logic.segment(mr_node, ["liver"], samples=1, device="cpu").summary["model"]["name"] == DEFAULT_MODELS["MR"]
     assert logic.segment(ct_node, ["liver"], samples=1, device="cpu").summary["model"]["name"] == DEFAULT_MODELS["CT"]
     node, db = dicom_node(slicer, mrml.scene, mr_tagged_series, "mr-tagged")
-    result = logic.segment(node, ["liver"], samples=1, device="cpu", database=db)
-    assert result.summary["model"]["name"] == DEFAULT_MODELS["MR"]
+    with pytest.raises(ModalityMismatchError, match=f"installed CT models: {DEFAULT_MODELS['CT']} \\(the default\\)"):
+        logic.segment(node, ["liver"], samples=1, device="cpu", database=db)  # its voxels are HU
+    result = logic.segment(node, ["liver"], samples=1, device="cpu", database=db, allowModalityMismatch=True)
+    assert result.summary["model"]["name"] == DEFAULT_MODELS["MR"]  # the default for its tag
 
 
 class RecordingRunner:
@@ -230,8 +246,13 @@ def test_background_run_checks_before_the_worker_starts_and_declares_the_dicom_m
     assert runner.request is None and list(tmp_path.iterdir()) == []
     job = BackgroundSegmentation(node, SegmentOptions(ORGANS, model=tiny_mr, samples=1), runner=runner,
                                  tempRoot=str(tmp_path), database=db)
+    with pytest.raises(ModalityMismatchError, match="its intensities look like a CT"):  # the tag against the voxels
+        job.start()
+    assert runner.request is None and list(tmp_path.iterdir()) == []
+    job = BackgroundSegmentation(node, SegmentOptions(ORGANS, model=tiny_mr, samples=1, allowModalityMismatch=True),
+                                 runner=runner, tempRoot=str(tmp_path), database=db)
     job.start()
-    assert runner.request["modality"] == "MR" and runner.request["allow_modality_mismatch"] is False
+    assert runner.request["modality"] == "MR" and runner.request["allow_modality_mismatch"] is True
     job.cancel()
     job = BackgroundSegmentation(node, SegmentOptions(ORGANS, model=tiny_package, samples=1, allowModalityMismatch=True),
                                  runner=runner, tempRoot=str(tmp_path), database=db)
