@@ -24,6 +24,14 @@ uncertainty map on exactly the input's voxel grid. The pipeline:
 4. **Back to the input grid** by the exact inverse transpose/flip, with the input's spacing,
    origin and direction copied over.
 
+Stages shared with interactive correction
+-----------------------------------------
+Step 1 (the canonical view, intensity bounds and model grid), the network input of step 2 and
+step 4 are :class:`PreparedVolume`'s ``prepare``, ``network_input`` and ``to_image``. The
+interactive session (:class:`~MedDiffSegLib.interactive.session.InteractiveSession`) runs the
+same stages on the slab of slices a click reaches, so a slice is prepared for a correction
+exactly as for the automatic segmentation.
+
 Randomness and chunking
 -----------------------
 One ``torch.Generator`` per organ on the compute device, seeded from ``seed`` and the organ
@@ -503,20 +511,17 @@ def segment_volume(
 def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev, scheduler,
          staple, largest_component, keep_probabilities, adaptive, crop_body, chunk_slices, roi, overlap, swb, threshold,
          spec, n_org, timings, report, check_cancel, amp_dtype) -> SegmentationResult:
-    from ..io.geometry import CanonicalView
     from monai.inferers import sliding_window_inference
 
-    # ---- 1. canonical view, intensity bounds, sizes --------------------------------------
+    # ---- 1. canonical view, intensity bounds, sizes (PreparedVolume, shared with refine) --------
     t0 = time.perf_counter()
     report("preprocess", 0.0, "preparing the volume")
-    view = CanonicalView.from_image(image, spec.orientation)
-    source = sitk.GetArrayViewFromImage(image)  # no copy
-    canon = view.to_canonical(source)  # numpy view, no copy
-    n_k, n_j, n_i = (int(v) for v in canon.shape)
-    bounds = intensity_bounds(canon, spec)
-    sk, sj, si = view.spacing_kji
-    canon_hw = (n_j, n_i)
-    model_hw = inplane_size(canon_hw, (sj, si), spec.spacing)
+    vol = PreparedVolume.prepare(image, spec)
+    view, canon, bounds = vol.view, vol.canon, vol.bounds
+    n_k, n_j, n_i = vol.shape_kji
+    sk, sj, si = vol.spacing_kji
+    canon_hw = vol.canon_hw
+    model_hw = vol.model_hw
     full_hw, box = model_hw, None
     multiple = int(getattr(method, "size_multiple", 0) or 0)
     if crop_body and multiple > 0:
@@ -654,7 +659,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                                                                       for k, v in drawn.items()})
         try:
             t0 = time.perf_counter()
-            x = _chunk_input(canon, k0, k1, spec, sk, bounds, full_hw, dev)
+            x = vol.network_input(k0, k1, dev)
             if box is not None:
                 x = x[..., box[0][0]:box[0][1], box[1][0]:box[1][1]]
             timings["preprocess"] += time.perf_counter() - t0
@@ -839,14 +844,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     del coarse_q, per_slice
 
     # ---- 5. back to the input's exact grid ------------------------------------------------
-    def to_image(array_kji: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> sitk.Image:
-        array = view.from_canonical(array_kji)  # a view
-        if decode is not None:
-            array = decode(array)  # a new C-ordered array: no second copy below
-        img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        img.CopyInformation(image)
-        return img
-
+    to_image = vol.to_image
     labels_img = to_image(labels_c)
     unc_img = to_image(unc_c)
     del labels_c, unc_c
@@ -871,6 +869,60 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                 "out_of_memory_retries": extras_oom, **extras},
     )
+
+
+@dataclass
+class PreparedVolume:
+    """Stage 1 of Segment and Refine: an image as the model sees it, before any network runs.
+
+    ``canon`` is the input array in the model's canonical orientation (a view: transposed and
+    flipped, never interpolated); ``bounds`` the intensity clip bounds of the whole volume;
+    ``model_hw`` the in-plane size of a slice at the model's spacing. :meth:`network_input` is
+    stage 2 (slices normalised and resampled to the model grid, with their context slices as
+    channels) and :meth:`to_image` the last stage (a canonical array back on the input's exact
+    grid). The volume engine (:func:`segment_volume`) and the interactive session
+    (:class:`~MedDiffSegLib.interactive.session.InteractiveSession`) both run these stages.
+    """
+
+    image: sitk.Image
+    view: Any  # CanonicalView
+    canon: np.ndarray
+    spec: Any  # PreprocessSpec
+    bounds: tuple[float, float]
+    canon_hw: tuple[int, int]
+    model_hw: tuple[int, int]
+    spacing_kji: tuple[float, float, float]
+
+    @classmethod
+    def prepare(cls, image: sitk.Image, spec, source: np.ndarray | None = None) -> "PreparedVolume":
+        """The prepared ``image``; ``source`` is its array (default: a view into the image, no copy;
+        a caller that keeps the result beyond the image's life passes an owned copy)."""
+        from ..io.geometry import CanonicalView
+
+        view = CanonicalView.from_image(image, spec.orientation)
+        canon = view.to_canonical(sitk.GetArrayViewFromImage(image) if source is None else source)
+        sk, sj, si = view.spacing_kji
+        canon_hw = (int(canon.shape[1]), int(canon.shape[2]))
+        return cls(image=image, view=view, canon=canon, spec=spec, bounds=intensity_bounds(canon, spec),
+                   canon_hw=canon_hw, model_hw=inplane_size(canon_hw, (sj, si), spec.spacing),
+                   spacing_kji=(float(sk), float(sj), float(si)))
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.canon.shape)  # type: ignore[return-value]
+
+    def network_input(self, k0: int, k1: int, dev: torch.device) -> torch.Tensor:
+        """Stage 2: canonical slices ``k0..k1-1`` as the network's input ``[k, C, h, w]`` on ``dev``."""
+        return _chunk_input(self.canon, k0, k1, self.spec, self.spacing_kji[0], self.bounds, self.model_hw, dev)
+
+    def to_image(self, array_kji: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> sitk.Image:
+        """Last stage: a canonical array back on the input's exact grid (``decode`` maps stored codes first)."""
+        array = self.view.from_canonical(array_kji)  # a view
+        if decode is not None:
+            array = decode(array)  # a new C-ordered array: no second copy below
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        img.CopyInformation(self.image)
+        return img
 
 
 def _chunk_input(canon: np.ndarray, k0: int, k1: int, spec, slice_mm: float, bounds: tuple[float, float],
