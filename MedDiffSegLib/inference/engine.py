@@ -118,7 +118,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -313,6 +313,26 @@ def _inference_settings(package) -> tuple[tuple[int, int], float, int, float]:
     return roi_t, float(overlap), int(swb), float(thr)  # type: ignore[return-value]
 
 
+def largest_component_organs(package, organs: list[str], requested: bool | Sequence[str] | None) -> list[bool]:
+    """Per requested organ: keep only its largest 3D connected component?
+
+    ``True``/``False``: every organ / none. A sequence of organ names: those. ``None``: what the
+    package declares in ``inference.largest_component`` (a list of organ names, chosen on held-out
+    training patients, see ``bench/choose_postprocessing.py``; none when absent).
+    """
+    if requested is None:
+        requested = package.inference.get("largest_component", False)
+    if isinstance(requested, (bool, np.bool_)):
+        return [bool(requested)] * len(organs)
+    if isinstance(requested, str) or not all(isinstance(o, str) for o in requested):
+        raise ModelError(f"largest_component must be true, false or a list of organ names, got {requested!r}")
+    known = set(package.organ_names)
+    unknown = [o for o in requested if o not in known]
+    if unknown:
+        raise ModelError(f"largest_component names organ(s) the model does not know: {', '.join(unknown)}")
+    return [o in set(requested) for o in organs]
+
+
 def windows_per_slice(size_hw: tuple[int, int], roi: tuple[int, int], overlap: float) -> int:
     """Number of sliding windows MONAI places on one ``size_hw`` slice (MONAI's own placement rule)."""
     from monai.data.utils import dense_patch_slices
@@ -387,7 +407,7 @@ def segment_volume(
     device: str | torch.device = "cpu",
     scheduler: str | None = None,
     staple: bool = False,
-    largest_component: bool = False,
+    largest_component: bool | Sequence[str] | None = None,
     keep_probabilities: bool = False,
     adaptive: bool = True,
     crop_body: bool | None = None,
@@ -465,6 +485,7 @@ def segment_volume(
     if staple and samples < 2:
         raise InputError(f"STAPLE fuses several samples and needs samples >= 2, got samples={samples}")
     roi, overlap, swb, threshold = _inference_settings(package)
+    keep_largest = largest_component_organs(package, [o.name for o in organ_objs], largest_component)
     spec = package.preprocessing
     dev = resolve_device(device)
     cpu_auto = inf.get("cpu_precision", "fp32")
@@ -492,7 +513,7 @@ def segment_volume(
         with torch.inference_mode():
             result = _run(
                 image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
-                dev=dev, scheduler=scheduler, staple=staple, largest_component=largest_component,
+                dev=dev, scheduler=scheduler, staple=staple, largest_component=keep_largest,
                 keep_probabilities=keep_probabilities, adaptive=bool(adaptive), crop_body=bool(crop_body),
                 chunk_slices=chunk_slices, roi=roi,
                 overlap=overlap,
@@ -534,7 +555,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     # the whole slice's grid: the input is resampled whole and the box's output pasted back into it
     per_slice = _bytes_per_slice(full_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
     volume_bytes = _volume_bytes(n_k * n_j * n_i, n_org, samples, staple=staple, keep_probabilities=keep_probabilities,
-                                 largest_component=largest_component)
+                                 largest_component=any(largest_component))
     chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices, volume_bytes)
     total_batches = -(-(n_k * num_win) // swb)
 
@@ -554,7 +575,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     labels_c = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
     unc_c = np.zeros((n_k, n_j, n_i), dtype=np.float32)
     # Voxels that largest_component turns into background need "max variance over organs".
-    maxvar_c = np.zeros((n_k, n_j, n_i), dtype=np.float32) if (largest_component and not staple) else None
+    maxvar_c = np.zeros((n_k, n_j, n_i), dtype=np.float32) if (any(largest_component) and not staple) else None
     # Per-organ volumes are kept as 8-bit codes (OrganMaps): 2 bytes per organ and voxel for both maps.
     mean_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if keep_probabilities else None
     var_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if (keep_probabilities or staple) else None
@@ -777,10 +798,12 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         for o in range(n_org):
             sel = labels_c == o + 1
             unc_c[sel] = dequantise_variance(var_q[o][sel])
-        maxvar_c = dequantise_variance(vmax_q) if largest_component else None
+        maxvar_c = dequantise_variance(vmax_q) if any(largest_component) else None
         del vmax_q
-    if largest_component:
+    if any(largest_component):
         for o in range(n_org):
+            if not largest_component[o]:
+                continue
             check_cancel()
             report("postprocess", 0.98, f"largest connected component of {organs[o]}")
             mask = labels_c == o + 1
@@ -860,14 +883,15 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
     return SegmentationResult(
         labels=labels_img, uncertainty=unc_img, organs=organ_objs, stats=stats, timings=timings,
         samples=samples, steps=steps, scheduler=scheduler, seed=seed, device=str(dev), threshold=threshold,
-        staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
+        staple=bool(staple), largest_component=any(largest_component), chunk_slices=chunk,
         probabilities=probabilities, variances=variances, entropy=entropy,
         extras={"calibration": {o.name: t for o, t in zip(organ_objs, temps) if t != 1.0} or None,
                 "windows_per_slice": num_win, "model_inplane_size": list(full_hw), "intensity_bounds": list(bounds),
                 "sampling": {**_sampling_report(drawn, organs, samples, adaptive), "window_hw": [int(r) for r in roi],
                              "body_box": None if box is None else [[int(a), int(b)] for a, b in box]},
                 "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
-                "out_of_memory_retries": extras_oom, **extras},
+                "out_of_memory_retries": extras_oom,
+                "largest_component_organs": [o for o, keep in zip(organs, largest_component) if keep], **extras},
     )
 
 
