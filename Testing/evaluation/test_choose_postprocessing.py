@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("choose_postprocessing", REPO / "bench" / "choose_postprocessing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchtools import load_bench
 
 
 def test_keep_only_where_it_helps_and_never_costs_dice():
-    choose = _load().choose
+    choose = load_bench("choose_postprocessing").choose
     per_case = {
         "a": {"liver": {"dice_raw": 0.90, "dice_lc": 0.92, "hd95_raw": 40.0, "hd95_lc": 5.0},
               "pancreas": {"dice_raw": 0.60, "dice_lc": 0.50, "hd95_raw": 30.0, "hd95_lc": 8.0},
