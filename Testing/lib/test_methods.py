@@ -291,7 +291,7 @@ def test_config_validation_and_defaults(name):
     tiny = cls.tiny_config(3)
     assert tiny["num_organs"] == 3 and set(tiny) == set(cls.default_config(3))
     # a partial config is completed from the defaults, and the completed one is what is stored
-    partial = build_method(name, {**{k: tiny[k] for k in tiny if k.startswith(("unet", "image", "mask", "norm"))},
+    partial = build_method(name, {**{k: tiny[k] for k in tiny if k.startswith(("unet", "image", "mask", "norm", "prompt"))},
                                   "num_organs": 3})
     assert partial.config == tiny
     # tuples normalise to JSON lists, so model.json round-trips to an equal config

@@ -59,7 +59,8 @@ def test_default_package_is_the_real_data_model_and_is_verified(modality):
     # trained on the protocol's training patients only; scored on its test patients
     d = PROTOCOL["datasets"][DATASET[modality]]
     trained = [c for e in pkg.provenance["data"]["train"] for c in e.get("cases", [])]
-    assert sorted(trained) == sorted(d["train"]) and not set(trained) & set(d["test"])
+    # (the protocol's training list may have grown since: a package uses some of it, never a test patient)
+    assert trained and set(trained) <= set(d["train"]) and not set(trained) & set(d["test"])
     result = pkg.metrics["protocol"]["results"][DATASET[modality]]
     assert result["role"] == "test" and result["cases"] == d["test"]
     card = (pkg.path / "MODEL_CARD.md").read_text(encoding="utf-8")
