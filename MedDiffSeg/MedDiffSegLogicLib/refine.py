@@ -344,11 +344,12 @@ class RefineController:
         if self.scene is None:
             return []
         found = []
+        mine = self.segmentationNode.GetID()
         for className in ("vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"):
             collection = self.scene.GetNodesByClass(className)
             for i in range(collection.GetNumberOfItems()):
                 node = collection.GetItemAsObject(i)
-                if node.GetAttribute(TOOL_ATTRIBUTE) and node.GetAttribute(TOOL_ATTRIBUTE + "Result") == self.segmentationNode.GetID():
+                if node.GetAttribute(TOOL_ATTRIBUTE) and node.GetAttribute(TOOL_ATTRIBUTE + "Result") == mine:
                     found.append(node)
         return found
 
@@ -584,8 +585,15 @@ class RefineController:
             node.SetNthControlPointLocked(node.GetNthControlPointIndexByID(pointId), True)
         finally:
             self._muted = False
-        cid = self.worker.refine(organ, positive=[lps] if positive else [], negative=[] if positive else [lps])
-        self._sent[cid] = mark
+        self._send(mark, lambda: self.worker.refine(organ, positive=[lps] if positive else [],
+                                                    negative=[] if positive else [lps]))
+
+    def _send(self, mark: Mark, send: Callable[[], int]) -> None:
+        try:
+            self._sent[send()] = mark
+        except RuntimeError as exc:  # the worker ended since the last poll (the next poll says why)
+            self._removeMark(mark)
+            self._say(f"Not sent: {exc}")
 
     def _sendBox(self, node) -> None:
         organ = node.GetAttribute(TOOL_ATTRIBUTE + "Organ")
@@ -609,8 +617,7 @@ class RefineController:
                     other.GetDisplayNode().SetVisibility(False)
         finally:
             self._muted = False
-        cid = self.worker.refine(organ, box=box)
-        self._sent[cid] = mark
+        self._send(mark, lambda: self.worker.refine(organ, box=box))
 
     def boxOnVolume(self, roiNode) -> list[float] | None:
         """The ROI as the library's box: two opposite corners (LPS mm, the volume's coordinates) of the voxel box
