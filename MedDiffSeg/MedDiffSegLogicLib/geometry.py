@@ -108,27 +108,24 @@ def lpsGeometry(volumeNode) -> dict[str, tuple[float, ...]]:
 def worldToVolumeRas(volumeNode, rasWorld: Sequence[float]) -> tuple[float, float, float]:
     """A world RAS point (where Slicer places markups) in the volume's own RAS coordinates: the inverse
     of the volume's parent transform, when it has one (its voxels and ``imageFromVolumeNode`` are there)."""
-    point = tuple(float(v) for v in rasWorld)
-    parent = volumeNode.GetParentTransformNode()
-    if parent is None:
-        return point  # type: ignore[return-value]
-    import vtk
-
-    transform = vtk.vtkGeneralTransform()
-    _slicer().vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, transform)
-    return tuple(float(v) for v in transform.TransformPoint(point))  # type: ignore[return-value]
+    return _throughParentTransform(volumeNode, rasWorld, toWorld=False)
 
 
 def volumeRasToWorld(volumeNode, ras: Sequence[float]) -> tuple[float, float, float]:
     """The inverse of :func:`worldToVolumeRas`."""
-    point = tuple(float(v) for v in ras)
+    return _throughParentTransform(volumeNode, ras, toWorld=True)
+
+
+def _throughParentTransform(volumeNode, point: Sequence[float], toWorld: bool) -> tuple[float, float, float]:
+    point = tuple(float(v) for v in point)
     parent = volumeNode.GetParentTransformNode()
     if parent is None:
         return point  # type: ignore[return-value]
     import vtk
 
     transform = vtk.vtkGeneralTransform()
-    _slicer().vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, transform)
+    source, target = (parent, None) if toWorld else (None, parent)
+    _slicer().vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
     return tuple(float(v) for v in transform.TransformPoint(point))  # type: ignore[return-value]
 
 

@@ -393,32 +393,29 @@ class RefineController:
                   f"in {float(inter.get('seconds', 0.0)):.1f} s.")
 
     def _reply_undo(self, event: dict[str, Any]) -> None:
-        if not event["ok"]:
-            self._say(f"Undo: {event['message']}")
-            return
-        if event.get("update") is None:
-            self._say("Nothing to undo.")
-            return
-        self._applyUpdate(event["update"], event.get("interaction"), undone=True)
-        mark = self._undoMarks.pop() if self._undoMarks else None
-        self._removeMark(mark)
+        mark = self._replayed(event, "Undo", "Undone: the last correction of {organ}.", undone=True)
         if mark is not None:
+            self._removeMark(mark)
             self._redoMarks.append(mark)
-        self._say(f"Undone: the last correction of {self.displayNames.get(event['update']['organ'], '')}.")
 
     def _reply_redo(self, event: dict[str, Any]) -> None:
-        if not event["ok"]:
-            self._say(f"Redo: {event['message']}")
-            return
-        if event.get("update") is None:
-            self._say("Nothing to redo.")
-            return
-        self._applyUpdate(event["update"], event.get("interaction"))
-        mark = self._redoMarks.pop() if self._redoMarks else None
+        mark = self._replayed(event, "Redo", "Redone: the correction of {organ}.", undone=False)
         if mark is not None:
             self._restoreMark(mark)
             self._undoMarks.append(mark)
-        self._say(f"Redone: the correction of {self.displayNames.get(event['update']['organ'], '')}.")
+
+    def _replayed(self, event: dict[str, Any], what: str, done: str, undone: bool) -> Mark | None:
+        """Apply an undo or redo reply; returns the mark of the correction it concerns (None: none)."""
+        if not event["ok"]:
+            self._say(f"{what}: {event['message']}")
+            return None
+        if event.get("update") is None:
+            self._say(f"Nothing to {what.lower()}.")
+            return None
+        self._applyUpdate(event["update"], event.get("interaction"), undone=undone)
+        self._say(done.format(organ=self.displayNames.get(event["update"]["organ"], "")))
+        source = self._undoMarks if undone else self._redoMarks
+        return source.pop() if source else None
 
     def _reply_suggest(self, event: dict[str, Any]) -> None:
         if event["ok"]:

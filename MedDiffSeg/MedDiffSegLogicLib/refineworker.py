@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .process import ProcessRunner, SubprocessRunner, refineWorkerCommand, workerEnvironment
+from .progress import parseJsonEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,8 @@ def refineAvailability(modelPath: str | os.PathLike | None, modelName: str = "")
 
 def parseRefineLine(line: str | bytes) -> dict[str, Any] | None:
     """The event of one line of the refine worker, or None when the line is not a protocol message."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", errors="replace")
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        event = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
+    event = parseJsonEvent(line, EVENT_TYPES)
+    if event is None:
         return None
     if event["type"] == "error":
         event["message"] = str(event.get("message") or "the refine worker failed")

@@ -512,32 +512,30 @@ class InteractiveSession:
         """Take back the last correction of this session (the maps as they were before it, exactly, and its
         clicks forgotten); returns it, or None when there is nothing to undo. A locked organ is not
         changed: undoing a correction of an organ locked since then is refused."""
-        if not self._undo:
-            return None
-        inter, changes = self._undo[-1]
-        if inter.organ in self.locked:
-            raise InputError(f"{inter.organ} is locked: unlock it before undoing its correction")
-        self._undo.pop()
-        for change in changes:
-            change.apply(self.labels_c, self.unc_c, 0)
-        if self.interactions and self.interactions[-1] is inter:
+        inter = self._replay(self._undo, self._redo, 0, "undoing")
+        if inter is not None and self.interactions and self.interactions[-1] is inter:
             self.interactions.pop()
-        self._redo.append((inter, changes))
         return inter
 
     def redo(self) -> Interaction | None:
         """Apply again the last correction :meth:`undo` took back (exactly as it was computed, without
         sampling again); returns it, or None when there is nothing to redo."""
-        if not self._redo:
+        inter = self._replay(self._redo, self._undo, 1, "redoing")
+        if inter is not None:
+            self.interactions.append(inter)
+        return inter
+
+    def _replay(self, source: list, target: list, which: int, doing: str) -> Interaction | None:
+        """Move the last step of ``source`` to ``target``, writing its voxels before (0) or after (1) it."""
+        if not source:
             return None
-        inter, changes = self._redo[-1]
+        inter, changes = source[-1]
         if inter.organ in self.locked:
-            raise InputError(f"{inter.organ} is locked: unlock it before redoing its correction")
-        self._redo.pop()
+            raise InputError(f"{inter.organ} is locked: unlock it before {doing} its correction")
+        source.pop()
         for change in changes:
-            change.apply(self.labels_c, self.unc_c, 1)
-        self.interactions.append(inter)
-        self._undo.append((inter, changes))
+            change.apply(self.labels_c, self.unc_c, which)
+        target.append((inter, changes))
         return inter
 
     # -- where to click next ------------------------------------------------------------------

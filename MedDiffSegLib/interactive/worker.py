@@ -61,7 +61,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from ..inference.worker import CancelFlag, ProtocolWriter, protocol_stream
+from ..inference.worker import CancelFlag, ProtocolWriter, RequestError, protocol_stream, read_request
 
 PROTOCOL_VERSION = 1
 COMMANDS = ("refine", "suggest", "undo", "redo", "lock", "cancel", "shutdown")
@@ -78,37 +78,13 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
 }
 
 
-class RequestError(Exception):
-    """The session request or a command is malformed (exit status 2 for the request)."""
-
-    exit_code = 2
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def load_session_request(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a session request (see the module docstring); raises :class:`RequestError`."""
-    path = Path(path)
-    try:
-        request = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RequestError(f"cannot read the session request {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the session request {path} is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise RequestError(f"the session request {path} must hold a JSON object")
-    missing = [k for k in _REQUIRED if k not in request]
-    if missing:
-        raise RequestError(f"the session request lacks required key(s): {', '.join(missing)}")
-    unknown = sorted(set(request) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        raise RequestError(f"the session request has unknown key(s): {', '.join(unknown)}")
-    for key, types in _OPTIONAL.items():
-        value = request.get(key)
-        if value is not None and (not isinstance(value, types) or (types == (int,) and isinstance(value, bool))):
-            raise RequestError(f"request key {key!r} must be of type {types[0].__name__}, got {value!r}")
+    request = read_request(path, _REQUIRED, _OPTIONAL)
     for key, n in (("spacing", 3), ("origin", 3), ("direction", 9)):
         value = request[key]
         if not isinstance(value, list) or len(value) != n or not all(_number(v) for v in value):
