@@ -111,7 +111,10 @@ def resultRefineAvailability(result) -> tuple[bool, str]:
 
 
 def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-    """The segment as a ``[K, J, I]`` uint8 0/1 array on ``volumeNode``'s grid (no node is added to the scene)."""
+    """The segment as a ``[K, J, I]`` uint8 0/1 array on ``volumeNode``'s grid (no node is added to the scene).
+
+    A labelmap already on the volume's grid (as MedDiffSeg writes them) is copied in place by its extent;
+    another one is resampled onto the grid (nearest neighbour)."""
     slicer = _slicer()
     shape = tuple(reversed(dimensions(volumeNode)))
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
@@ -119,17 +122,32 @@ def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
         raise KeyError(segmentId)
     image = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    out = np.zeros(shape, np.uint8)
     if not logic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, image, False):
-        return np.zeros(shape, np.uint8)
+        return out
     extent = image.GetExtent()
     if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4] or image.GetPointData().GetScalars() is None:
-        return np.zeros(shape, np.uint8)
-    reference = nodesLib._orientedLabelmap(np.zeros(shape, np.uint8), volumeNode)
+        return out
+    from vtk.util import numpy_support
+
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    onGrid = np.allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], ijkToRasArray(volumeNode),
+                         atol=1e-6)
+    if onGrid:
+        values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        source = tuple(slice(max(0, -lo), min(hi - lo + 1, n - lo)) for lo, hi, n in
+                       zip(extent[4::-2], extent[5::-2], shape))
+        target = tuple(slice(max(0, lo), min(hi + 1, n)) for lo, hi, n in zip(extent[4::-2], extent[5::-2], shape))
+        out[target] = values[source] == segment.GetLabelValue()
+        return out
+    reference = nodesLib._orientedLabelmap(out, volumeNode)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled):
         raise RuntimeError(f"could not read segment {segmentId!r} on the volume's grid")
-    from vtk.util import numpy_support
-
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
     return (values == segment.GetLabelValue()).astype(np.uint8)
 
@@ -140,16 +158,38 @@ def _slab(axis: int, start: int, stop: int) -> tuple[slice, ...]:
     return tuple(index)
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (``[K, J, I]`` slices) holding every voxel of ``mask``; one voxel when it is empty."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 1))
+    return tuple(box)
+
+
 def replaceSegmentSlab(segmentationNode, segmentId: str, volumeNode, axis: int, start: int, stop: int,
                        mask: np.ndarray) -> np.ndarray:
     """Set segment ``segmentId`` to ``mask`` on slices ``start..stop-1`` along numpy ``axis``, keeping the rest of
     it; no other segment is written. Returns the segment's whole new mask."""
+    import vtk
+    from vtk.util import numpy_support
+
     slicer = _slicer()
     full = segmentMask(segmentationNode, segmentId, volumeNode)
     full[_slab(axis, start, stop)] = mask
+    # only the box around the new mask is written: MODE_REPLACE sets the whole segment to it
+    box = _box(full)
+    part = np.ascontiguousarray(full[box])
+    image = slicer.vtkOrientedImageData()
+    (k0, k1), (j0, j1), (i0, i1) = ((b.start, b.stop - 1) for b in box)
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(part.shape)[:] = part
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(nodesLib._orientedLabelmap(full, volumeNode), segmentationNode, segmentId,
-                                            logic.MODE_REPLACE):
+    if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise RuntimeError(f"could not write segment {segmentId!r}")
     return full
 

@@ -505,3 +505,36 @@ def test_a_worker_crash_ends_refine_mode_with_a_message(gui, slicer, mrml, modul
     assert "Refine mode ended: the refine worker ended unexpectedly (exit status -9)" in error
     assert widget.ui.refineStartButton.text == "Start refining" and widget.ui.refineStartButton.enabled
     assert refine.toolNodes() == []
+
+
+def test_points_and_boxes_are_sent_in_the_volume_s_own_lps_under_a_parent_transform(slicer, mrml, rule_pkg):
+    """A volume under a transform: a world point maps to the volume's own coordinates (the library's image is
+    there), a box is clipped to the volume and one that misses it is refused, and nothing needs a worker."""
+    from MedDiffSegLogicLib import geometry
+    from MedDiffSegLogicLib.refine import RefineController
+
+    import vtk
+
+    result = result_in_scene(slicer, mrml, rule_pkg)
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 25.0)  # 25 mm to the right
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(shift)
+    for node in (result.volumeNode, result.segmentationNode, result.uncertaintyNode):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    local = ras((12, 27, 10))
+    world = (local[0] + 25.0, local[1], local[2])
+    assert geometry.worldToVolumeRas(result.volumeNode, world) == pytest.approx(local)
+    assert geometry.volumeRasToWorld(result.volumeNode, local) == pytest.approx(world)
+    assert geometry.insideVolume(result.volumeNode, local) and not geometry.insideVolume(result.volumeNode, (500, 0, 0))
+    assert geometry.rasToLps(geometry.worldToVolumeRas(result.volumeNode, world)) == pytest.approx(lps((12, 27, 10)))
+
+    controller = RefineController(result)
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenterWorld(15.0 + 25.0, 5.0, 128.5)  # voxels i 10..15, j 10..15, k 8..11, seen through the transform
+    roi.SetSizeWorld(10.0, 10.0, 9.0)
+    assert controller.boxOnVolume(roi) == pytest.approx([*lps((10, 10, 8)), *lps((15, 15, 11))])
+    roi.SetCenterWorld(15.0 + 25.0, 5.0, 100.0)  # half below the first slice: clipped to it
+    assert controller.boxOnVolume(roi)[2] == pytest.approx(ORIGIN_LPS[2])
+    roi.SetCenterWorld(1000.0, 5.0, 128.5)
+    assert controller.boxOnVolume(roi) is None
