@@ -12,6 +12,9 @@ Commands are answered in order; :meth:`RefineWorker.poll` (called from the Widge
 loop) returns the events that arrived. A worker that exits without being asked to (a crash, killed
 for memory) turns into the state ``failed`` with its exit status and the tail of its stderr, and
 every command still waiting is answered as failed: the caller is told, it never waits for ever.
+The first command is a ``ping``: a worker that is ready but has not answered it within
+:attr:`RefineWorker.PING_TIMEOUT_S` does not receive its commands (a launcher that does not pass its
+standard input on), and is ended with that message instead of leaving every click unanswered.
 
 :func:`refineAvailability` says, from a package's ``model.json`` alone, whether its model can refine.
 """
@@ -94,6 +97,9 @@ class RefineWorker:
     the ids of the commands not answered yet to their command names.
     """
 
+    #: Seconds a ready worker may take to answer the first command before it is deemed deaf.
+    PING_TIMEOUT_S = 15.0
+
     def __init__(self, *, runner: ProcessRunner | None = None, python: str | None = None,
                  pythonPath: Sequence[str] = (), tempRoot: str | None = None,
                  command: Callable[[str], list[str]] | None = None):
@@ -117,6 +123,8 @@ class RefineWorker:
         self.canRedo = False
         self._nextId = 1
         self._stopping = False
+        self._pingId: int | None = None
+        self._readyAt: float | None = None
 
     # -- starting ---------------------------------------------------------------------------------------
     def start(self, image: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray | None, geometry: dict[str, Any],
@@ -160,6 +168,7 @@ class RefineWorker:
             self.cleanup()
             raise
         self.state = "starting"
+        self._pingId = self.send("ping")
 
     @property
     def alive(self) -> bool:
@@ -216,6 +225,14 @@ class RefineWorker:
         events = self._readEvents()
         code = self.runner.poll()
         if code is None:
+            if (self._pingId in self.pending and self._readyAt is not None
+                    and time.monotonic() - self._readyAt > self.PING_TIMEOUT_S):
+                self.state = "failed"
+                self.errorMessage = (f"the refine worker does not receive its commands (no answer within "
+                                     f"{self.PING_TIMEOUT_S:.0f} s of being ready: its standard input is not "
+                                     "passed on)")
+                self.runner.terminate(0.5)
+                return events + self.poll()
             return events
         events += self._readEvents()
         self.exitCode = code
@@ -247,6 +264,7 @@ class RefineWorker:
             kind = event["type"]
             if kind == "ready":
                 self.state = "ready"
+                self._readyAt = time.monotonic()
             elif kind == "device":
                 self.device = str(event.get("device", ""))
             elif kind == "progress":
@@ -257,9 +275,10 @@ class RefineWorker:
                 self.canRedo = bool(event.get("can_redo", self.canRedo))
             elif kind == "error":
                 self.state = "failed"
-                self.errorKind = str(event.get("kind", ""))
-                self.errorMessage = event["message"]
-                self.errorDetails = str(event.get("details", ""))
+                if not self.errorMessage:  # the first reason is the one to tell
+                    self.errorKind = str(event.get("kind", ""))
+                    self.errorMessage = event["message"]
+                    self.errorDetails = str(event.get("details", ""))
             events.append(event)
         return events
 

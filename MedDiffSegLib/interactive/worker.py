@@ -25,6 +25,7 @@ worker is idle (a click interrupts it), so that no click pays for it.
     {"id": 2, "cmd": "suggest", "organ": "liver", "k": 3}
     {"id": 3, "cmd": "undo"}        {"id": 4, "cmd": "redo"}
     {"id": 5, "cmd": "lock", "organ": "liver", "locked": true}
+    {"id": 6, "cmd": "ping"}        (answered at once: the front end knows its commands arrive)
     {"cmd": "cancel", "id": 1}      (request 1 stops, running or waiting; the result is unchanged)
     {"cmd": "shutdown"}             (closing stdin does the same)
 
@@ -64,7 +65,7 @@ from typing import Any, Callable
 from ..inference.worker import CancelFlag, ProtocolWriter, RequestError, protocol_stream, read_request
 
 PROTOCOL_VERSION = 1
-COMMANDS = ("refine", "suggest", "undo", "redo", "lock", "cancel", "shutdown")
+COMMANDS = ("refine", "suggest", "undo", "redo", "lock", "ping", "cancel", "shutdown")
 #: Slices encoded per idle step of ``encode_ahead`` (a click waits at most for one such batch).
 ENCODE_BATCH = 8
 #: How often the idle worker checks the cancel flag (seconds).
@@ -314,6 +315,9 @@ class Worker:
             raise RequestError("'lock' needs 'organ' (a name) and 'locked' (true or false)")
         (self.session.lock if command["locked"] else self.session.unlock)(organ)
         return {"locked": sorted(self.session.locked)}
+
+    def do_ping(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     def do_suggest(self, command: dict[str, Any]) -> dict[str, Any]:
         organ = command.get("organ")

@@ -235,6 +235,27 @@ def test_a_worker_crash_is_reported_not_waited_for(slow_pkg, tmp_path):
         worker.undo()
 
 
+def test_a_worker_that_does_not_receive_its_commands_is_ended_with_the_reason(rule_pkg, tmp_path):
+    """A launcher that does not pass stdin on: the worker gets ready but never reads a command. The first
+    command (a ping) goes unanswered, and the client ends the worker with a message instead of waiting."""
+    deaf = ("import os, sys; read_end, _write_end = os.pipe(); sys.stdin = os.fdopen(read_end); "
+            "sys.argv[1:] = {args!r}; exec(compile({code!r}, '<worker>', 'exec'))")
+
+    def command(requestPath, python=None):
+        base = rule_command(requestPath)
+        return base[:3] + [deaf.format(args=base[4:], code=base[3])]
+
+    image, labels, uncertainty = case_arrays()
+    worker = RefineWorker(command=command, tempRoot=str(tmp_path))
+    worker.PING_TIMEOUT_S = 2.0
+    worker.start(image, labels, uncertainty, GEOMETRY, ORGANS, str(rule_pkg.path), device="cpu", samples=SAMPLES)
+    events: list = []
+    assert worker.waitUntil(lambda: worker.exitCode is not None, TIMEOUT, onEvent=events.append)
+    assert "ready" in [e["type"] for e in events], (worker.errorMessage, worker.errorDetails[-2000:])
+    assert worker.state == "failed" and "does not receive its commands" in worker.errorMessage
+    assert not worker.pending and worker.folder is None
+
+
 def test_a_model_without_prompts_stops_the_worker_with_its_reason(tiny_package, tmp_path):
     worker = start_worker(tiny_package, tmp_path)
     assert worker.waitUntil(lambda: worker.exitCode is not None, TIMEOUT) and worker.state == "failed"
