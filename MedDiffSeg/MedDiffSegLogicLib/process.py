@@ -191,6 +191,20 @@ class SubprocessRunner:
         self._joinReaders(1.0)
 
 
+def protocolEvents(runner: ProcessRunner, parse, logLines: list[str]) -> list[dict]:
+    """The protocol events among the lines ``runner``'s process wrote since the last call (``parse`` turns a
+    line into an event or None); the other non-empty lines are appended to ``logLines``."""
+    events = []
+    for line in runner.readLines():
+        event = parse(line)
+        if event is None:
+            if line.strip():
+                logLines.append(line)
+            continue
+        events.append(event)
+    return events
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

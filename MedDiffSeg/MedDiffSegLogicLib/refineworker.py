@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .process import ProcessRunner, SubprocessRunner, refineWorkerCommand, workerEnvironment
+from .process import ProcessRunner, SubprocessRunner, protocolEvents, refineWorkerCommand, workerEnvironment
 from .progress import parseJsonEvent
 
 log = logging.getLogger(__name__)
@@ -254,13 +254,8 @@ class RefineWorker:
         return events
 
     def _readEvents(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.runner.readLines():
-            event = parseRefineLine(line)
-            if event is None:
-                if line.strip():
-                    self.logLines.append(line)
-                continue
+        events = protocolEvents(self.runner, parseRefineLine, self.logLines)
+        for event in events:
             kind = event["type"]
             if kind == "ready":
                 self.state = "ready"
@@ -279,7 +274,6 @@ class RefineWorker:
                     self.errorKind = str(event.get("kind", ""))
                     self.errorMessage = event["message"]
                     self.errorDetails = str(event.get("details", ""))
-            events.append(event)
         return events
 
     def readUpdate(self, update: dict[str, Any]) -> tuple[str, int, int, int, np.ndarray, np.ndarray]:
