@@ -32,3 +32,15 @@ def _isolated_user_models(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("meddiffseg_home")
     monkeypatch.setenv("MEDDIFFSEG_HOME", str(home))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors run faster on one thread, and do not spin against other processes on a shared CPU.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

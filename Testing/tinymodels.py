@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
 from MedDiffSegLib.methods.base import _METHODS, _import_builtin_methods, build_method
@@ -47,3 +49,18 @@ def make_tiny_package(folder: Path, method: str = "guided", *, roi: int = 32, sp
         inference=inf, description="tiny random-weight test model",
         provenance={"trained": False},
     )
+
+
+def write_ellipsoid_ct(path: Path, shape_zyx=(6, 40, 48)) -> Path:
+    """A small synthetic CT-like volume (a bright elliptic cylinder in air) with a non-trivial
+    geometry (anisotropic spacing, an origin, flipped x and y), written to ``path``."""
+    nz, ny, nx = shape_zyx
+    z, y, x = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
+    cy, cx = ny / 2.0, nx / 2.0
+    arr = np.where(((x - cx) / (nx * 0.375)) ** 2 + ((y - cy) / (ny * 0.35)) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.5, 5.0))
+    img.SetOrigin((-90.0, 12.5, 300.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(path))
+    return Path(path)

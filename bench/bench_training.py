@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from MedDiffSegLib.preprocessing import PreprocessSpec
     from MedDiffSegLib.training.augment import augment_batch, augmentation_settings
     from MedDiffSegLib.training.data import SliceWindowSampler
+    from MedDiffSegLib.training.interactive import interactive_settings, simulate_prompts
     from MedDiffSegLib.training.organs import organ_from_config
     from MedDiffSegLib.training.trainer import TrainConfig, load_split, method_config_for
 
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     split = load_split(cfg.train, cfg, names, spec, root)
     load_s = time.perf_counter() - t0
     aug = augmentation_settings(cfg.augmentation)
+    interactive = interactive_settings(cfg.interactive)
+    soft = bool(cfg.soft_targets)
     shift = aug["organ_shift"]
     if aug["organ_shift_hu"] is not None:
         lo, hi = spec.ct_window
@@ -75,14 +78,20 @@ def main(argv=None) -> int:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4)
     method.train()
-    parts: dict[str, list[float]] = {k: [] for k in ("draw", "augment", "forward", "backward", "optimizer", "step")}
+    names_t = ("draw", "augment", "prompts", "forward", "backward", "optimizer")
+    parts: dict[str, list[float]] = {k: [] for k in (*names_t, "step")}
     for i in range(args.steps + 1):
         t = [time.perf_counter()]
         x, y, ids = sampler.batch(batch)
         t.append(time.perf_counter())
-        x, y = augment_batch(x, y, rng, aug)
+        x, y = augment_batch(x, y, rng, aug, soft=soft)
         t.append(time.perf_counter())
-        loss = method.training_loss(x, y, ids, gen, stage=stage)["loss"]
+        prompts = None  # the clicks simulated from the model's own errors, as the trainer does
+        if interactive is not None and stage == method.stages[-1]:
+            prompts = simulate_prompts(method, x, y, ids, rng, gen, interactive, spec.spacing)
+        t.append(time.perf_counter())
+        extra = {} if prompts is None else {"prompts": prompts}
+        loss = method.training_loss(x, y, ids, gen, stage=stage, **extra)["loss"]
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
         t.append(time.perf_counter())
         if i == 0:
             continue  # warm-up
-        for k, a, b in zip(("draw", "augment", "forward", "backward", "optimizer"), t, t[1:]):
+        for k, a, b in zip(names_t, t, t[1:]):
             parts[k].append(b - a)
         parts["step"].append(t[-1] - t[0])
     med = {k: round(statistics.median(v), 4) for k, v in parts.items()}

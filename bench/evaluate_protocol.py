@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                 dst.write_text(json.dumps(to_json_ready(rep), indent=1), encoding="utf-8")
                 dice = ", ".join(f"{o['name']} {o['dice']:.3f}" for o in rep["organs"])
                 print(f"[{group} seed {seed}] {c['name']}: {dice} ({seconds:.1f} s)", file=sys.stderr)
-            per_seed.append(aggregate(reports, [o for o in pkg.organ_names if o in group_cases[0]["organs"]]))
+            per_seed.append(aggregate(reports, [o for o in pkg.organ_names if o in group_cases[0]["organs"]],
+                                      benchmark=group_cases[0].get("benchmark") or None))
         results[group] = {"role": group_cases[0]["role"], "cases": [c["name"] for c in group_cases],
                           "per_seed": {str(s): a for s, a in zip(args.seeds, per_seed)},
                           "seed_spread": seed_spread(per_seed) if len(per_seed) > 1 else None,

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Fit a package's per-organ probability temperatures on the protocol's *training* patients.
 
-    python bench/fit_calibration.py MODEL [--band-mm 10] [--max-voxels 300000] [--record]
+    python bench/fit_calibration.py MODEL [--held-out] [--band-mm 10] [--max-voxels 300000] [--record]
+
+``--held-out`` fits on the training patients the model's own training held out (the validation
+patients of its config), which the model has not seen: the temperatures then do not
+under-correct. Without it, every protocol training patient is used (the caveat below).
 
 Each training case of ``bench/protocol.json`` of the package's modality (patients the model was
 trained on; the test patients stay unseen) is segmented with the package's default sampling
@@ -39,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-voxels", type=int, default=300_000)
     ap.add_argument("--cases", nargs="+", help="only these training cases (a quick check; not for recording)")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--held-out", action="store_true",
+                    help="fit on the patients the model's training held out (its config's validation cases) instead "
+                         "of the patients it was trained on: temperatures that do not under-correct")
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -62,15 +69,23 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     collected: dict[str, tuple[list, list]] = {}
     fitted_on = []
+    held_out: set[str] = set()
+    if args.held_out:
+        cfg = (pkg.provenance or {}).get("config") or {}
+        held_out = {c for e in cfg.get("validation", []) for c in (e.get("cases") or [])}
+        if not held_out:
+            ap.error(f"{pkg.name} records no held-out (validation) patients in its training config")
     for key, d in protocol["datasets"].items():
         if d["modality"] != pkg.preprocessing.modality:
             continue
         ds = read_dataset(_data_root() / d["dataset"])
         by_name = {c.name: c for c in ds.cases("training")}
         organs = [o for o in pkg.organ_names if o in ds.labels]
-        for name in d["train"]:
+        for name in (sorted(held_out & set(by_name)) if args.held_out else d["train"]):
             if args.cases and name not in args.cases:
                 continue
+            if name in d["test"]:
+                raise SystemExit(f"{name} is a test patient of the protocol: never used for fitting")
             c = by_name[name]
             image = read_volume(c.image)
             truth, _ = on_reference_grid(sitk.ReadImage(str(c.label)), image, "the ground truth", "the image")
@@ -103,8 +118,10 @@ def main(argv=None) -> int:
         "setting": {"samples": int(pkg.inference.get("samples", 1)), "steps": int(pkg.inference.get("steps", 1)), "seed": 0},
         "band_mm": args.band_mm,
         "nll": {o: [round(f["nll_before"], 5), round(f["nll_after"], 5)] for o, f in fits.items()},
-        "note": "fitted on the protocol's training patients (seen in training: temperatures under-correct); "
-                "check: bench/evaluate_uncertainty.py on the test patients",
+        "note": ("fitted on patients held out of the model's training (its validation patients); "
+                 if args.held_out else
+                 "fitted on the protocol's training patients (seen in training: temperatures under-correct); ")
+                + "check: bench/evaluate_uncertainty.py on the test patients",
         "command": "python bench/fit_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(calibration, indent=1))

@@ -109,7 +109,9 @@ class SegmentOptions:
             "input": str(inputPath), "out_dir": str(outDir), "organs": list(self.organs),
             "model": str(Path(package.path).absolute()), "samples": self.samples, "steps": self.steps,
             "seed": int(self.seed), "device": self.device, "scheduler": self.scheduler,
-            "staple": bool(self.staple), "largest_component": bool(self.largestComponent),
+            "staple": bool(self.staple),
+            # unchecked: the model's own choice per organ (None), not "never"
+            "largest_component": True if self.largestComponent else None,
             "modality": modality, "allow_modality_mismatch": bool(self.allowModalityMismatch),
             "watch_pid": os.getpid(),  # the worker stops when this process (Slicer) dies
         }
@@ -341,7 +343,7 @@ def segmentInProcess(volumeNode, options: SegmentOptions, *, segmentationNode=No
     result = segment_volume(
         image, package, list(options.organs), samples=options.samples, steps=options.steps, seed=int(options.seed),
         device=device, scheduler=options.scheduler, staple=bool(options.staple),
-        largest_component=bool(options.largestComponent), progress=progress, should_cancel=shouldCancel,
+        largest_component=True if options.largestComponent else None, progress=progress, should_cancel=shouldCancel,
     )
     if shouldCancel is not None and shouldCancel():
         from MedDiffSegLib.errors import Cancelled

@@ -290,8 +290,9 @@ def _add_segment(sub) -> None:
                         "was validated in bf16 and the CPU has native bf16), fp32, bf16, fp16 (GPU only)")
     p.add_argument("--staple", action="store_true",
                    help="fuse the samples with SimpleITK's STAPLE instead of thresholding their mean")
-    p.add_argument("--largest-component", action="store_true",
-                   help="keep only the largest connected component of each organ")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest connected component of each organ (default: the model's own "
+                        "choice per organ, made on held-out training patients; none for models without one)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write probability_<organ>.nii.gz (float32 mean probability)")
     p.add_argument("--dicom-seg", nargs="?", const="binary", choices=("binary", "fractional"),

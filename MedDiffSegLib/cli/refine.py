@@ -35,26 +35,22 @@ examples:
 """
 
 
-def _point(text: str) -> tuple[float, float, float]:
-    parts = text.replace(" ", "").split(",")
+def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(p) for p in parts)
+        values = tuple(float(p) for p in text.replace(" ", "").split(","))
     except ValueError:
         values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"a point is X,Y,Z in mm (three finite numbers), got {text!r}")
-    return values  # type: ignore[return-value]
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{what} (mm), got {text!r}")
+    return values
+
+
+def _point(text: str) -> tuple[float, float, float]:
+    return _numbers(text, 3, "a point is X,Y,Z: three finite numbers")  # type: ignore[return-value]
 
 
 def _box(text: str) -> tuple[float, ...]:
-    parts = text.replace(" ", "").split(",")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 6 or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"a box is X0,Y0,Z0,X1,Y1,Z1 in mm (six finite numbers), got {text!r}")
-    return values
+    return _numbers(text, 6, "a box is X0,Y0,Z0,X1,Y1,Z1: six finite numbers")
 
 
 def add_parser(sub) -> None:

@@ -33,10 +33,13 @@ def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
     return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else None)
 
 
-def aggregate(reports: Iterable[dict], organs: Sequence[str] | None = None) -> dict:
+def aggregate(reports: Iterable[dict], organs: Sequence[str] | None = None,
+              benchmark: Sequence[str] | None = None) -> dict:
     """Per-organ summary over case reports (``evaluate`` outputs), plus the mean over organs.
 
-    ``organs`` fixes the order (default: as first seen). The result is JSON-ready::
+    ``organs`` fixes the order (default: as first seen). ``benchmark``: the organs whose mean is the
+    headline ``mean_dice`` (e.g. BTCV's 8 Synapse organs, so that a model with more organs stays
+    comparable); ``mean_dice_all`` is then the mean over every organ. The result is JSON-ready::
 
         {"cases": 6, "organs": {"liver": {"n": 6, "dice_mean": .., "dice_sd": .., "hd95_mean": ..,
           "hd95_sd": .., "hd95_n": 6, "assd_mean": .., "missed": 0, "hallucinated": 0, "absent": 0}},
@@ -74,10 +77,17 @@ def aggregate(reports: Iterable[dict], organs: Sequence[str] | None = None) -> d
                             "hd95_n": len(d["hd95"]), "assd_mean": am, "assd_sd": as_, "missed": d["missed"],
                             "hallucinated": d["hallucinated"], "absent": d["absent"]}
     means = [v["dice_mean"] for v in out_organs.values() if v["dice_mean"] is not None]
+    bench = [out_organs[o]["dice_mean"] for o in (benchmark or []) if o in out_organs
+             and out_organs[o]["dice_mean"] is not None]
+    extra = {}
+    if benchmark:
+        extra = {"benchmark_organs": [o for o in benchmark if o in out_organs],
+                 "mean_dice_all": float(np.mean(means)) if means else None}
     return {
         "cases": len(reports),
         "organs": out_organs,
-        "mean_dice": float(np.mean(means)) if means else None,
+        "mean_dice": (float(np.mean(bench)) if bench else None) if benchmark else (float(np.mean(means)) if means else None),
+        **extra,
         "failures": sum(v["missed"] + v["hallucinated"] for v in out_organs.values()),
         "conventions": "Dice over cases with the organ in the ground truth (a missed organ counts 0); HD95/ASSD "
                        "over cases with both masks non-empty; missed and hallucinated organs counted apart; "
@@ -117,10 +127,15 @@ def markdown_table(agg: dict, spread: dict | None = None) -> str:
         if spread:
             row += f" {_f(spread['organs'].get(name, {}).get('dice_sd_over_seeds'), 3)} |"
         rows.append(row)
-    mean = f"| **mean over organs** | {agg['cases']} cases | **{_f(agg['mean_dice'], 3)}** | | {agg['failures']} failures | |"
+    what = (f"mean over the {len(agg['benchmark_organs'])} benchmark organs" if agg.get("benchmark_organs")
+            else "mean over organs")
+    mean = f"| **{what}** | {agg['cases']} cases | **{_f(agg['mean_dice'], 3)}** | | {agg['failures']} failures | |"
     if spread:
         mean += f" {_f(spread.get('mean_dice_sd_over_seeds'), 3)} |"
     rows.append(mean)
+    if agg.get("benchmark_organs") and len(agg["benchmark_organs"]) < len(agg["organs"]):
+        rows.append(f"| mean over all {len(agg['organs'])} organs | | {_f(agg.get('mean_dice_all'), 3)} | | | |"
+                    + (" |" if spread else ""))
     return "\n".join(rows)
 
 
@@ -149,7 +164,7 @@ def protocol_cases(protocol: dict, modality: str, organ_names: Sequence[str], da
                 continue
             c = by_name[name]
             out.append({"group": key, "name": name, "image": c.image, "label": c.label, "table": ds.labels,
-                        "organs": organs, "role": "test"})
+                        "organs": organs, "role": "test", "benchmark": list(d.get("organs") or [])})
     for e in protocol.get("extra", []):
         if e["modality"] != modality or (only and e["name"] not in only):
             continue

@@ -24,6 +24,17 @@ uncertainty map on exactly the input's voxel grid. The pipeline:
 4. **Back to the input grid** by the exact inverse transpose/flip, with the input's spacing,
    origin and direction copied over.
 
+Stages shared with interactive correction
+-----------------------------------------
+A run is a :class:`_VolumeRun`, one named method per stage (``prepare``, ``allocate``,
+``stream`` = ``network`` + ``postprocess_chunk`` per chunk, ``fuse_staple``,
+``keep_largest_components``, ``organ_statistics``, ``result``). Step 1 (the canonical view,
+intensity bounds and model grid), the network input of step 2 and step 4 are
+:class:`PreparedVolume`'s ``prepare``, ``network_input`` and ``to_image``. The
+interactive session (:class:`~MedDiffSegLib.interactive.session.InteractiveSession`) runs the
+same stages on the slab of slices a click reaches, so a slice is prepared for a correction
+exactly as for the automatic segmentation.
+
 Randomness and chunking
 -----------------------
 One ``torch.Generator`` per organ on the compute device, seeded from ``seed`` and the organ
@@ -110,7 +121,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -305,6 +316,26 @@ def _inference_settings(package) -> tuple[tuple[int, int], float, int, float]:
     return roi_t, float(overlap), int(swb), float(thr)  # type: ignore[return-value]
 
 
+def largest_component_organs(package, organs: list[str], requested: bool | Sequence[str] | None) -> list[bool]:
+    """Per requested organ: keep only its largest 3D connected component?
+
+    ``True``/``False``: every organ / none. A sequence of organ names: those. ``None``: what the
+    package declares in ``inference.largest_component`` (a list of organ names, chosen on held-out
+    training patients, see ``bench/choose_postprocessing.py``; none when absent).
+    """
+    if requested is None:
+        requested = package.inference.get("largest_component", False)
+    if isinstance(requested, (bool, np.bool_)):
+        return [bool(requested)] * len(organs)
+    if isinstance(requested, str) or not all(isinstance(o, str) for o in requested):
+        raise ModelError(f"largest_component must be true, false or a list of organ names, got {requested!r}")
+    known = set(package.organ_names)
+    unknown = [o for o in requested if o not in known]
+    if unknown:
+        raise ModelError(f"largest_component names organ(s) the model does not know: {', '.join(unknown)}")
+    return [o in set(requested) for o in organs]
+
+
 def windows_per_slice(size_hw: tuple[int, int], roi: tuple[int, int], overlap: float) -> int:
     """Number of sliding windows MONAI places on one ``size_hw`` slice (MONAI's own placement rule)."""
     from monai.data.utils import dense_patch_slices
@@ -379,7 +410,7 @@ def segment_volume(
     device: str | torch.device = "cpu",
     scheduler: str | None = None,
     staple: bool = False,
-    largest_component: bool = False,
+    largest_component: bool | Sequence[str] | None = None,
     keep_probabilities: bool = False,
     adaptive: bool = True,
     crop_body: bool | None = None,
@@ -457,6 +488,7 @@ def segment_volume(
     if staple and samples < 2:
         raise InputError(f"STAPLE fuses several samples and needs samples >= 2, got samples={samples}")
     roi, overlap, swb, threshold = _inference_settings(package)
+    keep_largest = largest_component_organs(package, [o.name for o in organ_objs], largest_component)
     spec = package.preprocessing
     dev = resolve_device(device)
     cpu_auto = inf.get("cpu_precision", "fp32")
@@ -484,7 +516,7 @@ def segment_volume(
         with torch.inference_mode():
             result = _run(
                 image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
-                dev=dev, scheduler=scheduler, staple=staple, largest_component=largest_component,
+                dev=dev, scheduler=scheduler, staple=staple, largest_component=keep_largest,
                 keep_probabilities=keep_probabilities, adaptive=bool(adaptive), crop_body=bool(crop_body),
                 chunk_slices=chunk_slices, roi=roi,
                 overlap=overlap,
@@ -500,95 +532,141 @@ def segment_volume(
     return result
 
 
-def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev, scheduler,
-         staple, largest_component, keep_probabilities, adaptive, crop_body, chunk_slices, roi, overlap, swb, threshold,
-         spec, n_org, timings, report, check_cancel, amp_dtype) -> SegmentationResult:
-    from ..io.geometry import CanonicalView
-    from monai.inferers import sliding_window_inference
+def _run(image, package, method, organ_ids, organ_objs, organs, **settings) -> SegmentationResult:
+    """One Segment run: the stages of :class:`_VolumeRun`, in order."""
+    return _VolumeRun(image, package, method, organ_ids, organ_objs, organs, **settings).run()
 
-    # ---- 1. canonical view, intensity bounds, sizes --------------------------------------
-    t0 = time.perf_counter()
-    report("preprocess", 0.0, "preparing the volume")
-    view = CanonicalView.from_image(image, spec.orientation)
-    source = sitk.GetArrayViewFromImage(image)  # no copy
-    canon = view.to_canonical(source)  # numpy view, no copy
-    n_k, n_j, n_i = (int(v) for v in canon.shape)
-    bounds = intensity_bounds(canon, spec)
-    sk, sj, si = view.spacing_kji
-    canon_hw = (n_j, n_i)
-    model_hw = inplane_size(canon_hw, (sj, si), spec.spacing)
-    full_hw, box = model_hw, None
-    multiple = int(getattr(method, "size_multiple", 0) or 0)
-    if crop_body and multiple > 0:
-        found = body_box(canon, bounds, model_hw, roi, multiple)
-        if found is not None:
-            box, roi = found
-            model_hw = (box[0][1] - box[0][0], box[1][1] - box[1][0])  # the network's grid is the box
-    num_win = windows_per_slice(model_hw, roi, overlap)
-    unit = _chunk_unit(num_win, swb)
-    # the whole slice's grid: the input is resampled whole and the box's output pasted back into it
-    per_slice = _bytes_per_slice(full_hw, canon_hw, roi, n_org, samples, staple, spec.context_slices)
-    volume_bytes = _volume_bytes(n_k * n_j * n_i, n_org, samples, staple=staple, keep_probabilities=keep_probabilities,
-                                 largest_component=largest_component)
-    chunk = _choose_chunk(n_k, unit, per_slice, chunk_slices, volume_bytes)
-    total_batches = -(-(n_k * num_win) // swb)
 
-    # One noise stream per organ (seeded from the run's seed and the organ's index in the model):
-    # an organ's samples depend on the seed, the organ and the image only, never on the other prompts.
-    ids_row = torch.tensor(organ_ids, dtype=torch.long, device=dev)
-    # Temperature calibration of the probabilities the run reports (labels use the raw mean).
-    temps = temperatures(package.inference, [o.name for o in organ_objs], package.name)
-    temp_col = torch.tensor(temps, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-    generators = []
-    for oid in organ_ids:
-        g = torch.Generator(device=dev)
-        g.manual_seed(organ_seed(seed, oid))
-        generators.append(g)
+class _VolumeRun:
+    """One automatic segmentation of a volume, stage by stage (like a diffusers pipeline's numbered steps).
 
-    # ---- canonical-space outputs -------------------------------------------------------
-    labels_c = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
-    unc_c = np.zeros((n_k, n_j, n_i), dtype=np.float32)
-    # Voxels that largest_component turns into background need "max variance over organs".
-    maxvar_c = np.zeros((n_k, n_j, n_i), dtype=np.float32) if (largest_component and not staple) else None
-    # Per-organ volumes are kept as 8-bit codes (OrganMaps): 2 bytes per organ and voxel for both maps.
-    mean_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if keep_probabilities else None
-    var_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if (keep_probabilities or staple) else None
-    # STAPLE needs every binarised sample of the whole volume (its EM is global). They are kept
-    # as bits packed along the column axis: N·O·V/8 bytes instead of N·O·V as uint8 (and 32x
-    # less than float32), then unpacked to uint8 for one organ at a time just before fusion.
-    packed_i = (n_i + 7) // 8
-    # One array per organ, so that each is released as soon as that organ is fused.
-    bits_c = [np.zeros((samples, n_k, n_j, packed_i), dtype=np.uint8) for _ in range(n_org)] if staple else None
-    slice_var = np.zeros((n_org, n_k), dtype=np.float32)  # per-organ variance summed over each slice
-    # Block-mean of each organ's mean probability on a ~4 mm in-plane grid: the missed-structure signal.
-    blk = block_size((sj, si), BLOCK_MM)
-    coarse_hw = (-(-n_j // blk[0]), -(-n_i // blk[1]))
-    coarse_q = np.zeros((n_org, n_k, *coarse_hw), dtype=np.uint8)
-    timings["preprocess"] += time.perf_counter() - t0
-    report("preprocess", _P_NETWORK0, f"{n_k} slices in chunks of {chunk}, {num_win} window(s) per slice, "
-           f"{n_org} organ(s) x {samples} sample(s)")
+    1. :meth:`prepare`: the volume as the model sees it (:class:`PreparedVolume`), the windows
+       (optionally cut to the body), the chunk size, one noise stream per organ;
+    2. :meth:`allocate`: the canonical-space outputs;
+    3. :meth:`stream`: chunks of slices through :meth:`network` (MONAI's sliding windows over
+       :meth:`predictor`, which encodes each window once and samples each organ in its own call)
+       and :meth:`postprocess_chunk` (back to the canonical in-plane grid, labels, uncertainty,
+       the compact per-organ maps);
+    4. :meth:`fuse_staple` (with ``staple``) and :meth:`keep_largest_components`;
+    5. :meth:`organ_statistics` and :meth:`result` (back on the input's exact grid).
+    """
 
-    state = {"batches": 0}
-    extras_oom: list[dict] = []  # chunks retried smaller after running out of GPU memory
-    name = getattr(method, "name", type(method).__name__)
-    n_out = 2 * n_org + (n_org * samples if staple else 0)
-    # What the run drew: windows in all, windows outside the body (no network call), and per organ
-    # the samples drawn and the windows that got every sample (the rest stopped after the first).
-    drawn = {"windows": 0, "windows_outside_body": 0, "samples": [0] * n_org, "full_windows": [0] * n_org}
+    def __init__(self, image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev,
+                 scheduler, staple, largest_component, keep_probabilities, adaptive, crop_body, chunk_slices, roi,
+                 overlap, swb, threshold, spec, n_org, timings, report, check_cancel, amp_dtype):
+        self.image, self.package, self.method = image, package, method
+        self.organ_ids, self.organ_objs, self.organs = organ_ids, organ_objs, organs
+        self.samples, self.steps, self.seed, self.dev, self.scheduler = samples, steps, seed, dev, scheduler
+        self.staple, self.largest_component = staple, largest_component
+        self.keep_probabilities, self.adaptive, self.crop_body = keep_probabilities, adaptive, crop_body
+        self.chunk_slices, self.roi, self.overlap, self.swb, self.threshold = chunk_slices, roi, overlap, swb, threshold
+        self.spec, self.n_org, self.timings, self.report = spec, n_org, timings, report
+        self.check_cancel, self.amp_dtype = check_cancel, amp_dtype
+        self.name = getattr(method, "name", type(method).__name__)
+        self.extras: dict[str, Any] = {}
+        self.extras_oom: list[dict] = []  # chunks retried smaller after running out of GPU memory
+        self.state = {"batches": 0}
+        # What the run drew: windows in all, windows outside the body (no network call), and per organ
+        # the samples drawn and the windows that got every sample (the rest stopped after the first).
+        self.drawn = {"windows": 0, "windows_outside_body": 0, "samples": [0] * n_org, "full_windows": [0] * n_org}
 
-    def draw(cond, rows: torch.Tensor, o: int, n: int, h: int, w: int) -> torch.Tensor:
+    def run(self) -> SegmentationResult:
+        self.prepare()
+        self.allocate()
+        self.stream()
+        t0 = time.perf_counter()
+        if self.staple:
+            self.fuse_staple()
+        self.keep_largest_components()
+        self.check_cancel()
+        stats = self.organ_statistics()
+        result = self.result(stats)
+        self.timings["postprocess"] += time.perf_counter() - t0
+        self.report("postprocess", 1.0, "done")
+        return result
+
+    # ---- 1. canonical view, intensity bounds, sizes (PreparedVolume, shared with refine) --------
+    def prepare(self) -> None:
+        t0 = time.perf_counter()
+        self.report("preprocess", 0.0, "preparing the volume")
+        self.vol = vol = PreparedVolume.prepare(self.image, self.spec)
+        self.n_k, self.n_j, self.n_i = vol.shape_kji
+        self.full_hw, self.body = vol.model_hw, None
+        model_hw = vol.model_hw
+        multiple = int(getattr(self.method, "size_multiple", 0) or 0)
+        if self.crop_body and multiple > 0:
+            found = body_box(vol.canon, vol.bounds, model_hw, self.roi, multiple)
+            if found is not None:
+                self.body, self.roi = found
+                model_hw = (self.body[0][1] - self.body[0][0], self.body[1][1] - self.body[1][0])  # the network's grid
+        self.num_win = windows_per_slice(model_hw, self.roi, self.overlap)
+        self.unit = _chunk_unit(self.num_win, self.swb)
+        # the whole slice's grid: the input is resampled whole and the box's output pasted back into it
+        per_slice = _bytes_per_slice(self.full_hw, vol.canon_hw, self.roi, self.n_org, self.samples, self.staple,
+                                     self.spec.context_slices)
+        volume_bytes = _volume_bytes(self.n_k * self.n_j * self.n_i, self.n_org, self.samples, staple=self.staple,
+                                     keep_probabilities=self.keep_probabilities,
+                                     largest_component=any(self.largest_component))
+        self.chunk = _choose_chunk(self.n_k, self.unit, per_slice, self.chunk_slices, volume_bytes)
+        self.total_batches = -(-(self.n_k * self.num_win) // self.swb)
+        # One noise stream per organ (seeded from the run's seed and the organ's index in the model):
+        # an organ's samples depend on the seed, the organ and the image only, never on the other prompts.
+        self.ids_row = torch.tensor(self.organ_ids, dtype=torch.long, device=self.dev)
+        # Temperature calibration of the probabilities the run reports (labels use the raw mean).
+        self.temps = temperatures(self.package.inference, [o.name for o in self.organ_objs], self.package.name)
+        self.temp_col = torch.tensor(self.temps, dtype=torch.float32, device=self.dev).view(1, -1, 1, 1)
+        self.generators = []
+        for oid in self.organ_ids:
+            g = torch.Generator(device=self.dev)
+            g.manual_seed(organ_seed(self.seed, oid))
+            self.generators.append(g)
+        self.n_out = 2 * self.n_org + (self.n_org * self.samples if self.staple else 0)
+        self.timings["preprocess"] += time.perf_counter() - t0
+
+    # ---- 2. canonical-space outputs -------------------------------------------------------------
+    def allocate(self) -> None:
+        t0 = time.perf_counter()
+        n_org, n_k, n_j, n_i = self.n_org, self.n_k, self.n_j, self.n_i
+        self.labels_c = np.zeros((n_k, n_j, n_i), dtype=np.uint8)
+        self.unc_c = np.zeros((n_k, n_j, n_i), dtype=np.float32)
+        # Voxels that largest_component turns into background need "max variance over organs".
+        self.maxvar_c = (np.zeros((n_k, n_j, n_i), dtype=np.float32)
+                         if (any(self.largest_component) and not self.staple) else None)
+        # Per-organ volumes are kept as 8-bit codes (OrganMaps): 2 bytes per organ and voxel for both maps.
+        self.mean_q = np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8) if self.keep_probabilities else None
+        self.var_q = (np.zeros((n_org, n_k, n_j, n_i), dtype=np.uint8)
+                      if (self.keep_probabilities or self.staple) else None)
+        # STAPLE needs every binarised sample of the whole volume (its EM is global). They are kept
+        # as bits packed along the column axis: N·O·V/8 bytes instead of N·O·V as uint8 (and 32x
+        # less than float32), then unpacked to uint8 for one organ at a time just before fusion.
+        packed_i = (n_i + 7) // 8
+        # One array per organ, so that each is released as soon as that organ is fused.
+        self.bits_c = ([np.zeros((self.samples, n_k, n_j, packed_i), dtype=np.uint8) for _ in range(n_org)]
+                       if self.staple else None)
+        self.slice_var = np.zeros((n_org, n_k), dtype=np.float32)  # per-organ variance summed over each slice
+        # Block-mean of each organ's mean probability on a ~4 mm in-plane grid: the missed-structure signal.
+        self.blk = block_size(self.vol.spacing_kji[1:], BLOCK_MM)
+        self.coarse_hw = (-(-n_j // self.blk[0]), -(-n_i // self.blk[1]))
+        self.coarse_q = np.zeros((n_org, n_k, *self.coarse_hw), dtype=np.uint8)
+        self.timings["preprocess"] += time.perf_counter() - t0
+        self.report("preprocess", _P_NETWORK0, f"{n_k} slices in chunks of {self.chunk}, {self.num_win} window(s) "
+                    f"per slice, {n_org} organ(s) x {self.samples} sample(s)")
+
+    # ---- 3. the network over the windows of a chunk ------------------------------------------
+    def draw(self, cond, rows: torch.Tensor, o: int, n: int, h: int, w: int) -> torch.Tensor:
         """``n`` samples of organ ``o`` for the windows ``rows`` of the batch: ``[len(rows), n, h, w]``."""
-        ids = ids_row[o:o + 1].repeat(int(rows.numel()))
-        probs = method.sample(method.select_condition(cond, rows), ids, n, steps, generators[o], scheduler)
+        ids = self.ids_row[o:o + 1].repeat(int(rows.numel()))
+        probs = self.method.sample(self.method.select_condition(cond, rows), ids, n, self.steps, self.generators[o],
+                                   self.scheduler)
         if tuple(probs.shape) != (int(rows.numel()), n, h, w):
-            raise ModelError(f"method {name!r} returned probabilities of shape {tuple(probs.shape)}, "
+            raise ModelError(f"method {self.name!r} returned probabilities of shape {tuple(probs.shape)}, "
                              f"expected {(int(rows.numel()), n, h, w)}")
         if not bool(torch.isfinite(probs).all()):
-            raise ModelError(f"method {name!r} produced non-finite probabilities")
-        drawn["samples"][o] += int(rows.numel()) * n
+            raise ModelError(f"method {self.name!r} produced non-finite probabilities")
+        self.drawn["samples"][o] += int(rows.numel()) * n
         return probs.to(torch.float32)
 
-    def predictor(x: torch.Tensor) -> torch.Tensor:
+    def predictor(self, x: torch.Tensor) -> torch.Tensor:
         """Per window: each organ's ensemble mean and variance (+ its samples for STAPLE) as channels.
 
         The moments are taken per window and blended by MONAI like any channel, so the variance is
@@ -604,23 +682,24 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         has no trace of it in a window (peak probability below ``ADAPTIVE_FLOOR``) gets no more
         samples there (mean = that sample, variance 0).
         """
-        check_cancel()
+        self.check_cancel()
+        n_org, samples, staple, drawn = self.n_org, self.samples, self.staple, self.drawn
         b, h, w = int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1])
-        out = torch.zeros((b, n_out, h, w), dtype=torch.float32, device=x.device)
+        out = torch.zeros((b, self.n_out, h, w), dtype=torch.float32, device=x.device)
         body = torch.nonzero(x.flatten(1).amax(dim=1) > EMPTY_WINDOW_LEVEL).flatten()
         drawn["windows"] += b
         drawn["windows_outside_body"] += b - int(body.numel())
         if body.numel():
-            cond = method.condition(x[body])
+            cond = self.method.condition(x[body])
             everyone = torch.arange(int(body.numel()), device=body.device)
             for o in range(n_org):
-                if adaptive and samples > 1:
-                    first = draw(cond, everyone, o, 1, h, w)  # [b', 1, h, w]
+                if self.adaptive and samples > 1:
+                    first = self.draw(cond, everyone, o, 1, h, w)  # [b', 1, h, w]
                     rest = torch.nonzero(first.flatten(1).amax(dim=1) >= ADAPTIVE_FLOOR).flatten()
                     m, v = first[:, 0].clone(), torch.zeros_like(first[:, 0])  # stopped windows: that sample, no variance
                     full = None
                     if rest.numel():
-                        full = torch.cat([first[rest], draw(cond, rest, o, samples - 1, h, w)], dim=1)
+                        full = torch.cat([first[rest], self.draw(cond, rest, o, samples - 1, h, w)], dim=1)
                         m[rest], v[rest] = ensemble_mean_variance(full, dim=1)
                     if staple:  # STAPLE's N channels: the stopped windows' first sample repeated
                         probs = first.expand(-1, samples, -1, -1).clone()
@@ -628,7 +707,7 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                             probs[rest] = full
                     drawn["full_windows"][o] += int(rest.numel())
                 else:
-                    probs = draw(cond, everyone, o, samples, h, w)
+                    probs = self.draw(cond, everyone, o, samples, h, w)
                     drawn["full_windows"][o] += int(body.numel())
                     m, v = ensemble_mean_variance(probs, dim=1)
                 out[body, o] = m
@@ -636,102 +715,116 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
                 if staple:
                     c0 = 2 * n_org + o * samples
                     out[body, c0:c0 + samples] = probs
-        state["batches"] += 1
-        done = state["batches"] / max(1, total_batches)
-        report("network", _P_NETWORK0 + (_P_NETWORK1 - _P_NETWORK0) * done,
-               f"window batch {state['batches']}/{total_batches}")
+        self.state["batches"] += 1
+        done = self.state["batches"] / max(1, self.total_batches)
+        self.report("network", _P_NETWORK0 + (_P_NETWORK1 - _P_NETWORK0) * done,
+                    f"window batch {self.state['batches']}/{self.total_batches}")
         return out
 
-    # ---- 2. stream chunks of slices ------------------------------------------------------
-    # A chunk that runs the GPU out of memory is retried with half as many slices (whole window batches,
-    # from the same generator states), so the result is the one a run that fitted would give.
-    k0 = 0
-    while k0 < n_k:
-        k1 = min(n_k, k0 + chunk)
-        kk = k1 - k0
-        check_cancel()
-        rewind = ([g.get_state() for g in generators], dict(state), {k: (list(v) if isinstance(v, list) else v)
-                                                                      for k, v in drawn.items()})
-        try:
-            t0 = time.perf_counter()
-            x = _chunk_input(canon, k0, k1, spec, sk, bounds, full_hw, dev)
-            if box is not None:
-                x = x[..., box[0][0]:box[0][1], box[1][0]:box[1][1]]
-            timings["preprocess"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = sliding_window_inference(
-                    x.contiguous(memory_format=torch.channels_last), roi_size=roi, sw_batch_size=swb,
-                    predictor=predictor, overlap=overlap, mode="gaussian", padding_mode="constant", cval=-1.0,
-                )
-            del x
-            if box is not None:  # back onto the whole slice: outside the box as a skipped window (0, 0)
-                (j0, j1), (i0, i1) = box
-                out = torch.nn.functional.pad(out, (i0, full_hw[1] - i1, j0, full_hw[0] - j1))
-            timings["network"] += time.perf_counter() - t0
-        except torch.OutOfMemoryError:
-            x = out = None
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            if chunk <= unit:
-                raise DeviceError(
-                    f"{dev} ran out of memory on one batch of {swb} windows x {n_org} organ(s) x {samples} sample(s); "
-                    f"use fewer samples, or --device cpu") from None
-            chunk = max(unit, (chunk // 2 // unit) * unit)
-            for g, st in zip(generators, rewind[0]):
-                g.set_state(st)
-            state.clear(); state.update(rewind[1])
-            drawn.clear(); drawn.update(rewind[2])
-            extras_oom.append({"at_slice": int(k0), "chunk_slices": int(chunk)})
-            continue
+    def network(self, k0: int, k1: int) -> torch.Tensor:
+        """The blended per-window outputs ``[k, n_out, h, w]`` of canonical slices ``k0..k1-1`` (model grid)."""
+        from monai.inferers import sliding_window_inference
 
         t0 = time.perf_counter()
+        x = self.vol.network_input(k0, k1, self.dev)
+        if self.body is not None:
+            x = x[..., self.body[0][0]:self.body[0][1], self.body[1][0]:self.body[1][1]]
+        self.timings["preprocess"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = sliding_window_inference(
+                x.contiguous(memory_format=torch.channels_last), roi_size=self.roi, sw_batch_size=self.swb,
+                predictor=self.predictor, overlap=self.overlap, mode="gaussian", padding_mode="constant", cval=-1.0,
+            )
+        del x
+        if self.body is not None:  # back onto the whole slice: outside the box as a skipped window (0, 0)
+            (j0, j1), (i0, i1) = self.body
+            out = torch.nn.functional.pad(out, (i0, self.full_hw[1] - i1, j0, self.full_hw[0] - j1))
+        self.timings["network"] += time.perf_counter() - t0
+        return out
+
+    def stream(self) -> None:
+        """Every chunk of slices through the network and post-processing.
+
+        A chunk that runs the GPU out of memory is retried with half as many slices (whole window
+        batches, from the same generator states), so the result is the one a run that fitted would give.
+        """
+        k0 = 0
+        while k0 < self.n_k:
+            k1 = min(self.n_k, k0 + self.chunk)
+            self.check_cancel()
+            rewind = ([g.get_state() for g in self.generators], dict(self.state),
+                      {k: (list(v) if isinstance(v, list) else v) for k, v in self.drawn.items()})
+            try:
+                out = self.network(k0, k1)
+            except torch.OutOfMemoryError:
+                out = None
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.chunk <= self.unit:
+                    raise DeviceError(
+                        f"{self.dev} ran out of memory on one batch of {self.swb} windows x {self.n_org} organ(s) x "
+                        f"{self.samples} sample(s); use fewer samples, or --device cpu") from None
+                self.chunk = max(self.unit, (self.chunk // 2 // self.unit) * self.unit)
+                for g, st in zip(self.generators, rewind[0]):
+                    g.set_state(st)
+                self.state.clear(); self.state.update(rewind[1])
+                self.drawn.clear(); self.drawn.update(rewind[2])
+                self.extras_oom.append({"at_slice": int(k0), "chunk_slices": int(self.chunk)})
+                continue
+            self.postprocess_chunk(out, k0, k1)
+            del out
+            k0 = k1
+
+    def postprocess_chunk(self, out: torch.Tensor, k0: int, k1: int) -> None:
+        """A chunk's outputs back on the canonical in-plane grid: labels, uncertainty and the per-organ maps."""
+        t0 = time.perf_counter()
+        n_org, samples, threshold, canon_hw = self.n_org, self.samples, self.threshold, self.vol.canon_hw
         # Slabs of a few slices: every map here is per slice, and small temporaries are reused from
         # the heap where chunk-sized ones (100+ MB each) would be fresh pages every time.
-        slab = max(1, POST_SLAB_BYTES // (4 * max(1, n_org) * n_j * n_i))
-        for s0 in range(0, kk, slab):
+        slab = max(1, POST_SLAB_BYTES // (4 * max(1, n_org) * self.n_j * self.n_i))
+        for s0 in range(0, k1 - k0, slab):
             a0, a1 = k0 + s0, min(k1, k0 + s0 + slab)
             part = out[s0:s0 + (a1 - a0)]
             mean = resample_inplane(part[:, :n_org], canon_hw).clamp_(0.0, 1.0)  # [slab, O, J, I]
             var = resample_inplane(part[:, n_org:2 * n_org], canon_hw).clamp_(min=0.0)
-            if staple:
+            if self.staple:
                 # One organ's samples at a time on the input grid ([slab, N, J, I] float32, not all O·N channels).
                 for o in range(n_org):
                     c0 = 2 * n_org + o * samples
                     full = resample_inplane(part[:, c0:c0 + samples], canon_hw)
                     binary = (full >= threshold).permute(1, 0, 2, 3)  # [N, slab, J, I]
-                    bits_c[o][:, a0:a1] = np.packbits(binary.cpu().numpy(), axis=-1)
+                    self.bits_c[o][:, a0:a1] = np.packbits(binary.cpu().numpy(), axis=-1)
                     del full, binary
-            slice_var[:, a0:a1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
-            pooled = torch.nn.functional.avg_pool2d(mean, blk, ceil_mode=True)  # partial blocks: mean of their pixels
-            coarse_q[:, a0:a1] = quantise_probability(pooled).transpose(1, 0, 2, 3)
-            if not staple:
+            self.slice_var[:, a0:a1] = var.sum(dim=(2, 3)).transpose(0, 1).cpu().numpy()
+            pooled = torch.nn.functional.avg_pool2d(mean, self.blk, ceil_mode=True)  # partial blocks: mean of their pixels
+            self.coarse_q[:, a0:a1] = quantise_probability(pooled).transpose(1, 0, 2, 3)
+            if not self.staple:
                 best_p, best_o = _best_organ(mean)
                 lab = best_o.to(torch.uint8).add_(1).mul_(best_p >= threshold)  # 0 below the threshold (uint8 throughout)
                 vmax = var.amax(dim=1)
                 unc = torch.where(lab > 0, var.gather(1, best_o.unsqueeze(1)).squeeze(1), vmax)
-                labels_c[a0:a1] = lab.to(torch.uint8).cpu().numpy()
-                unc_c[a0:a1] = unc.cpu().numpy()
-                if maxvar_c is not None:
-                    maxvar_c[a0:a1] = vmax.cpu().numpy()
-            if mean_q is not None:
-                mean_q[:, a0:a1] = quantise_probability(apply_temperature(mean, temp_col)).transpose(1, 0, 2, 3)
-            if var_q is not None:
-                var_q[:, a0:a1] = quantise_variance(var).transpose(1, 0, 2, 3)
+                self.labels_c[a0:a1] = lab.to(torch.uint8).cpu().numpy()
+                self.unc_c[a0:a1] = unc.cpu().numpy()
+                if self.maxvar_c is not None:
+                    self.maxvar_c[a0:a1] = vmax.cpu().numpy()
+            if self.mean_q is not None:
+                self.mean_q[:, a0:a1] = quantise_probability(apply_temperature(mean, self.temp_col)).transpose(1, 0, 2, 3)
+            if self.var_q is not None:
+                self.var_q[:, a0:a1] = quantise_variance(var).transpose(1, 0, 2, 3)
             del mean, var, pooled
-        del out, part
-        timings["postprocess"] += time.perf_counter() - t0
-        k0 = k1
+        self.timings["postprocess"] += time.perf_counter() - t0
 
-    # ---- 3./4. labels: STAPLE, largest component -------------------------------------------
-    t0 = time.perf_counter()
-    extras: dict[str, Any] = {}
-    if staple:
-        # Organs are fused smallest box first and each organ's samples are released once fused, so
-        # the largest fusion (liver) runs with the fewest other samples still held. Overlaps go to the
-        # higher fused probability; on a tie the organ named first wins, whatever the fusion order.
-        boxes = [_staple_box(bits_c[o], n_i) for o in range(n_org)]
+    # ---- 4. labels: STAPLE, largest component -------------------------------------------------
+    def fuse_staple(self) -> None:
+        """Each organ's N binarised samples fused by STAPLE into its labels; the variance per organ.
+
+        Organs are fused smallest box first and each organ's samples are released once fused, so
+        the largest fusion (liver) runs with the fewest other samples still held. Overlaps go to the
+        higher fused probability; on a tie the organ named first wins, whatever the fusion order.
+        """
+        n_org, bits_c, labels_c = self.n_org, self.bits_c, self.labels_c
+        boxes = [_staple_box(bits_c[o], self.n_i) for o in range(n_org)]
         order = sorted(range(n_org), key=lambda o: 0 if boxes[o] is None else math.prod(b - a for a, b in boxes[o]))
         # The best fused probability so far, kept over the union of the boxes only.
         present = [b for b in boxes if b is not None]
@@ -739,25 +832,25 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
         best = np.zeros(tuple(b - a for a, b in union), dtype=np.float32) if present else None
         staple_info: list[dict] = [{} for _ in range(n_org)]
         for step, o in enumerate(order):
-            check_cancel()
-            report("postprocess", _P_NETWORK1 + 0.03 * step / n_org, f"STAPLE fusion of {organs[o]}")
+            self.check_cancel()
+            self.report("postprocess", _P_NETWORK1 + 0.03 * step / n_org, f"STAPLE fusion of {self.organs[o]}")
             t_s = time.perf_counter()
-            box = boxes[o]
-            info = {"organ": organs[o], "iterations": 0, "max_iterations": STAPLE_MAX_ITERATIONS, "voxels": 0}
-            if box is not None:
-                (k_lo, k_hi), (j_lo, j_hi), (i_lo, i_hi) = box
+            sbox = boxes[o]
+            info = {"organ": self.organs[o], "iterations": 0, "max_iterations": STAPLE_MAX_ITERATIONS, "voxels": 0}
+            if sbox is not None:
+                (k_lo, k_hi), (j_lo, j_hi), (i_lo, i_hi) = sbox
                 b_lo, b_hi = i_lo // 8, -(-i_hi // 8)  # whole bytes of packed columns
                 packed = bits_c[o][:, k_lo:k_hi, j_lo:j_hi, b_lo:b_hi]
                 # One sample unpacked at a time (STAPLE keeps its own copy of each): [k, j, i] uint8, the box only.
                 unpacked = (np.unpackbits(packed[s_], axis=-1)[..., i_lo - 8 * b_lo:i_hi - 8 * b_lo]
-                            for s_ in range(samples))
+                            for s_ in range(self.samples))
                 fused = staple_fuse(unpacked, max_iterations=STAPLE_MAX_ITERATIONS, return_details=True)
                 del packed, unpacked
                 prob = fused.probability
                 region = (slice(k_lo, k_hi), slice(j_lo, j_hi), slice(i_lo, i_hi))
-                best_r = best[tuple(slice(a - u[0], b - u[0]) for (a, b), u in zip(box, union))]
+                best_r = best[tuple(slice(a - u[0], b - u[0]) for (a, b), u in zip(sbox, union))]
                 cur = labels_c[region]
-                take = (prob >= threshold) & ((prob > best_r) | ((prob == best_r) & (cur > o + 1)))
+                take = (prob >= self.threshold) & ((prob > best_r) | ((prob == best_r) & (cur > o + 1)))
                 cur[take] = o + 1
                 best_r[take] = prob[take]
                 info.update(iterations=fused.iterations, voxels=int(prob.size))
@@ -765,112 +858,170 @@ def _run(image, package, method, organ_ids, organ_objs, organs, *, samples, step
             bits_c[o] = None  # this organ's samples are no longer needed
             info["seconds"] = time.perf_counter() - t_s
             staple_info[o] = info
-        del bits_c, best
-        extras["staple"] = staple_info
-        vmax_q = var_q.max(axis=0)  # codes are monotonic in the variance
-        np.take(dequantise_variance(np.arange(256, dtype=np.uint8)), vmax_q, out=unc_c)  # no float32 temporary
+        self.bits_c = None
+        del best
+        self.extras["staple"] = staple_info
+        vmax_q = self.var_q.max(axis=0)  # codes are monotonic in the variance
+        np.take(dequantise_variance(np.arange(256, dtype=np.uint8)), vmax_q, out=self.unc_c)  # no float32 temporary
         for o in range(n_org):
             sel = labels_c == o + 1
-            unc_c[sel] = dequantise_variance(var_q[o][sel])
-        maxvar_c = dequantise_variance(vmax_q) if largest_component else None
-        del vmax_q
-    if largest_component:
-        for o in range(n_org):
-            check_cancel()
-            report("postprocess", 0.98, f"largest connected component of {organs[o]}")
-            mask = labels_c == o + 1
+            self.unc_c[sel] = dequantise_variance(self.var_q[o][sel])
+        self.maxvar_c = dequantise_variance(vmax_q) if any(self.largest_component) else None
+
+    def keep_largest_components(self) -> None:
+        """For the organs chosen, only the largest 3D connected component stays (the rest: background)."""
+        for o in range(self.n_org):
+            if not self.largest_component[o]:
+                continue
+            self.check_cancel()
+            self.report("postprocess", 0.98, f"largest connected component of {self.organs[o]}")
+            mask = self.labels_c == o + 1
             if not mask.any():
                 continue
             removed = mask & ~keep_largest_component(mask)
-            labels_c[removed] = 0
-            unc_c[removed] = maxvar_c[removed]
-    check_cancel()
+            self.labels_c[removed] = 0
+            self.unc_c[removed] = self.maxvar_c[removed]
 
-    # ---- stats ---------------------------------------------------------------------------
-    spacing = image.GetSpacing()
-    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
-    per_slice = np.stack([np.bincount(labels_c[k].reshape(-1), minlength=n_org + 1) for k in range(n_k)])
-    counts = per_slice.sum(axis=0)  # (one bincount of the whole volume would make an int64 copy of it)
-    toward = _SIDE[view.orientation[2]]  # where the canonical slice index increases (e.g. "superior" for LPS)
-    away = _SIDE[_OPPOSITE[view.orientation[2]]]
-
-    def slice_centre(k: int) -> tuple[int, int, tuple[float, float, float]]:
+    # ---- 5. statistics and the input's exact grid ----------------------------------------------
+    def slice_centre(self, k: int) -> tuple[int, int, tuple[float, float, float]]:
         """(input array axis, input slice index, LPS centre in mm) of canonical slice ``k``."""
+        view = self.vol.view
         axis, index = view.input_index_of_canonical_slice(k)
         z0, y0, x0 = view.input_index_of_canonical((k, 0, 0))
-        z1, y1, x1 = view.input_index_of_canonical((k, n_j - 1, n_i - 1))
+        z1, y1, x1 = view.input_index_of_canonical((k, self.n_j - 1, self.n_i - 1))
         centre = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (z0 + z1) / 2.0)
-        return int(axis), int(index), tuple(float(v) for v in image.TransformContinuousIndexToPhysicalPoint(centre))
+        return int(axis), int(index), tuple(float(v) for v in self.image.TransformContinuousIndexToPhysicalPoint(centre))
 
-    stats: list[OrganStats] = []
-    for o in range(n_org):
-        label = o + 1
-        count = int(counts[label])
-        mean_unc = None
-        if count:
-            mean_unc = float(unc_c[labels_c == label].mean(dtype=np.float32))
-        axis, index, position = view.input_index_of_canonical_slice(0)[0], None, None
-        if slice_var[o].max() > 0:  # no slice stands out when the samples agree everywhere
-            axis, index, position = slice_centre(int(np.argmax(slice_var[o])))
-        runs = find_continuations(
-            dequantise_probability(coarse_q[o]), per_slice[:, label],
-            lambda k, lab=label: coarse_mask(labels_c[k] == lab, blk, coarse_hw),
-            block_mm=(blk[0] * sj, blk[1] * si), slice_mm=sk,
+    def organ_statistics(self) -> list[OrganStats]:
+        labels_c, unc_c, n_org, blk, coarse_hw = self.labels_c, self.unc_c, self.n_org, self.blk, self.coarse_hw
+        sk, sj, si = self.vol.spacing_kji
+        view = self.vol.view
+        spacing = self.image.GetSpacing()
+        voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
+        per_slice = np.stack([np.bincount(labels_c[k].reshape(-1), minlength=n_org + 1) for k in range(self.n_k)])
+        counts = per_slice.sum(axis=0)  # (one bincount of the whole volume would make an int64 copy of it)
+        toward = _SIDE[view.orientation[2]]  # where the canonical slice index increases (e.g. "superior" for LPS)
+        away = _SIDE[_OPPOSITE[view.orientation[2]]]
+        stats: list[OrganStats] = []
+        for o in range(n_org):
+            label = o + 1
+            count = int(counts[label])
+            mean_unc = None
+            if count:
+                mean_unc = float(unc_c[labels_c == label].mean(dtype=np.float32))
+            axis, index, position = view.input_index_of_canonical_slice(0)[0], None, None
+            if self.slice_var[o].max() > 0:  # no slice stands out when the samples agree everywhere
+                axis, index, position = self.slice_centre(int(np.argmax(self.slice_var[o])))
+            runs = find_continuations(
+                dequantise_probability(self.coarse_q[o]), per_slice[:, label],
+                lambda k, lab=label: coarse_mask(labels_c[k] == lab, blk, coarse_hw),
+                block_mm=(blk[0] * sj, blk[1] * si), slice_mm=sk,
+            )
+            continuation = []
+            for run in runs:
+                _, peak_index, peak_pos = self.slice_centre(run.peak_slice)
+                continuation.append({
+                    "kind": "beyond_mask" if run.kind in ("before", "after") else run.kind,
+                    "side": toward if run.kind == "after" else away if run.kind == "before" else None,
+                    "slices": [self.slice_centre(k)[1] for k in run.slices],
+                    "extent_mm": float(len(run.slices) * sk),
+                    "area_mm2": [round(a, 1) for a in run.area_mm2],
+                    "peak_slice": peak_index, "peak_position_mm": list(peak_pos),
+                })
+            org = self.organ_objs[o]
+            stats.append(OrganStats(
+                name=org.name, display_name=org.display_name, label=label, voxel_count=count,
+                volume_ml=count * voxel_ml, mean_uncertainty=mean_unc,
+                max_uncertainty_slice=None if index is None else int(index),
+                max_uncertainty_position=position, slice_axis=int(axis),  # type: ignore[arg-type]
+                possible_continuation=continuation,
+            ))
+        self.coarse_q = None
+        return stats
+
+    def result(self, stats: list[OrganStats]) -> SegmentationResult:
+        """Everything back on the input's exact grid (the per-organ maps decoded when read)."""
+        to_image = self.vol.to_image
+        labels_img = to_image(self.labels_c)
+        unc_img = to_image(self.unc_c)
+        self.labels_c = self.unc_c = None
+        probabilities = variances = entropy = None
+        if self.keep_probabilities:
+            names = [o.name for o in self.organ_objs]
+            probabilities = OrganMaps(names, self.mean_q, dequantise_probability, to_image)
+            variances = OrganMaps(names, self.var_q, dequantise_variance, to_image)
+            entropy = OrganMaps(names, self.mean_q, lambda q: binary_entropy(dequantise_probability(q)), to_image)
+        body = self.body
+        return SegmentationResult(
+            labels=labels_img, uncertainty=unc_img, organs=self.organ_objs, stats=stats, timings=self.timings,
+            samples=self.samples, steps=self.steps, scheduler=self.scheduler, seed=self.seed, device=str(self.dev),
+            threshold=self.threshold, staple=bool(self.staple), largest_component=any(self.largest_component),
+            chunk_slices=self.chunk, probabilities=probabilities, variances=variances, entropy=entropy,
+            extras={"calibration": {o.name: t for o, t in zip(self.organ_objs, self.temps) if t != 1.0} or None,
+                    "windows_per_slice": self.num_win, "model_inplane_size": list(self.full_hw),
+                    "intensity_bounds": list(self.vol.bounds),
+                    "sampling": {**_sampling_report(self.drawn, self.organs, self.samples, self.adaptive),
+                                 "window_hw": [int(r) for r in self.roi],
+                                 "body_box": None if body is None else [[int(a), int(b)] for a, b in body]},
+                    "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype],
+                    "out_of_memory_retries": self.extras_oom,
+                    "largest_component_organs": [o for o, keep in zip(self.organs, self.largest_component) if keep],
+                    **self.extras},
         )
-        continuation = []
-        for run in runs:
-            _, peak_index, peak_pos = slice_centre(run.peak_slice)
-            continuation.append({
-                "kind": "beyond_mask" if run.kind in ("before", "after") else run.kind,
-                "side": toward if run.kind == "after" else away if run.kind == "before" else None,
-                "slices": [slice_centre(k)[1] for k in run.slices],
-                "extent_mm": float(len(run.slices) * sk),
-                "area_mm2": [round(a, 1) for a in run.area_mm2],
-                "peak_slice": peak_index, "peak_position_mm": list(peak_pos),
-            })
-        org = organ_objs[o]
-        stats.append(OrganStats(
-            name=org.name, display_name=org.display_name, label=label, voxel_count=count,
-            volume_ml=count * voxel_ml, mean_uncertainty=mean_unc,
-            max_uncertainty_slice=None if index is None else int(index),
-            max_uncertainty_position=position, slice_axis=int(axis),  # type: ignore[arg-type]
-            possible_continuation=continuation,
-        ))
-    del coarse_q, per_slice
 
-    # ---- 5. back to the input's exact grid ------------------------------------------------
-    def to_image(array_kji: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> sitk.Image:
-        array = view.from_canonical(array_kji)  # a view
+
+@dataclass
+class PreparedVolume:
+    """Stage 1 of Segment and Refine: an image as the model sees it, before any network runs.
+
+    ``canon`` is the input array in the model's canonical orientation (a view: transposed and
+    flipped, never interpolated); ``bounds`` the intensity clip bounds of the whole volume;
+    ``model_hw`` the in-plane size of a slice at the model's spacing. :meth:`network_input` is
+    stage 2 (slices normalised and resampled to the model grid, with their context slices as
+    channels) and :meth:`to_image` the last stage (a canonical array back on the input's exact
+    grid). The volume engine (:func:`segment_volume`) and the interactive session
+    (:class:`~MedDiffSegLib.interactive.session.InteractiveSession`) both run these stages.
+    """
+
+    image: sitk.Image
+    view: Any  # CanonicalView
+    canon: np.ndarray
+    spec: Any  # PreprocessSpec
+    bounds: tuple[float, float]
+    canon_hw: tuple[int, int]
+    model_hw: tuple[int, int]
+    spacing_kji: tuple[float, float, float]
+
+    @classmethod
+    def prepare(cls, image: sitk.Image, spec, source: np.ndarray | None = None) -> "PreparedVolume":
+        """The prepared ``image``; ``source`` is its array (default: a view into the image, no copy;
+        a caller that keeps the result beyond the image's life passes an owned copy)."""
+        from ..io.geometry import CanonicalView
+
+        view = CanonicalView.from_image(image, spec.orientation)
+        canon = view.to_canonical(sitk.GetArrayViewFromImage(image) if source is None else source)
+        sk, sj, si = view.spacing_kji
+        canon_hw = (int(canon.shape[1]), int(canon.shape[2]))
+        return cls(image=image, view=view, canon=canon, spec=spec, bounds=intensity_bounds(canon, spec),
+                   canon_hw=canon_hw, model_hw=inplane_size(canon_hw, (sj, si), spec.spacing),
+                   spacing_kji=(float(sk), float(sj), float(si)))
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.canon.shape)  # type: ignore[return-value]
+
+    def network_input(self, k0: int, k1: int, dev: torch.device) -> torch.Tensor:
+        """Stage 2: canonical slices ``k0..k1-1`` as the network's input ``[k, C, h, w]`` on ``dev``."""
+        return _chunk_input(self.canon, k0, k1, self.spec, self.spacing_kji[0], self.bounds, self.model_hw, dev)
+
+    def to_image(self, array_kji: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> sitk.Image:
+        """Last stage: a canonical array back on the input's exact grid (``decode`` maps stored codes first)."""
+        array = self.view.from_canonical(array_kji)  # a view
         if decode is not None:
             array = decode(array)  # a new C-ordered array: no second copy below
         img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        img.CopyInformation(image)
+        img.CopyInformation(self.image)
         return img
-
-    labels_img = to_image(labels_c)
-    unc_img = to_image(unc_c)
-    del labels_c, unc_c
-    probabilities = variances = entropy = None
-    if keep_probabilities:
-        names = [o.name for o in organ_objs]
-        probabilities = OrganMaps(names, mean_q, dequantise_probability, to_image)
-        variances = OrganMaps(names, var_q, dequantise_variance, to_image)
-        entropy = OrganMaps(names, mean_q, lambda q: binary_entropy(dequantise_probability(q)), to_image)
-    timings["postprocess"] += time.perf_counter() - t0
-    report("postprocess", 1.0, "done")
-
-    return SegmentationResult(
-        labels=labels_img, uncertainty=unc_img, organs=organ_objs, stats=stats, timings=timings,
-        samples=samples, steps=steps, scheduler=scheduler, seed=seed, device=str(dev), threshold=threshold,
-        staple=bool(staple), largest_component=bool(largest_component), chunk_slices=chunk,
-        probabilities=probabilities, variances=variances, entropy=entropy,
-        extras={"calibration": {o.name: t for o, t in zip(organ_objs, temps) if t != 1.0} or None,
-                "windows_per_slice": num_win, "model_inplane_size": list(full_hw), "intensity_bounds": list(bounds),
-                "sampling": {**_sampling_report(drawn, organs, samples, adaptive), "window_hw": [int(r) for r in roi],
-                             "body_box": None if box is None else [[int(a), int(b)] for a, b in box]},
-                "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
-                "out_of_memory_retries": extras_oom, **extras},
-    )
 
 
 def _chunk_input(canon: np.ndarray, k0: int, k1: int, spec, slice_mm: float, bounds: tuple[float, float],

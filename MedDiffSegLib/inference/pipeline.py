@@ -222,7 +222,7 @@ def run_segment(
     device: str = "auto",
     scheduler: str | None = None,
     staple: bool = False,
-    largest_component: bool = False,
+    largest_component: bool | None = None,
     save_probabilities: bool = False,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -544,7 +544,8 @@ def _summary(*, image, labels, result, package: ModelPackage, organ_names, sampl
             "seed": int(seed),
             "threshold": float(getattr(result, "threshold", package.inference.get("threshold", 0.5))),
             "staple": bool(staple),
-            "largest_component": bool(largest_component),
+            "largest_component": bool(getattr(result, "largest_component", largest_component)),
+            "largest_component_organs": list((getattr(result, "extras", None) or {}).get("largest_component_organs", [])),
             "device": device_text,
             # per-organ temperatures applied to the reported probabilities (None: uncalibrated)
             "calibration": (getattr(result, "extras", None) or {}).get("calibration"),

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelError, OutputError
+from ..jsonfile import read_json_object
 from ..inference.pipeline import SEGMENTATION, SUMMARY, UNCERTAINTY, _check_output_dir, place_outputs
 from .session import Interaction, InteractiveSession, Point
 
@@ -31,11 +32,8 @@ def read_result_summary(result_dir: str | os.PathLike) -> dict:
     path = folder / SUMMARY
     if not path.is_file():
         raise InputError(f"{folder} holds no {SUMMARY}: it is not a MedDiffSeg result folder")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("organs"), list) or "model" not in summary:
+    summary = read_json_object(path, InputError)
+    if not isinstance(summary.get("organs"), list) or "model" not in summary:
         raise InputError(f"{path} is not a MedDiffSeg summary (no organs or model recorded)")
     for name in (SEGMENTATION,):
         if not (folder / name).is_file():

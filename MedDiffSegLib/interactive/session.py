@@ -48,7 +48,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import Cancelled, InputError, ModelError
-from ..preprocessing.spec import inplane_size, intensity_bounds, resample_inplane
+from ..preprocessing.spec import resample_inplane
 from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map
 
 #: A slice beyond the slab's core whose mask changed by fewer voxels than this ends the propagation.
@@ -149,8 +149,7 @@ class InteractiveSession:
                  steps: int | None = None, seed: int = 0, precision: str | None = "auto",
                  locked: Sequence[str] = (), interactions: Sequence[Interaction] = ()):
         from ..inference.device import resolve_device, resolve_precision
-        from ..inference.engine import _inference_settings
-        from ..io.geometry import CanonicalView
+        from ..inference.engine import PreparedVolume, _inference_settings
 
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError("the image must be a scalar 3D volume")
@@ -184,15 +183,12 @@ class InteractiveSession:
             raise ModelError(f"model {package.name!r} was not trained for interactive correction (no prompt "
                              "channels or no inference.click_radius_mm); use a model that was, e.g. abdomen-ct 2.0")
         self.method.to(self.device, memory_format=torch.channels_last).eval()
-        # stage 1: the canonical view of the image and everything derived from it
-        self.image = image
-        self.view = CanonicalView.from_image(image, self.spec.orientation)
-        self._source = sitk.GetArrayFromImage(image)  # owned copy: the session outlives the caller's image views
-        self.canon = self.view.to_canonical(self._source)
-        self.bounds = intensity_bounds(self.canon, self.spec)
-        self.spacing_kji = self.view.spacing_kji
-        self.canon_hw = tuple(int(v) for v in self.canon.shape[1:])
-        self.model_hw = inplane_size(self.canon_hw, self.spacing_kji[1:], self.spec.spacing)
+        # stage 1, as Segment runs it: the canonical view of the image and everything derived from it
+        # (from an owned copy of the voxels: the session outlives the caller's views of the image)
+        self.volume = PreparedVolume.prepare(image, self.spec, source=sitk.GetArrayFromImage(image))
+        self.image, self.view, self.canon, self.bounds = image, self.volume.view, self.volume.canon, self.volume.bounds
+        self.spacing_kji = self.volume.spacing_kji
+        self.canon_hw, self.model_hw = self.volume.canon_hw, self.volume.model_hw
         self.model_spacing = (self.spacing_kji[1] * self.canon_hw[0] / self.model_hw[0],
                               self.spacing_kji[2] * self.canon_hw[1] / self.model_hw[1])
         self.labels_c = np.array(self.view.to_canonical(sitk.GetArrayViewFromImage(labels)), dtype=np.uint8)
@@ -249,13 +245,9 @@ class InteractiveSession:
     # -- stages of one slice -------------------------------------------------------------------
     def encoded_slice(self, k: int) -> torch.Tensor:
         """The network input of canonical slice ``k`` (``[1, C, h, w]``, normalised, at the model grid), cached."""
-        from ..inference.engine import _chunk_input
-
         x = self._inputs.get(k)
         if x is None:
-            x = _chunk_input(self.canon, k, k + 1, self.spec, self.spacing_kji[0], self.bounds, self.model_hw,
-                             self.device)
-            self._inputs[k] = x
+            x = self._inputs[k] = self.volume.network_input(k, k + 1, self.device)
         return x
 
     def prompts_for(self, k: int, label: int, located: _Located, carried: Sequence[Click] = ()) -> torch.Tensor:
@@ -552,20 +544,15 @@ class InteractiveSession:
     def unlock(self, organ: str) -> None:
         self.locked.discard(self.canonical_name(organ))
 
-    def _to_image(self, array_kji: np.ndarray) -> sitk.Image:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.view.from_canonical(array_kji)))
-        img.CopyInformation(self.image)
-        return img
-
     @property
     def labels(self) -> sitk.Image:
         """The current label map on the image's grid (uint8)."""
-        return self._to_image(self.labels_c)
+        return self.volume.to_image(self.labels_c)
 
     @property
     def uncertainty(self) -> sitk.Image:
         """The current uncertainty map on the image's grid (float32)."""
-        return self._to_image(self.unc_c)
+        return self.volume.to_image(self.unc_c)
 
 
 def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarray, label: int, organ: str, k: int = 3,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..jsonfile import read_json_object
 from ..preprocessing import PreprocessSpec
 
 MODEL_JSON = "model.json"
@@ -110,12 +111,7 @@ class ModelPackage:
         meta_path = folder / MODEL_JSON
         if not meta_path.is_file():
             raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"cannot read {meta_path}: {exc}") from None
-        if not isinstance(meta, dict):
-            raise ModelError(f"{meta_path} must hold a JSON object")
+        meta = read_json_object(meta_path, ModelError)
         if meta.get("format") != FORMAT_VERSION:
             raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
         missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]

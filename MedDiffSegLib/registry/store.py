@@ -46,7 +46,6 @@ repository (a release asset, an institutional file server) with their sha256.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -59,6 +58,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import Cancelled, ModelError
+from ..jsonfile import read_json_object
 from ..modality import (
     DEFAULT_MODELS,
     FALLBACK_MODELS,
@@ -238,12 +238,7 @@ def read_package_info(folder: str | os.PathLike) -> PackageInfo:
     meta_path = folder / MODEL_JSON
     if not meta_path.is_file():
         raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {meta_path}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{meta_path} must hold a JSON object")
+    meta = read_json_object(meta_path, ModelError)
     if meta.get("format") != FORMAT_VERSION:
         raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
     missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]

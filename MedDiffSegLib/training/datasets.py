@@ -35,6 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import InputError, MedDiffSegError, OutputError
+from ..jsonfile import read_json_object
 
 #: File name endings read as volumes (longest first so ".nii.gz" wins over ".gz").
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -224,12 +225,7 @@ def read_dataset(path: str | os.PathLike, *, check_files: bool = True) -> Datase
     shown = os.fspath(p)
     if not p.is_file():
         raise DatasetError(f"dataset description {shown} does not exist")
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read {shown}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{shown} must hold a JSON object")
+    meta = read_json_object(p, DatasetError, shown=shown, encoding="utf-8-sig")
     root = p.parent
     modality = _channels(meta, shown)
     if "labels" not in meta:

@@ -22,7 +22,7 @@ from MedDiffSegLib.inference.pipeline import run_segment
 from MedDiffSegLib.io import volume as volume_module
 from MedDiffSegLib.registry import DEFAULT_MODELS, export_zip, install_zip, sha256_file
 from MedDiffSegLib.registry import store
-from tinymodels import make_tiny_package
+from tinymodels import make_tiny_package, write_ellipsoid_ct
 
 OUTPUTS = {"segmentation.nii.gz", "uncertainty.nii.gz", "summary.json"}
 
@@ -48,15 +48,7 @@ def tiny_sdseg(tiny_root) -> Path:
 @pytest.fixture(scope="session")
 def small_volume(tmp_path_factory) -> Path:
     """A small synthetic CT-like volume (a bright ellipsoid in air) with a non-trivial geometry."""
-    z, y, x = np.mgrid[0:6, 0:40, 0:48].astype(np.float32)
-    arr = np.where(((x - 24) / 18) ** 2 + ((y - 20) / 14) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing((4.0, 4.5, 5.0))
-    img.SetOrigin((-90.0, 12.5, 300.0))
-    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    path = tmp_path_factory.mktemp("small_volume") / "small.nii.gz"
-    sitk.WriteImage(img, str(path))
-    return path
+    return write_ellipsoid_ct(tmp_path_factory.mktemp("small_volume") / "small.nii.gz", (6, 40, 48))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from MedDiffSegLib.cli.main import main
 from MedDiffSegLib.errors import InputError, ModelError, OutputError
 from MedDiffSegLib.interactive.refine import run_refine
 from MedDiffSegLib.registry import export_zip, install_zip
-from tinymodels import make_tiny_package
+from tinymodels import make_tiny_package, write_ellipsoid_ct
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,7 @@ def interactive_pkg(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory) -> Path:
-    z, y, x = np.mgrid[0:10, 0:40, 0:48].astype(np.float32)
-    arr = np.where(((x - 24) / 18) ** 2 + ((y - 20) / 14) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing((4.0, 4.5, 5.0))
-    img.SetOrigin((-90.0, 12.5, 300.0))
-    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    path = tmp_path_factory.mktemp("vol") / "ct.nii.gz"
-    sitk.WriteImage(img, str(path))
-    return path
+    return write_ellipsoid_ct(tmp_path_factory.mktemp("vol") / "ct.nii.gz", (10, 40, 48))
 
 
 @pytest.fixture(scope="module")

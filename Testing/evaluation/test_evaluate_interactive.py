@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from benchtools import load_bench
 from tinymodels import make_tiny_package
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def ev():
-    spec = importlib.util.spec_from_file_location("evaluate_interactive", REPO / "bench" / "evaluate_interactive.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("evaluate_interactive")
 
 
 def test_oracle_clicks_the_deepest_point_of_the_largest_error(ev):

@@ -81,3 +81,16 @@ def test_shipped_real_data_packages_record_the_protocol_split():
                 assert not test & set(entry["cases"]), f"{mj.parent.name} trained on test patients"
                 seen += 1
     assert seen >= 2  # abdomen-ct and abdomen-mr
+
+
+def test_the_headline_mean_is_over_the_benchmark_organs():
+    from MedDiffSegLib.evaluation.protocol import aggregate, markdown_table
+
+    def rep(dice):
+        return {"organs": [{"name": n, "dice": d, "status": "ok", "hd95_mm": 1.0, "assd_mm": 1.0} for n, d in dice.items()]}
+
+    reports = [rep({"liver": 0.9, "pancreas": 0.5, "esophagus": 0.1}), rep({"liver": 0.8, "pancreas": 0.7, "esophagus": 0.3})]
+    agg = aggregate(reports, benchmark=["liver", "pancreas"])
+    assert agg["mean_dice"] == pytest.approx(0.725) and agg["mean_dice_all"] == pytest.approx((0.85 + 0.6 + 0.2) / 3)
+    assert "mean over the 2 benchmark organs" in markdown_table(agg) and "mean over all 3 organs" in markdown_table(agg)
+    assert aggregate(reports)["mean_dice"] == pytest.approx((0.85 + 0.6 + 0.2) / 3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,14 +12,12 @@ import SimpleITK as sitk
 from MedDiffSegLib.cli.main import main as cli
 from MedDiffSegLib.registry import ModelPackage
 
-REPO = Path(__file__).resolve().parents[2]
+from benchtools import load_bench
+
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("record_evaluation", REPO / "bench" / "record_evaluation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("record_evaluation")
 
 
 def _label_map(path: Path, boxes: dict[int, tuple[slice, slice, slice]]) -> Path:

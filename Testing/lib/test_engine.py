@@ -346,6 +346,26 @@ def test_largest_component_removes_island(tmp_path):
     assert res.stats[0].voxel_count == int((kept == 1).sum()) < int((plain == 1).sum())
 
 
+def test_the_package_chooses_largest_component_per_organ(tmp_path):
+    volume, truth = sphere_volume()
+    island = np.zeros_like(truth)
+    island[3:6, 1:4, 2:5] = True
+    volume = np.where(island, ORGAN_HU, volume)
+    image = make_image(volume)
+    pkg, method = profile_package(tmp_path, largest_component=["liver"])
+    plain = arr(segment_volume(image, pkg, ["liver"], method=method, largest_component=False).labels)
+    assert (plain[island] == 1).any()
+    chosen = segment_volume(image, pkg, ["liver"], method=method)  # None: the package's choice
+    assert not (arr(chosen.labels)[island] == 1).any()
+    assert chosen.extras["largest_component_organs"] == ["liver"] and chosen.largest_component
+    # an organ the package did not choose is left as it is
+    pkg2, method2 = profile_package(tmp_path, largest_component=["spleen"])
+    np.testing.assert_array_equal(arr(segment_volume(image, pkg2, ["liver"], method=method2).labels), plain)
+    pkg3, method3 = profile_package(tmp_path, largest_component=["kidney"])
+    with pytest.raises(ModelError, match="does not know"):
+        segment_volume(image, pkg3, ["liver"], method=method3)
+
+
 def test_cancel_and_progress(tmp_path):
     image = make_image(sphere_volume()[0])
     pkg, method = profile_package(tmp_path)

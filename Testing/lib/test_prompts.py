@@ -25,12 +25,7 @@ from MedDiffSegLib.training.interactive import interactive_settings, jittered_bo
 H = W = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name="guided", prompts=4, seed=0):

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from tinymodels import write_ellipsoid_ct
+
 from MedDiffSegLib.inference import worker
 from MedDiffSegLogicLib import geometry, nodes
 from MedDiffSegLogicLib.process import SubprocessRunner, waitUntil, workerCommand
@@ -64,15 +66,7 @@ def run_worker(request: dict, tmp_path: Path, timeout=WORKER_TIMEOUT) -> tuple[i
 
 @pytest.fixture(scope="module")
 def small_nifti(tmp_path_factory) -> Path:
-    z, y, x = np.mgrid[0:5, 0:36, 0:44].astype(np.float32)
-    arr = np.where(((x - 22) / 16) ** 2 + ((y - 18) / 12) ** 2 < 1, 60.0, -1000.0).astype(np.int16)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing((4.0, 4.5, 5.0))
-    img.SetOrigin((-90.0, 12.5, 300.0))
-    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    path = tmp_path_factory.mktemp("worker_input") / "small.nii.gz"
-    sitk.WriteImage(img, str(path))
-    return path
+    return write_ellipsoid_ct(tmp_path_factory.mktemp("worker_input") / "small.nii.gz", (5, 36, 44))
 
 
 # -- the worker process on its own ---------------------------------------------------------------------------
