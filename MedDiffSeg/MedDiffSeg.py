@@ -57,6 +57,8 @@ dependencies.ensureLibraryOnPath(MODULE_DIR)
 
 INSTALL_FROM_FILE = "__install_from_file__"
 POLL_INTERVAL_MS = 200
+#: How often Refine mode reads the worker's answers (a correction shows up at most this much later).
+REFINE_POLL_INTERVAL_MS = 100
 #: Ask before starting a CPU run estimated to take longer than this.
 CONFIRM_CPU_SECONDS = 15 * 60
 
@@ -163,6 +165,10 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._volumeModality = None  # modalityLib.VolumeModality of the input volume (None: no volume)
         self._modalityVolumeId = None  # the input volume it was computed for
         self._allowModalityMismatch = False  # the user confirmed running a model on another modality
+        self._refine = None  # MedDiffSegLogicLib.refine.RefineController while in Refine mode
+        self._refineStopping: list = []  # controllers whose worker is being stopped in the background
+        self._refineTimer = None
+        self._refineShortcuts: list = []
 
     # -- setup --------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -225,6 +231,8 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         self.ui.modelInstallProgressBar.hide()
 
+        self.setupRefine()
+
         self.populateModels()
         self.refreshBatchList()
         self.initializeParameterNode()
@@ -232,11 +240,12 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIState()
 
     def cleanup(self) -> None:
+        self.stopRefine(wait=False)
         if self._job is not None and not self._job.finished:
             self._job.cancel(wait=False)
         if self._modelJob is not None and not self._modelJob.finished:
             self._modelJob.cancel()
-        for timer in (self._timer, self._modelTimer):
+        for timer in (self._timer, self._modelTimer, self._refineTimer):
             if timer is not None:
                 timer.stop()
         self.removeObservers()
@@ -332,6 +341,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.enabled = result is None or result.hasUncertainty
         self.updateExportState(running)
         self.updateModelButtons()
+        self.updateRefineState()
 
     def updateDependencyHint(self) -> None:
         """Say in the panel, before any click, what the first Segment will install (nothing is imported)."""
@@ -877,6 +887,7 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        "itself. Choose Standard or Thorough quality (5 or 10 samples) to see where the model is unsure.")
 
     def clearResults(self) -> None:
+        self.stopRefine(wait=False)
         self._results = []
         self._lastResult = None
         self.ui.resultsTableWidget.setRowCount(0)
@@ -917,6 +928,8 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         result = self._results[index]
         changed = result is not self._lastResult
+        if changed and self._refine is not None:
+            self.stopRefine(wait=False)  # Refine mode works on one result
         self._lastResult = result
         combo = self.ui.jumpOrganComboBox
         if not str(combo.currentData or "").startswith(f"{index}|"):  # show one of its organs in the jump list
@@ -1030,6 +1043,279 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         masked = p.uncertaintyVolume.GetNodeReference(nodes.SEGMENTS_OVERLAY_REFERENCE)
         if masked is not None:
             nodes.setUncertaintyDisplay(masked, colorMap, top=nodes.uncertaintyRange(p.uncertaintyVolume)[1])
+
+    # -- refine mode (issue 22) -------------------------------------------------------------------------
+    # After Segment: points and boxes placed per organ correct the result through a persistent worker
+    # process (MedDiffSegLogicLib.refine / .refineworker); undo and redo, locks, suggested clicks.
+
+    def setupRefine(self) -> None:
+        self._refineTimer = qt.QTimer()
+        self._refineTimer.setInterval(REFINE_POLL_INTERVAL_MS)
+        self._refineTimer.connect("timeout()", self.onRefineTimer)
+        self.ui.refineStartButton.connect("clicked(bool)", self.onRefineStartButton)
+        self.ui.refineOrganComboBox.connect("currentIndexChanged(int)", self.onRefineOrganChanged)
+        self.ui.refinePositiveButton.connect("clicked(bool)", lambda checked: self.onRefineTool("positive", checked))
+        self.ui.refineNegativeButton.connect("clicked(bool)", lambda checked: self.onRefineTool("negative", checked))
+        self.ui.refineBoxButton.connect("clicked(bool)", lambda checked: self.onRefineTool("box", checked))
+        self.ui.refineUndoButton.connect("clicked(bool)", self.onRefineUndo)
+        self.ui.refineRedoButton.connect("clicked(bool)", self.onRefineRedo)
+        self.ui.refineCancelButton.connect("clicked(bool)", self.onRefineCancel)
+        self.ui.refineLockListWidget.connect("itemChanged(QListWidgetItem*)", self.onRefineLockChanged)
+        self.ui.refineSuggestionsCheckBox.connect("toggled(bool)", self.onRefineSuggestionsToggled)
+        self.ui.refineJumpSuggestionButton.connect("clicked(bool)", self.onRefineJumpToSuggestion)
+        self._refineSuggestionIndex = 0
+        self._updatingRefineLocks = False
+
+    def refineAvailability(self) -> tuple[bool, str]:
+        """Whether the current result can be refined, and why not (asked once per result: it reads model.json)."""
+        result = self._lastResult
+        cached = getattr(self, "_refineAvailabilityOf", None)
+        if cached is not None and cached[0] is result:
+            return cached[1]
+        try:
+            answer = self.logic.refineAvailability(result)
+        except Exception as exc:
+            logging.warning("MedDiffSeg: cannot tell whether the result can be refined: %s", exc)
+            answer = (False, str(exc))
+        self._refineAvailabilityOf = (result, answer)
+        return answer
+
+    def updateRefineState(self) -> None:
+        """Enable the Refine section from the state: a result whose model can refine, Refine mode on or off,
+        a correction running, what can be undone."""
+        if not hasattr(self.ui, "refineStartButton"):
+            return
+        refine = self._refine
+        active = refine is not None
+        segmenting = self._job is not None
+        if active:
+            self.ui.refineStartButton.enabled = True
+            self.ui.refineStartButton.text = _("Stop refining")
+        else:
+            possible, why = self.refineAvailability() if self._lastResult is not None else (False, "")
+            self.ui.refineStartButton.enabled = possible and not segmenting
+            self.ui.refineStartButton.text = _("Start refining")
+            self.ui.refineInfoLabel.text = (why if not possible and why else
+                                            _("Segment a volume first: then correct what the model got wrong with "
+                                              "points and boxes.") if self._lastResult is None else
+                                            _("Start refining, choose the organ, then place + points where it was "
+                                              "missed, - points where it overflows, or a box around it."))
+        ready = active and refine.state in ("starting", "ready")
+        tool = refine.placingTool() if ready else None
+        for kind, button in (("positive", self.ui.refinePositiveButton), ("negative", self.ui.refineNegativeButton),
+                             ("box", self.ui.refineBoxButton)):
+            button.enabled = ready
+            wasBlocked = button.blockSignals(True)
+            button.checked = tool is not None and tool[1] == kind
+            button.blockSignals(wasBlocked)
+        self.ui.refineOrganComboBox.enabled = ready
+        self.ui.refineLockListWidget.enabled = ready
+        self.ui.refineUndoButton.enabled = ready and refine.canUndo
+        self.ui.refineRedoButton.enabled = ready and refine.canRedo
+        self.ui.refineCancelButton.enabled = ready and refine.busy
+        self.ui.refineJumpSuggestionButton.enabled = ready and bool(refine.suggestions)
+        for shortcut in self._refineShortcuts:
+            shortcut.setEnabled(ready)
+
+    def onRefineStartButton(self) -> None:
+        if self._refine is not None:
+            self.stopRefine(wait=False)
+            self.ui.refineStatusLabel.text = _("Refine mode ended; the corrections are kept in the segmentation.")
+            return
+        self.startRefine()
+
+    def startRefine(self) -> None:
+        """Enter Refine mode on the current result: a worker process keeps the model and the volume."""
+        result = self._lastResult
+        if result is None:
+            return
+        possible, why = self.refineAvailability()
+        if not possible:
+            self.ui.refineInfoLabel.text = why
+            slicer.util.warningDisplay(why)
+            return
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            self._refine = self.logic.startRefine(
+                result, device=presets.deviceName(p.device) if p is not None else "auto",
+                notify=self.onRefineMessage, schedule=lambda f: qt.QTimer.singleShot(0, f))
+        except Exception as exc:
+            logging.exception("MedDiffSeg: could not start Refine mode")
+            self._refine = None
+            self.ui.refineStatusLabel.text = _("Could not start refining: {error}").format(error=exc)
+            slicer.util.errorDisplay(_("Could not start refining: {error}").format(error=exc))
+            self.updateRefineState()
+            return
+        self.fillRefineOrgans()
+        self.createRefineShortcuts()
+        self.ui.refineStatusLabel.text = _("Preparing: loading the model and the volume in a background process...")
+        self._refineTimer.start()
+        self.updateRefineState()
+
+    def stopRefine(self, wait: bool = False) -> None:
+        """Leave Refine mode (the worker is stopped in the background unless ``wait``); corrections stay."""
+        refine = self._refine
+        if refine is None:
+            return
+        self._refine = None
+        if self._refineTimer is not None:
+            self._refineTimer.stop()
+        for shortcut in self._refineShortcuts:
+            shortcut.setEnabled(False)
+            shortcut.setParent(None)
+        self._refineShortcuts = []
+        try:
+            refine.stop(wait=wait)
+        except Exception:
+            logging.exception("MedDiffSeg: stopping Refine mode failed")
+        self._refineStopping = [r for r in self._refineStopping if not r.waitStopped(0)] + [refine]
+        self.updateRefineState()
+
+    def createRefineShortcuts(self) -> None:
+        """Ctrl+Z undoes the last correction, Ctrl+Y and Ctrl+Shift+Z redo it (while in Refine mode only)."""
+        window = slicer.util.mainWindow()
+        if window is None:  # no main window (scripts): no shortcuts, the buttons remain
+            return
+        for keys, slot in (("Ctrl+Z", self.onRefineUndo), ("Ctrl+Y", self.onRefineRedo),
+                           ("Ctrl+Shift+Z", self.onRefineRedo)):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), window)
+            shortcut.connect("activated()", slot)
+            self._refineShortcuts.append(shortcut)
+
+    def fillRefineOrgans(self) -> None:
+        refine = self._refine
+        combo = self.ui.refineOrganComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for organ in refine.organs:
+            combo.addItem(refine.displayNames[organ], organ)
+        combo.currentIndex = 0 if refine.organs else -1
+        combo.blockSignals(wasBlocked)
+        widget = self.ui.refineLockListWidget
+        self._updatingRefineLocks = True
+        widget.clear()
+        for organ in refine.organs:
+            item = qt.QListWidgetItem(refine.displayNames[organ])
+            item.setData(qt.Qt.UserRole, organ)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if organ in refine.locked else qt.Qt.Unchecked)
+            widget.addItem(item)
+        self._updatingRefineLocks = False
+
+    def onRefineTimer(self) -> None:
+        refine = self._refine
+        if refine is None:
+            self._refineTimer.stop()
+            return
+        try:
+            events = refine.poll()
+        except Exception as exc:
+            logging.exception("MedDiffSeg: polling the refine worker failed")
+            events = []
+            self.onRefineMessage(str(exc))
+        if any(e["type"] == "reply" and e.get("ok") and e.get("update") for e in events):
+            self.fillResultsTable()
+            self.applyOverlay()
+        if refine.state == "failed":
+            worker = refine.worker
+            logging.error("MedDiffSeg: the refine worker failed: %s\n%s\n%s", worker.errorMessage, worker.errorDetails,
+                          "\n".join(worker.logLines[-50:]))
+            message = _("Refine mode ended: {message}").format(message=worker.errorMessage)
+            self.stopRefine(wait=False)
+            self.onRefineMessage(message)
+            slicer.util.errorDisplay(message, detailedText=worker.errorDetails or None)
+            return
+        if refine.busy or refine.state == "starting":
+            self.ui.refineInfoLabel.text = refine.progressText()
+        elif refine.state == "ready":
+            self.ui.refineInfoLabel.text = refine.progressText()
+        self.updateRefineState()
+
+    def onRefineMessage(self, text: str) -> None:
+        self.ui.refineStatusLabel.text = text
+        slicer.util.showStatusMessage(text, 5000)
+
+    def currentRefineOrgan(self) -> str | None:
+        data = self.ui.refineOrganComboBox.currentData
+        return str(data) if data else None
+
+    def onRefineOrganChanged(self, index: int = -1) -> None:
+        organ = self.currentRefineOrgan()
+        if self._refine is None or organ is None:
+            return
+        self._refine.setCurrentOrgan(organ)
+        tool = self._refine.placingTool()
+        if tool is not None and tool[0] != organ:  # keep placing, now for the organ chosen
+            self.onRefineTool(tool[1], True)
+
+    def onRefineTool(self, kind: str, checked: bool = True) -> None:
+        """Place mode for the current organ's + points, - points or a box (the button again: stop placing)."""
+        refine = self._refine
+        organ = self.currentRefineOrgan()
+        if refine is None or organ is None:
+            return
+        if not checked:
+            from MedDiffSegLogicLib.refine import stopPlaceMode
+
+            stopPlaceMode(slicer.mrmlScene)
+        elif organ in refine.locked:
+            self.onRefineMessage(_("{organ} is locked: unlock it to correct it.").format(
+                organ=refine.displayNames[organ]))
+        elif kind == "box":
+            refine.placeBox(organ)
+        else:
+            refine.placePoints(organ, kind == "positive")
+        self.updateRefineState()
+
+    def onRefineUndo(self) -> None:
+        if self._refine is not None:
+            self._refine.undo()
+            self.updateRefineState()
+
+    def onRefineRedo(self) -> None:
+        if self._refine is not None:
+            self._refine.redo()
+            self.updateRefineState()
+
+    def onRefineCancel(self) -> None:
+        if self._refine is not None:
+            self._refine.cancel()
+
+    def onRefineLockChanged(self, item=None) -> None:
+        if self._updatingRefineLocks or self._refine is None or item is None:
+            return
+        organ = item.data(qt.Qt.UserRole)
+        locked = item.checkState() == qt.Qt.Checked
+        self._refine.setLocked(organ, locked)
+        self.onRefineMessage((_("{organ} is locked: corrections leave it as it is.") if locked else
+                              _("{organ} can be corrected again.")).format(organ=self._refine.displayNames[organ]))
+
+    def onRefineSuggestionsToggled(self, checked: bool = True) -> None:
+        refine = self._refine
+        if refine is None:
+            return
+        refine.suggestionCount = 3 if checked else 0
+        node = refine.suggestionsNode()
+        if node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetVisibility(bool(checked))
+        if checked:
+            refine.requestSuggestions()
+
+    def onRefineJumpToSuggestion(self) -> None:
+        refine = self._refine
+        if refine is None or not refine.suggestions:
+            return
+        self._refineSuggestionIndex %= len(refine.suggestions)
+        ras = refine.suggestionRas(self._refineSuggestionIndex)
+        if ras is not None:
+            nodes.jumpSlices(slicer.mrmlScene, ras)
+            self.onRefineMessage(_("Suggestion {n}/{total}: {label}").format(
+                n=self._refineSuggestionIndex + 1, total=len(refine.suggestions),
+                label=refine.suggestionLabel(refine.suggestionsOrgan, refine.suggestions[self._refineSuggestionIndex])))
+        self._refineSuggestionIndex += 1
+
 
 
 #
@@ -1243,6 +1529,33 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
         if ras is not None:
             nodes.jumpSlices(result.volumeNode.GetScene(), ras)
         return ras, why
+
+
+    # -- refine (issue 22) ---------------------------------------------------------------------------------
+    def refineAvailability(self, result) -> tuple[bool, str]:
+        """(True, "") when ``result`` can be refined with clicks (its model was trained with prompt channels,
+        read from its model.json: no torch), else (False, the explanation for the user)."""
+        from MedDiffSegLogicLib.refine import resultRefineAvailability
+
+        return resultRefineAvailability(result)
+
+    def startRefine(self, result, device: str = "auto", samples: int | None = None, seed: int | None = None,
+                    notify=None, schedule=None, workerOptions: dict | None = None):
+        """Refine mode on ``result``: a persistent worker process holds the model, the volume and its encodings
+        between clicks. Returns the started :class:`~MedDiffSegLogicLib.refine.RefineController`; poll it until
+        its ``state`` is ``ready``, place points with ``placePoints``/``placeBox`` (or add control points to its
+        Markups nodes), ``undo``/``redo``, ``setLocked``; ``stop()`` at the end. Raises ``ValueError`` when the
+        result's model cannot refine."""
+        from MedDiffSegLogicLib.refine import RefineController
+
+        libraryRoot = dependencies.libraryRoot(MODULE_DIR)
+        options = {"pythonPath": [str(libraryRoot)] if libraryRoot else [], "tempRoot": self.temporaryFolder()}
+        options.update(workerOptions or {})
+        controller = RefineController(result, device=presets.deviceName(device),
+                                      samples=samples, seed=seed, workerOptions=options, schedule=schedule,
+                                      notify=notify)
+        controller.start()
+        return controller
 
     # -- export ---------------------------------------------------------------------------------------------
     def dicomDatabase(self):

@@ -90,10 +90,55 @@ def imageFromArray(array_kji: np.ndarray, volumeNode):
         raise ValueError(f"array of shape {array_kji.shape} does not match volume {volumeNode.GetName()!r} "
                          f"of shape {expected}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
-    image.SetSpacing(tuple(float(s) for s in volumeNode.GetSpacing()))
-    image.SetOrigin(rasToLps(volumeNode.GetOrigin()))
-    image.SetDirection(tuple((FLIP_LPS_RAS @ directionsRAS(volumeNode)).reshape(-1)))
+    geometry = lpsGeometry(volumeNode)
+    image.SetSpacing(geometry["spacing"])
+    image.SetOrigin(geometry["origin"])
+    image.SetDirection(geometry["direction"])
     return image
+
+
+def lpsGeometry(volumeNode) -> dict[str, tuple[float, ...]]:
+    """The node's grid as SimpleITK describes it: ``spacing``, ``origin`` (LPS) and ``direction`` (LPS,
+    row-major 3×3), exactly (see the module docstring)."""
+    return {"spacing": tuple(float(s) for s in volumeNode.GetSpacing()),
+            "origin": rasToLps(volumeNode.GetOrigin()),
+            "direction": tuple(float(v) for v in (FLIP_LPS_RAS @ directionsRAS(volumeNode)).reshape(-1))}
+
+
+def worldToVolumeRas(volumeNode, rasWorld: Sequence[float]) -> tuple[float, float, float]:
+    """A world RAS point (where Slicer places markups) in the volume's own RAS coordinates: the inverse
+    of the volume's parent transform, when it has one (its voxels and ``imageFromVolumeNode`` are there)."""
+    return _throughParentTransform(volumeNode, rasWorld, toWorld=False)
+
+
+def volumeRasToWorld(volumeNode, ras: Sequence[float]) -> tuple[float, float, float]:
+    """The inverse of :func:`worldToVolumeRas`."""
+    return _throughParentTransform(volumeNode, ras, toWorld=True)
+
+
+def _throughParentTransform(volumeNode, point: Sequence[float], toWorld: bool) -> tuple[float, float, float]:
+    point = tuple(float(v) for v in point)
+    parent = volumeNode.GetParentTransformNode()
+    if parent is None:
+        return point  # type: ignore[return-value]
+    import vtk
+
+    transform = vtk.vtkGeneralTransform()
+    source, target = (parent, None) if toWorld else (None, parent)
+    _slicer().vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
+    return tuple(float(v) for v in transform.TransformPoint(point))  # type: ignore[return-value]
+
+
+def rasToIjk(volumeNode, ras: Sequence[float]) -> np.ndarray:
+    """Continuous (I, J, K) of a point in the volume's own RAS coordinates."""
+    inverse = np.linalg.inv(ijkToRasArray(volumeNode))
+    return (inverse @ np.array([*(float(v) for v in ras), 1.0]))[:3]
+
+
+def insideVolume(volumeNode, ras: Sequence[float]) -> bool:
+    """Whether a point (the volume's own RAS) lies in a voxel of the volume (within half a voxel of a centre)."""
+    ijk = rasToIjk(volumeNode, ras)
+    return bool(all(-0.5 <= c <= n - 0.5 for c, n in zip(ijk, dimensions(volumeNode))))
 
 
 def setVolumeNodeGeometryFromImage(volumeNode, image) -> None:

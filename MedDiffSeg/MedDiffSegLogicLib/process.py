@@ -3,7 +3,8 @@
 The Widget polls a :class:`ProcessRunner` from a timer; tests drive the same object in a loop.
 :class:`SubprocessRunner` is the real one: ``subprocess.Popen`` in its own process group (POSIX
 session / Windows process group), stdout lines collected by a reader thread into a queue (never
-blocking the caller), stderr kept (the tail) for error details. :meth:`terminate` ends the whole
+blocking the caller), stderr kept (the tail) for error details. With ``keepInput=True`` its stdin
+is a pipe that :meth:`~SubprocessRunner.writeLine` writes commands to (the persistent refine worker). :meth:`terminate` ends the whole
 process tree: SIGTERM to the group (the worker cancels cleanly), then SIGKILL to the group after
 a grace period; on Windows ``taskkill /T /F``.
 
@@ -57,8 +58,10 @@ class SubprocessRunner:
 
     STDERR_TAIL = 64 * 1024
 
-    def __init__(self):
+    def __init__(self, keepInput: bool = False):
         self.pid: int | None = None
+        self.keepInput = bool(keepInput)
+        self._inputLock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._lines: "queue.Queue[str]" = queue.Queue()
         self._stderr: list[str] = []
@@ -76,7 +79,8 @@ class SubprocessRunner:
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         self._proc = subprocess.Popen(
-            list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            list(args), stdin=subprocess.PIPE if self.keepInput else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=env, cwd=cwd, **kwargs,
         )
         self.pid = self._proc.pid
@@ -101,6 +105,31 @@ class SubprocessRunner:
                 while self._stderrSize > self.STDERR_TAIL and len(self._stderr) > 1:
                     self._stderrSize -= len(self._stderr.pop(0))
         stream.close()
+
+    # -- writing (keepInput=True) ---------------------------------------------------------------
+    def writeLine(self, text: str) -> bool:
+        """Send one line to the process's stdin; False when it can no longer be written (the process ended)."""
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise RuntimeError("this runner has no input pipe (SubprocessRunner(keepInput=True))")
+        data = (text.rstrip("\n") + "\n").encode("utf-8")
+        with self._inputLock:
+            try:
+                proc.stdin.write(data)
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                return False
+        return True
+
+    def closeInput(self) -> None:
+        """Close the process's stdin (it reads end-of-file)."""
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            with self._inputLock:
+                try:
+                    proc.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass
 
     # -- reading --------------------------------------------------------------------------------
     def readLines(self) -> list[str]:
@@ -158,7 +187,22 @@ class SubprocessRunner:
             proc.wait(5.0)
         except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
             log.error("worker process %s did not exit after SIGKILL", proc.pid)
+        self.closeInput()
         self._joinReaders(1.0)
+
+
+def protocolEvents(runner: ProcessRunner, parse, logLines: list[str]) -> list[dict]:
+    """The protocol events among the lines ``runner``'s process wrote since the last call (``parse`` turns a
+    line into an event or None); the other non-empty lines are appended to ``logLines``."""
+    events = []
+    for line in runner.readLines():
+        event = parse(line)
+        if event is None:
+            if line.strip():
+                logLines.append(line)
+            continue
+        events.append(event)
+    return events
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -221,6 +265,14 @@ def probeDevice(device: str = "auto", python: str | None = None, pythonPath: Seq
 
 def workerCommand(requestPath: str, python: str | None = None) -> list[str]:
     return [python or pythonExecutable(), "-u", "-m", WORKER_MODULE, "--request", str(requestPath)]
+
+
+REFINE_WORKER_MODULE = "MedDiffSegLib.interactive.worker"
+
+
+def refineWorkerCommand(requestPath: str, python: str | None = None) -> list[str]:
+    """The persistent refine worker (``MedDiffSegLib.interactive.worker``) for a session request."""
+    return [python or pythonExecutable(), "-u", "-m", REFINE_WORKER_MODULE, "--session", str(requestPath)]
 
 
 def workerEnvironment(extraPythonPath: Sequence[str] = ()) -> dict[str, str]:

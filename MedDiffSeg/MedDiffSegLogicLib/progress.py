@@ -24,8 +24,8 @@ STAGE_TEXT = {
 }
 
 
-def parseWorkerLine(line: str | bytes) -> dict[str, Any] | None:
-    """The event of one protocol line, or None when the line is not a protocol message."""
+def parseJsonEvent(line: str | bytes, types: tuple[str, ...]) -> dict[str, Any] | None:
+    """The JSON object of one line whose ``type`` is one of ``types``; None for any other line."""
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
     text = line.strip()
@@ -35,7 +35,15 @@ def parseWorkerLine(line: str | bytes) -> dict[str, Any] | None:
         event = json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
+    if not isinstance(event, dict) or event.get("type") not in types:
+        return None
+    return event
+
+
+def parseWorkerLine(line: str | bytes) -> dict[str, Any] | None:
+    """The event of one protocol line, or None when the line is not a protocol message."""
+    event = parseJsonEvent(line, EVENT_TYPES)
+    if event is None:
         return None
     if event["type"] == "progress":
         try:

@@ -38,7 +38,7 @@ import numpy as np
 from . import modality as modalityLib
 from . import nodes as nodesLib
 from .geometry import imageFromVolumeNode, lpsToRas
-from .process import ProcessRunner, SubprocessRunner, workerCommand, workerEnvironment
+from .process import ProcessRunner, SubprocessRunner, protocolEvents, workerCommand, workerEnvironment
 from .progress import ProgressTracker, parseWorkerLine
 
 log = logging.getLogger(__name__)
@@ -461,12 +461,7 @@ class BackgroundSegmentation:
 
     def _readEvents(self) -> list[dict[str, Any]]:
         new = []
-        for line in self.runner.readLines():
-            event = parseWorkerLine(line)
-            if event is None:
-                if line.strip():
-                    self.logLines.append(line)
-                continue
+        for event in protocolEvents(self.runner, parseWorkerLine, self.logLines):
             self.tracker.update(event)
             if event["type"] == "done":
                 self.summary = event.get("summary") or {}

@@ -89,8 +89,10 @@ class RequestError(Exception):
     exit_code = 2
 
 
-def load_request(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a request file; raises :class:`RequestError` with a readable message."""
+def read_request(path: str | os.PathLike, required: tuple[str, ...],
+                 optional: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """A JSON object read from ``path`` with every ``required`` key, no other key than those and the
+    ``optional`` ones, and each optional value of its type or None; raises :class:`RequestError`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -98,16 +100,30 @@ def load_request(path: str | os.PathLike) -> dict[str, Any]:
         raise RequestError(f"cannot read request file {path}: {exc.strerror or exc}") from None
     try:
         request = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"request file {path} is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise RequestError(f"request file {path} must hold a JSON object")
-    missing = [k for k in _REQUIRED if k not in request]
+    missing = [k for k in required if k not in request]
     if missing:
         raise RequestError(f"request file {path} lacks required key(s): {', '.join(missing)}")
-    unknown = sorted(set(request) - set(_REQUIRED) - set(_OPTIONAL))
+    unknown = sorted(set(request) - set(required) - set(optional))
     if unknown:
         raise RequestError(f"request file {path} has unknown key(s): {', '.join(unknown)}")
+    for key, types in optional.items():
+        value = request.get(key)
+        if value is None:
+            continue
+        if types == (int,) and isinstance(value, bool):
+            raise RequestError(f"request key {key!r} must be an integer, got {value!r}")
+        if not isinstance(value, types):
+            raise RequestError(f"request key {key!r} must be of type {types[0].__name__}, got {value!r}")
+    return request
+
+
+def load_request(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a request file; raises :class:`RequestError` with a readable message."""
+    request = read_request(path, _REQUIRED, _OPTIONAL)
     for key in ("input", "out_dir"):
         if not isinstance(request[key], str) or not request[key]:
             raise RequestError(f"request key {key!r} must be a non-empty path string")
@@ -117,14 +133,6 @@ def load_request(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(organs, list) or not all(isinstance(o, str) for o in organs):
         raise RequestError("request key 'organs' must be a list of organ names")
     request["organs"] = organs
-    for key, types in _OPTIONAL.items():
-        value = request.get(key)
-        if value is None:
-            continue
-        if types == (int,) and isinstance(value, bool):
-            raise RequestError(f"request key {key!r} must be an integer, got {value!r}")
-        if not isinstance(value, types):
-            raise RequestError(f"request key {key!r} must be of type {types[0].__name__}, got {value!r}")
     return request
 
 

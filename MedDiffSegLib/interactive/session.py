@@ -31,7 +31,9 @@ The stages of one correction, in the order :meth:`InteractiveSession.refine` run
    voxels the organ holds or gave up.
 
 Every correction is recorded (:attr:`InteractiveSession.interactions`): clicks accumulate, and a
-session resumed from a refined result starts with its clicks.
+session resumed from a refined result starts with its clicks. The corrections made in this session
+can be undone and redone (:meth:`~InteractiveSession.undo`, :meth:`~InteractiveSession.redo`): each
+keeps the voxels it changed, before and after, so both restore the maps exactly.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, 
 MIN_CHANGE_PIXELS = 4
 #: Slices re-sampled together when a correction spreads outwards from its core.
 SLAB_BATCH = 6
+#: Corrections that :meth:`InteractiveSession.undo` can take back (the oldest are forgotten first).
+UNDO_LIMIT = 100
 
 Point = tuple[float, float, float]
 
@@ -111,6 +115,20 @@ class Suggestion:
 
 
 @dataclass
+class _Change:
+    """The voxels one correction changed on one canonical slice: flat indices, values before and after."""
+
+    k: int
+    index: np.ndarray  # flat indices into the slice
+    labels: tuple[np.ndarray, np.ndarray]  # (before, after)
+    uncertainty: tuple[np.ndarray, np.ndarray]
+
+    def apply(self, labels_c: np.ndarray, unc_c: np.ndarray, which: int) -> None:
+        labels_c[self.k].reshape(-1)[self.index] = self.labels[which]
+        unc_c[self.k].reshape(-1)[self.index] = self.uncertainty[which]
+
+
+@dataclass
 class _Located:
     """Clicks and box in canonical continuous voxel coordinates ``(k, j, i)``."""
 
@@ -152,6 +170,8 @@ class InteractiveSession:
         self.seed = int(seed)
         self.locked = {self.canonical_name(o) for o in locked}
         self.interactions = list(interactions)
+        self._undo: list[tuple[Interaction, list[_Change]]] = []  # this session's corrections, oldest first
+        self._redo: list[tuple[Interaction, list[_Change]]] = []
         self.radius_mm = float(package.inference.get("click_radius_mm", 0.0))
         self.roi, self.overlap, _, self.threshold = _inference_settings(package)
         self.spec = package.preprocessing
@@ -450,7 +470,12 @@ class InteractiveSession:
                     changed += d
                     if not present or d < MIN_CHANGE_PIXELS:
                         going = False  # slices past this one in the batch are kept as computed
+        changes = []
         for k, (lab, unc) in updates.items():
+            differ = ((self.labels_c[k] != lab) | (self.unc_c[k] != unc)).reshape(-1)
+            index = np.flatnonzero(differ).astype(np.int32 if differ.size < 2**31 else np.int64)
+            changes.append(_Change(k, index, (self.labels_c[k].reshape(-1)[index], lab.reshape(-1)[index]),
+                                   (self.unc_c[k].reshape(-1)[index], unc.reshape(-1)[index])))
             self.labels_c[k] = lab
             self.unc_c[k] = unc
         touched = sorted(updates)
@@ -462,6 +487,47 @@ class InteractiveSession:
             slices=sorted(self.view.input_index_of_canonical_slice(k)[1] for k in touched), slice_axis=int(axis),
             changed_voxels=changed, seconds=time.perf_counter() - t0)
         self.interactions.append(inter)
+        self._undo = (self._undo + [(inter, changes)])[-UNDO_LIMIT:]
+        self._redo.clear()
+        return inter
+
+    # -- undo and redo -------------------------------------------------------------------------
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> Interaction | None:
+        """Take back the last correction of this session (the maps as they were before it, exactly, and its
+        clicks forgotten); returns it, or None when there is nothing to undo. A locked organ is not
+        changed: undoing a correction of an organ locked since then is refused."""
+        inter = self._replay(self._undo, self._redo, 0, "undoing")
+        if inter is not None and self.interactions and self.interactions[-1] is inter:
+            self.interactions.pop()
+        return inter
+
+    def redo(self) -> Interaction | None:
+        """Apply again the last correction :meth:`undo` took back (exactly as it was computed, without
+        sampling again); returns it, or None when there is nothing to redo."""
+        inter = self._replay(self._redo, self._undo, 1, "redoing")
+        if inter is not None:
+            self.interactions.append(inter)
+        return inter
+
+    def _replay(self, source: list, target: list, which: int, doing: str) -> Interaction | None:
+        """Move the last step of ``source`` to ``target``, writing its voxels before (0) or after (1) it."""
+        if not source:
+            return None
+        inter, changes = source[-1]
+        if inter.organ in self.locked:
+            raise InputError(f"{inter.organ} is locked: unlock it before {doing} its correction")
+        source.pop()
+        for change in changes:
+            change.apply(self.labels_c, self.unc_c, which)
+        target.append((inter, changes))
         return inter
 
     # -- where to click next ------------------------------------------------------------------

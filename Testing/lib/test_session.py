@@ -1,14 +1,13 @@
 """Interactive correction in 3D: InteractiveSession with a rule-based method whose answer is known.
 
-The test method answers "organ" where the previous mask says so or a positive click's map is at
-least 0.5 (within half the click radius, in 3D), and "not organ" where a negative click's map is
-at least 0.5. So every expected voxel can be computed from the geometry alone.
+The test method (:class:`rulemodels.PromptRuleMethod`) answers "organ" where the previous mask says so
+or a positive click's map is at least 0.5 (within half the click radius, in 3D), and "not organ" where a
+negative click's map is at least 0.5. So every expected voxel can be computed from the geometry alone.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,58 +15,11 @@ import SimpleITK as sitk
 import torch
 
 from MedDiffSegLib.errors import InputError, ModelError
-from MedDiffSegLib.interactive.prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS
+from MedDiffSegLib.interactive.prompts import NEGATIVE, POSITIVE
 from MedDiffSegLib.interactive.session import InteractiveSession, Interaction
-from MedDiffSegLib.methods.base import Method, register_method
-from MedDiffSegLib.preprocessing import PreprocessSpec
-from MedDiffSegLib.registry import DEFAULT_INFERENCE, ModelPackage
 
-from tinymodels import TINY_ORGANS
-
-RADIUS = 30.0  # mm: a positive click marks the ball of radius 15 mm around it
-
-
-@register_method
-class PromptRuleMethod(Method):
-    name = "test-prompt-rule"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.register_buffer("dummy", torch.zeros(1))
-        self.condition_calls = 0
-        self.seen_prompts: list[torch.Tensor] = []
-
-    def condition(self, images):
-        self.condition_calls += 1
-        return images.clone()
-
-    def sample(self, cond, organ_ids, num_samples, steps, generator, scheduler=None, prompts=None):
-        assert prompts is not None and prompts.shape[1] == 4
-        self.seen_prompts.append(prompts.clone())
-        p = ((prompts[:, PREVIOUS] > 0) | (prompts[:, POSITIVE] >= 0.5)) & ~(prompts[:, NEGATIVE] >= 0.5)
-        if bool((prompts[:, BOX] != 0).any()):
-            p = p & (prompts[:, BOX] > 0)
-        p = p.float()[:, None].expand(-1, num_samples, -1, -1).clone()
-        if self.config.get("noise"):
-            eps = torch.rand(p.shape, generator=generator) * 0.2
-            p = (p * 0.8 + eps).clamp(0, 1)
-        return p
-
-    def training_loss(self, *a, **k):  # pragma: no cover
-        raise NotImplementedError
-
-
-def _package(tmp_path: Path, prompt_channels: int = 4, radius: float | None = RADIUS, roi: int = 16, **config):
-    inf = dict(DEFAULT_INFERENCE)
-    inf.update({"roi_size": [roi, roi], "overlap": 0.25, "samples": 1, "steps": 1, "sw_batch_size": 4})
-    if radius is not None:
-        inf["click_radius_mm"] = radius
-    cfg = {"num_organs": 2, "prompt_channels": prompt_channels, **config}
-    pkg = ModelPackage(path=tmp_path, name="test-prompt-rule-model", version="0", method_name="test-prompt-rule",
-                       config=cfg, organs=list(TINY_ORGANS),
-                       preprocessing=PreprocessSpec(modality="CT", spacing=(2.0, 2.0)),
-                       inference=inf, weights_sha256="0" * 64)
-    return pkg, PromptRuleMethod(cfg)
+from rulemodels import RADIUS
+from rulemodels import rule_package as _package
 
 
 def _case(direction=None):
@@ -271,3 +223,61 @@ def test_suggestions_rank_uncertain_regions_near_the_organ(tmp_path):
     # nothing stands out without variance
     flat = InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method)
     assert flat.suggest("liver") == []
+
+
+def test_undo_and_redo_restore_the_maps_exactly(tmp_path):
+    img, labels = _case()
+    sess, method = _session(tmp_path, img, labels, noise=True, samples=3)
+    states = [(sitk.GetArrayFromImage(sess.labels), sitk.GetArrayFromImage(sess.uncertainty))]
+    p1 = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    p2 = img.TransformIndexToPhysicalPoint((28, 12, 9))
+    sess.refine("liver", positive=[p1])
+    states.append((sitk.GetArrayFromImage(sess.labels), sitk.GetArrayFromImage(sess.uncertainty)))
+    sess.refine("spleen", negative=[p2])
+    states.append((sitk.GetArrayFromImage(sess.labels), sitk.GetArrayFromImage(sess.uncertainty)))
+    assert not np.array_equal(states[1][0], states[2][0]) and not np.array_equal(states[0][0], states[1][0])
+
+    def now():
+        return sitk.GetArrayFromImage(sess.labels), sitk.GetArrayFromImage(sess.uncertainty)
+
+    def same(a, b):
+        return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+    assert sess.can_undo and not sess.can_redo
+    assert sess.undo().organ == "spleen" and same(now(), states[1])
+    assert [i.organ for i in sess.interactions] == ["liver"]
+    assert sess.undo().organ == "liver" and same(now(), states[0]) and sess.interactions == []
+    assert sess.undo() is None and not sess.can_undo
+    assert sess.redo().organ == "liver" and same(now(), states[1])
+    assert sess.redo().organ == "spleen" and same(now(), states[2])
+    assert sess.redo() is None
+    assert [i.organ for i in sess.interactions] == ["liver", "spleen"]
+    # a new correction after an undo forgets what could have been redone
+    sess.undo()
+    sess.refine("liver", negative=[p1])
+    assert not sess.can_redo and [i.organ for i in sess.interactions] == ["liver", "liver"]
+    sess.undo()
+    sess.undo()
+    assert same(now(), states[0])
+    # the clicks of an undone correction no longer count: its positive click is absent from the prompts
+    method.seen_prompts.clear()
+    sess.refine("liver", negative=[p1])
+    seen = torch.cat(method.seen_prompts)
+    assert float(seen[:, POSITIVE].max()) == 0.0 and float(seen[:, NEGATIVE].max()) == 1.0
+
+
+def test_a_locked_organ_is_not_changed_by_undo_or_redo(tmp_path):
+    img, labels = _case()
+    sess, _ = _session(tmp_path, img, labels)
+    sess.refine("liver", positive=[img.TransformIndexToPhysicalPoint((12, 27, 10))])
+    after = sitk.GetArrayFromImage(sess.labels)
+    sess.lock("liver")
+    with pytest.raises(InputError, match="liver is locked"):
+        sess.undo()
+    assert np.array_equal(sitk.GetArrayFromImage(sess.labels), after) and sess.can_undo
+    sess.unlock("liver")
+    sess.undo()
+    sess.lock("liver")
+    with pytest.raises(InputError, match="liver is locked"):
+        sess.redo()
+    assert sess.can_redo

@@ -587,6 +587,60 @@ def process_events() -> None:
         _pending.pop(0)()
 
 
+class QKeySequence:
+    def __init__(self, text: str = ""):
+        self.text = str(text)
+
+    def toString(self) -> str:
+        return self.text
+
+
+#: Every QShortcut made that was not deleted (tests press them with :meth:`QShortcut.activate`).
+shortcuts: list["QShortcut"] = []
+
+
+class QShortcut(QObject):
+    """A keyboard shortcut: ``activated`` is emitted when the user presses its keys (:meth:`activate`) while it is
+    enabled."""
+
+    def __init__(self, key=None, parent=None, *args):
+        super().__init__()
+        self._key = key if isinstance(key, QKeySequence) else QKeySequence(key or "")
+        self.enabled = True
+        self.parent_ = parent
+        shortcuts.append(self)
+
+    def key(self) -> QKeySequence:
+        return self._key
+
+    def setKey(self, key) -> None:
+        self._key = key if isinstance(key, QKeySequence) else QKeySequence(key)
+
+    def setEnabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+    def activate(self) -> None:
+        """The user presses the keys."""
+        if self.enabled:
+            self.emit("activated")
+
+    def setParent(self, parent) -> None:
+        self.parent_ = parent
+        if parent is None and self in shortcuts:
+            shortcuts.remove(self)
+
+    def deleteLater(self) -> None:
+        self.setParent(None)
+
+
+def press(keys: str) -> int:
+    """Press ``keys`` (e.g. ``"Ctrl+Z"``): every enabled shortcut for them is activated; returns how many."""
+    hit = [sc for sc in list(shortcuts) if sc.key().toString() == keys and sc.enabled]
+    for sc in hit:
+        sc.activate()
+    return len(hit)
+
+
 class QFileDialog:
     """Tests replace these with the answer the user would give."""
 
@@ -679,6 +733,7 @@ def make_module(name: str = "qt") -> types.ModuleType:
         if isinstance(value, type) and not key.startswith("_"):
             setattr(module, key, value)
     module.process_events = process_events
+    module.press = press
 
     def __getattr__(attr: str):  # names the Widget does not use: inert stand-ins, as before
         if attr.startswith("__"):

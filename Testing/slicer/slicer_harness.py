@@ -492,6 +492,7 @@ class GuiSession:
         monkeypatch.setattr(util, "WaitCursor", contextlib.nullcontext)
         qtfake.timers.clear()
         qtfake._pending.clear()
+        qtfake.shortcuts.clear()
 
     def open(self, module):
         """The module panel as Slicer opens it: a Widget whose ``setup()`` ran (closed by :meth:`close`)."""
@@ -507,6 +508,8 @@ class GuiSession:
             job = getattr(widget, "_job", None)
             if job is not None:
                 job.waitStopped(10)
+            for refine in getattr(widget, "_refineStopping", []):  # Refine mode's worker, stopped in the background
+                refine.waitStopped(10)
         self.widgets = []
 
     def answer(self, *answers: bool) -> "GuiSession":
@@ -525,6 +528,13 @@ class GuiSession:
         import qtfake
 
         qtfake.process_events()
+
+    @staticmethod
+    def press(keys: str) -> int:
+        """The user presses ``keys`` (e.g. ``"Ctrl+Z"``); returns how many shortcuts answered."""
+        import qtfake
+
+        return qtfake.press(keys)
 
 
 def blocked_import_finder(prefixes):
