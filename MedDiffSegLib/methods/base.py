@@ -21,6 +21,14 @@ Shapes (``B`` windows, ``N`` samples, ``H×W`` window size, all float32):
 
 Randomness comes only from the ``generator`` passed in, so a fixed seed gives identical
 results on CPU.
+
+What the methods share lives here once: the argument checks (:meth:`Method._check_sampling`,
+:meth:`Method._check_organs`, :meth:`Method._check_stage`, :meth:`Method._check_window_shape`,
+:meth:`Method._check_pair`, :meth:`Method._check_latent_condition`), the reverse process's
+scaffolding (:meth:`Method._per_sample` repeats each row's condition for its ``N`` chains,
+:meth:`Method._starting_noise` draws ``x_T``, :meth:`Method._single_step` is the one-step path from
+pure noise at the last training timestep, :meth:`Method._denoise` picks it or the scheduler's loop)
+and the training draw (:meth:`Method._noised`: a timestep and noise per row, in that order).
 """
 
 from __future__ import annotations
@@ -32,6 +40,14 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..sampling import DEFAULT_BETA_END, DEFAULT_BETA_SCHEDULE, DEFAULT_BETA_START, DEFAULT_NUM_TRAIN_TIMESTEPS
+
+#: The noise schedule of the methods that diffuse a latent (Stable Diffusion's), in config keys.
+LATENT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS, "beta_schedule": DEFAULT_BETA_SCHEDULE,
+                                   "beta_start": DEFAULT_BETA_START, "beta_end": DEFAULT_BETA_END}
+#: The noise schedule of the methods that diffuse the mask itself in [-1, 1] (DDPM's linear one, 1000 steps).
+PIXEL_SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+                                  "beta_end": 0.02}
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -75,6 +91,8 @@ class Method(nn.Module, abc.ABC):
     default_scheduler: ClassVar[str] = "ddim"
     #: Training stages in order (e.g. mask autoencoder first, then the denoiser).
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
+    #: What the denoiser predicts: "epsilon" (the noise) or "sample" (x0); see :meth:`predicted_x0`.
+    prediction_type: ClassVar[str] = "epsilon"
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -208,8 +226,9 @@ class Method(nn.Module, abc.ABC):
         """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total."""
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        """Parameters trained in ``stage`` (the others are frozen during it)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """Parameters trained in ``stage`` (the others are frozen during it); by default every parameter."""
+        self._check_stage(stage)
+        return list(self.parameters())
 
     @classmethod
     def tiny_config(cls, num_organs: int) -> dict[str, Any]:
@@ -291,6 +310,92 @@ class Method(nn.Module, abc.ABC):
             reason = f" ({why})" if why else ""
             raise ValueError(f"{what}: height and width must be divisible by {multiple} for this model{reason}, "
                              f"got {h}×{w}")
+
+    def _window_multiples(self) -> list[tuple[int, str]]:
+        """``(multiple, why)`` pairs a window's height and width must meet, checked in order by :meth:`_check_windows`."""
+        return []
+
+    def _check_windows(self, x: torch.Tensor, what: str, channels: int = 1) -> None:
+        """``x`` is ``[B,channels,H,W]`` with H and W multiples of each of :meth:`_window_multiples`."""
+        for multiple, why in self._window_multiples() or [(1, "")]:
+            self._check_window_shape(x, what, multiple, why, channels)
+
+    def _check_batch(self, images: torch.Tensor, masks: torch.Tensor, organ_ids: torch.Tensor) -> torch.Tensor:
+        """A training batch's windows checked; its organ ids as a long tensor on the images' device."""
+        self._check_windows(images, "images", self.image_channels)
+        self._check_windows(masks, "masks")
+        self._check_pair(images, masks)
+        return self._check_organs(organ_ids, images.shape[0]).to(images.device)
+
+    def _check_pair(self, images: torch.Tensor, masks: torch.Tensor) -> None:
+        """Training images and masks: as many, of the same height and width (the channels may differ)."""
+        if images.shape[-2:] != masks.shape[-2:] or images.shape[0] != masks.shape[0]:
+            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+
+    def _check_latent_condition(self, cond: torch.Tensor, channels: int) -> tuple[int, int, int]:
+        """``(B, h, w)`` of a condition that is one latent ``[B,channels,h,w]`` (what :meth:`condition` returns)."""
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != channels:
+            got = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"cond must have shape [B,{channels},h,w] (from condition()), got {got}")
+        b, _, h, w = cond.shape
+        return b, h, w
+
+    # -- the reverse process shared by the methods ------------------------------------------
+    @staticmethod
+    def _per_sample(num_samples: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's tensors repeated for its ``N`` chains, batched together: row i, sample n sits at i*N + n."""
+        return tuple(x.repeat_interleave(num_samples, dim=0) for x in rows)
+
+    def _starting_noise(self, rows: int, num_samples: int, channels: int, size: tuple[int, int],
+                        generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``x_T`` of the ``rows × N`` chains: standard normal ``[rows·N, channels, h, w]``, all drawn at once."""
+        from ..sampling import randn
+
+        return randn((rows * num_samples, channels, *size), generator, device, dtype)
+
+    def _last_timestep(self, x: torch.Tensor) -> torch.Tensor:
+        """The last training timestep (pure noise), one per row of ``x``."""
+        return torch.full((x.shape[0],), self.config["num_train_timesteps"] - 1, device=x.device, dtype=torch.long)
+
+    def predicted_x0(self, x_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate implied by the denoiser's ``prediction`` at ``x_t`` (``alpha_bar`` per row): Tweedie's
+        formula ``(x_t − sqrt(1−ᾱ)·ε̂)/sqrt(ᾱ)`` for ε-prediction, the prediction itself for x0-prediction."""
+        if self.prediction_type == "sample":
+            return prediction
+        from ..sampling import eps_to_x0
+
+        return eps_to_x0(x_t, prediction, alpha_bar)
+
+    def _single_step(self, predict, x_T: torch.Tensor, clip: float) -> torch.Tensor:
+        """One reverse step from pure noise at the last training timestep straight to x0 (in ``[-clip, clip]``)."""
+        t = self._last_timestep(x_T)
+        pred = predict(x_T, t).to(torch.float32)
+        x0 = self.predicted_x0(x_T.to(torch.float32), pred, self._alpha_bar(t, x_T.device))
+        return x0.clamp(-clip, clip).to(x_T.dtype)
+
+    def _denoise(self, predict, x_T: torch.Tensor, steps: int, scheduler: str, generator: torch.Generator | None,
+                 clip: float, single_step: bool = True) -> torch.Tensor:
+        """x0 from the starting noise ``x_T``: ``predict(x_t, t)`` gives the denoiser's :attr:`prediction_type`.
+
+        ``steps == 1`` takes :meth:`_single_step` (unless ``single_step=False``: then the scheduler's own
+        one-step loop); otherwise ``steps`` steps of a fresh ``scheduler`` (:func:`~MedDiffSegLib.sampling.run_reverse`).
+        """
+        if steps == 1 and single_step:
+            return self._single_step(predict, x_T, clip)
+        from ..sampling import run_reverse
+
+        return run_reverse(predict, x_T, scheduler, steps, generator, prediction_type=self.prediction_type, clip=clip,
+                           **self._schedule())
+
+    # -- the training draw shared by the methods --------------------------------------------
+    def _noised(self, x0: torch.Tensor, generator: torch.Generator | None):
+        """``(t, noise, ᾱ_t, x_t)`` for a training batch ``x0``: a timestep per row, then the noise (in that order)."""
+        from ..sampling import add_noise, randint, randn
+
+        t = randint(self.config["num_train_timesteps"], (x0.shape[0],), generator, x0.device)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        alpha_bar = self._alpha_bar(t, x0.device)
+        return t, noise, alpha_bar, add_noise(x0, noise, alpha_bar)
 
 
 def _list_element(default: list | tuple) -> Any:
