@@ -32,3 +32,15 @@ def _isolated_user_models(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("meddiffseg_home")
     monkeypatch.setenv("MEDDIFFSEG_HOME", str(home))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny tensors
+    run faster so, and do not spin against other processes on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

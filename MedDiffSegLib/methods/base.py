@@ -14,10 +14,12 @@ Shapes (``B`` windows, ``N`` samples, ``H×W`` window size, all float32):
 - ``select_condition(cond, rows)``: the condition of some windows only (``rows``: long tensor
   of row indices), so that windows that need more samples are sampled without re-encoding.
 - ``sample(cond, organ_ids[B'], num_samples, steps, generator, scheduler) -> probs[B',N,H,W]``:
-  foreground probabilities in [0, 1] for each row of ``cond`` prompted with ``organ_ids``.
+  foreground probabilities in [0, 1] for each row of ``cond`` prompted with ``organ_ids``; a method
+  implements ``_sample`` with the same arguments, ``num_samples``, ``steps`` and ``scheduler`` checked.
 - ``forward(images, organ_ids, num_samples, steps, generator)``: the two above in one call.
-- ``training_loss(images[B,1,H,W], masks[B,1,H,W] in {0,1}, organ_ids[B], generator=None)``
-  returns a dict of scalar tensors with the key ``"loss"`` being the one to back-propagate.
+- ``training_loss(images[B,1,H,W], masks[B,1,H,W] in {0,1}, organ_ids[B], generator=None, stage=None)``
+  returns a dict of scalar tensors with the key ``"loss"`` being the one to back-propagate; a method
+  implements ``_stage_loss(stage, images, masks, organ_ids, generator)``, ``stage`` checked.
 
 Randomness comes only from the ``generator`` passed in, so a fixed seed gives identical
 results on CPU.
@@ -141,7 +143,6 @@ class Method(nn.Module, abc.ABC):
         the windows that still need samples without encoding them again."""
         return cond[rows]
 
-    @abc.abstractmethod
     def sample(
         self,
         cond: torch.Tensor,
@@ -150,11 +151,21 @@ class Method(nn.Module, abc.ABC):
         steps: int,
         generator: torch.Generator | None,
         scheduler: str | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Foreground probabilities ``[B,N,H,W]`` in [0, 1].
+        """Foreground probabilities ``[B,N,H,W]`` in [0, 1] (without gradients), from :meth:`_sample`.
 
+        ``num_samples`` and ``steps`` must be >= 1; ``scheduler`` None means :attr:`default_scheduler`.
         Methods with :attr:`prompt_channels` also take ``prompts=`` (``[B,P,H,W]`` or None).
         """
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+        with torch.no_grad():
+            return self._sample(cond, organ_ids, num_samples, steps, generator, scheduler, **kwargs)
+
+    def _sample(self, cond, organ_ids: torch.Tensor, num_samples: int, steps: int, generator: torch.Generator | None,
+                scheduler: str, **kwargs) -> torch.Tensor:
+        """The method's sampling: :meth:`sample` with its arguments checked and the scheduler named."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
 
     def forward(
         self,
@@ -175,6 +186,20 @@ class Method(nn.Module, abc.ABC):
         if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
             raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
         return organ_ids.long()
+
+    @property
+    def _alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t of every training timestep from the same diffusers code the schedulers use (:meth:`_schedule`).
+
+        Made on first use and kept as a plain attribute (not a buffer), so that it stays float64 on the CPU
+        whatever dtype or device the module is moved to, and stays out of the state dict.
+        """
+        table = self.__dict__.get("_alphas_cumprod_table")
+        if table is None:
+            from ..sampling import alphas_cumprod
+
+            table = self.__dict__["_alphas_cumprod_table"] = alphas_cumprod(**self._schedule()).to(torch.float64)
+        return table
 
     def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """ᾱ_t from the method's ``_alphas_cumprod`` table (float64 on CPU), as float32 on ``device``."""
@@ -214,7 +239,6 @@ class Method(nn.Module, abc.ABC):
         return p, state, pkg
 
     # -- training ------------------------------------------------------------------------
-    @abc.abstractmethod
     def training_loss(
         self,
         images: torch.Tensor,
@@ -222,8 +246,18 @@ class Method(nn.Module, abc.ABC):
         organ_ids: torch.Tensor,
         generator: torch.Generator | None = None,
         stage: str | None = None,
+        **kwargs,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total."""
+        """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total.
+
+        Methods with :attr:`prompt_channels` also take ``prompts=`` (``[B,P,H,W]`` or None).
+        """
+        return self._stage_loss(self._check_stage(stage), images, masks, organ_ids, generator, **kwargs)
+
+    def _stage_loss(self, stage: str, images: torch.Tensor, masks: torch.Tensor, organ_ids: torch.Tensor,
+                    generator: torch.Generator | None, **kwargs) -> dict[str, torch.Tensor]:
+        """The method's loss terms: :meth:`training_loss` with ``stage`` checked (never None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement training")
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """Parameters trained in ``stage`` (the others are frozen during it); by default every parameter."""

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from ..networks.autoencoders import soft_dice_loss
 from ..networks.dts import ConditionalEncoder, DTSDenoiser, check_swin_config, size_multiple
-from ..sampling import alphas_cumprod
 from .base import PIXEL_SCHEDULE, Method, register_method
 
 #: ``format`` written into the metadata of a pretrained conditional encoder's safetensors file.
@@ -187,8 +186,6 @@ class DTS(Method):
             c["num_organs"], c["embed_dim"], c["depths"], c["num_heads"], c["window_size"], c["mlp_ratio"],
             c["cond_channels"], c["stem_channels"], c["time_embed_dim"], c["norm_groups"], c["patch_size"],
         )
-        # ᾱ_t from the diffusers schedule the samplers use; float64, kept out of the state dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -259,17 +256,7 @@ class DTS(Method):
     def _logits(self, x_t, t, image, organs, maps) -> torch.Tensor:
         return self.denoiser(x_t, t, image, organs, maps)[0]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        cond,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+    def _sample(self, cond, organ_ids, num_samples, steps, generator, scheduler) -> torch.Tensor:
         image, maps = self._check_condition(cond)
         b, _, h, w = image.shape
         organs = self._check_organs(organ_ids, b).to(image.device)
@@ -303,15 +290,7 @@ class DTS(Method):
         return {"loss": c["dice_weight"] * dice + c["bce_weight"] * bce + c["mse_weight"] * mse,
                 "dice": dice, "bce": bce, "mse": mse}
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
-        self._check_stage(stage)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
         organs = self._check_batch(images, masks, organ_ids)
         maps = self.cond_encoder(images)
         t, _, _, x_t = self._noised(masks.to(torch.float32) * 2 - 1, generator)

@@ -76,18 +76,7 @@ class LatentMaskMethod(Method):
         self._check_prompts(prompts, b, h * DOWNSAMPLE, w * DOWNSAMPLE)
         return image_latent + self.prompt_encoder(prompts.to(image_latent.dtype))
 
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-        prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+    def _sample(self, cond, organ_ids, num_samples, steps, generator, scheduler, prompts=None) -> torch.Tensor:
         b, h, w = self._check_latent_condition(cond, self.config["image_latent_channels"])
         factor = self.latent_multiple[0]
         if h % factor or w % factor:

@@ -64,7 +64,6 @@ from torch import nn
 from ..errors import ModelError
 from ..networks import ImageEncoder, MaskAutoencoder, MaskDecoder, soft_dice_loss
 from ..networks.dit import ControlledDiT
-from ..sampling import alphas_cumprod
 from .base import LATENT_SCHEDULE, register_method
 from .latent import LATENT_RANGE, LatentMaskMethod, image_encoder_config, mask_autoencoder_config
 
@@ -180,8 +179,6 @@ class MedDelinea(LatentMaskMethod):
             )
         except ValueError as exc:
             raise ModelError(f"meddelinea config: {exc}") from None
-        # ᾱ_t from the diffusers code the schedulers use; float64 and outside state_dict (see sdseg).
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -256,15 +253,7 @@ class MedDelinea(LatentMaskMethod):
             params += list(self.image_autoencoder.encoder.parameters())
         return params
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
-        stage = self._check_stage(stage)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
         c = self.config
         organs = self._check_batch(images, masks, organ_ids)
         masks = masks.to(torch.float32)

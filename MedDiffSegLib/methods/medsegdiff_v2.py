@@ -45,7 +45,6 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..networks.medsegdiff import AnchorSpatialAttention, ConditionUNet, DiffusionUNet
-from ..sampling import alphas_cumprod
 from .base import PIXEL_SCHEDULE, Method, register_method
 
 #: Masks are diffused as ``2·mask − 1``: x0 estimates are clipped to [-1, 1].
@@ -91,8 +90,6 @@ class MedSegDiffV2(Method):
         self.anchor_attention = AnchorSpatialAttention(
             self.condition_model.feature_channels, c["anchor_kernel_size"], c["anchor_sigma"]
         )
-        # ᾱ_t from the diffusers code the schedulers use; float64, kept out of the state dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -214,17 +211,7 @@ class MedSegDiffV2(Method):
         return torch.sigmoid(self.condition_model(images)[1].to(torch.float32))
 
     # -- inference -----------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: MedSegDiffCondition,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+    def _sample(self, cond: MedSegDiffCondition, organ_ids, num_samples, steps, generator, scheduler) -> torch.Tensor:
         if not isinstance(cond, MedSegDiffCondition):
             raise ValueError(f"cond must come from {self.name}'s condition(), got {type(cond).__name__}")
         b = cond.num_rows
@@ -251,21 +238,13 @@ class MedSegDiffV2(Method):
         return probs.view(b, num_samples, h, w)
 
     # -- training ------------------------------------------------------------------------
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
         """``MSE(ε̂, ε) + λ·(k/B)·(Dice + β·BCE)`` of the anchor on the ``k`` rows with ``t % α == 0``.
 
         The ``k/B`` factor makes the anchor term's expected weight ``λ/α`` per row, as when the
         paper adds it on every α-th timestep. ``anchor_dice``/``anchor_ce`` are reported over
         all rows (for monitoring); ``anchor_rows`` is ``k``.
         """
-        self._check_stage(stage)
         organs = self._check_batch(images, masks, organ_ids)
         c = self.config
         b = images.shape[0]

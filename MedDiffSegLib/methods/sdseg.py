@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import ModelError
 from ..networks import ImageEncoder, LatentDenoiser, MaskAutoencoder
 from ..networks.prompts import PromptEncoder
-from ..sampling import alphas_cumprod, eps_to_x0
+from ..sampling import eps_to_x0
 from .base import LATENT_SCHEDULE, register_method
 from .latent import LATENT_RANGE, LatentMaskMethod, image_encoder_config, mask_autoencoder_config
 
@@ -106,9 +106,6 @@ class LatentDiffusionSegmentation(LatentMaskMethod):
         # Interactive prompts: encoded on their own and added to the image latent (zero in, zero out).
         self.prompt_encoder = (PromptEncoder(c["prompt_channels"], c["image_latent_channels"], c["prompt_encoder_channels"])
                                if c["prompt_channels"] > 0 else None)
-        # ᾱ_t from the same diffusers code the schedulers use; a plain attribute (not a buffer) so
-        # that it stays float64 whatever dtype the module is cast to, and stays out of state_dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -208,16 +205,7 @@ class LatentDiffusionSegmentation(LatentMaskMethod):
         extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
         return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-        prompts: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        stage = self._check_stage(stage)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator, prompts=None) -> dict[str, torch.Tensor]:
         self._check_windows(masks, "masks")
         if stage == "autoencoder":
             return self.mask_autoencoder.loss(masks)
