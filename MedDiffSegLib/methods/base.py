@@ -89,6 +89,9 @@ def _import_builtin_methods() -> None:
 
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
+    #: The method in one line (``meddiffseg train --help``, the Slicer model list): a string literal, read
+    #: from the source without importing the method (:func:`MedDiffSegLib.registry.card.method_summaries`).
+    summary: ClassVar[str] = ""
     #: Scheduler used when the caller does not name one.
     default_scheduler: ClassVar[str] = "ddim"
     #: Training stages in order (e.g. mask autoencoder first, then the denoiser).

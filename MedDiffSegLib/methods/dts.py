@@ -174,6 +174,7 @@ class DTS(Method):
     """
 
     name = "dts"
+    summary = "DTS: Swin diffusion transformer, boundary attention, k-NLS"
     default_scheduler = "ddim"
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
     prediction_type: ClassVar[str] = "sample"

@@ -24,6 +24,7 @@ class GuidedLatentDiffusion(LatentDiffusionSegmentation):
     """Organ-prompted latent diffusion with x0 parameterisation."""
 
     name = "guided"
+    summary = "organ-prompted latent diffusion predicting the mask latent"
     prediction_type = "sample"
 
     def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):

@@ -158,6 +158,7 @@ class MedDelinea(LatentMaskMethod):
     """Control DiT + DiT in latent space, ε-prediction, Tweedie x0, BCE + Dice on the decoded mask."""
 
     name = "meddelinea"
+    summary = "MedDelinea: Control DiT beside a DiT, in latent space"
     default_scheduler: ClassVar[str] = "euler_ancestral"
     stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
 

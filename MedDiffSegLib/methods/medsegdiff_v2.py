@@ -73,6 +73,7 @@ class MedSegDiffV2(Method):
     """MedSegDiff-V2 with organ prompts (see the module docstring)."""
 
     name = "medsegdiff_v2"
+    summary = "MedSegDiff-V2: pixel-space UNet, U-SA anchor + SS-Former"
     default_scheduler = "ddim"
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
 

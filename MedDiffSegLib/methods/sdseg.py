@@ -230,6 +230,7 @@ class SDSeg(LatentDiffusionSegmentation):
     """
 
     name = "sdseg"
+    summary = "SDSeg: latent diffusion, one reverse step (latent estimation)"
     prediction_type = "epsilon"
 
     @classmethod
