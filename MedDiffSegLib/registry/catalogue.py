@@ -46,6 +46,7 @@ from .store import (
     export_zip,
     install_package,
     meddiffseg_home,
+    read_json_object,
     read_package_info,
     sha256_file,
     user_models_dir,
@@ -117,11 +118,8 @@ def _check_base_url(url: str, where: str) -> str:
 def load_catalogue(path: str | os.PathLike | None = None) -> Catalogue:
     """Read and check ``catalogue.json`` (default: the library's); a :class:`ModelError` says what is wrong."""
     path = Path(path) if path is not None else CATALOGUE_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read the model catalogue {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != CATALOGUE_FORMAT:
+    data = read_json_object(path, f"the model catalogue {path}")
+    if data.get("format") != CATALOGUE_FORMAT:
         raise ModelError(f"{path}: not a model catalogue of format {CATALOGUE_FORMAT}")
     base = _check_base_url(data.get("base_url", ""), f"base_url in {path}")
     entries, seen = [], set()
@@ -161,15 +159,7 @@ def settings_path() -> Path:
 
 def read_settings() -> dict[str, Any]:
     path = settings_path()
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read the settings {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"the settings {path} must hold a JSON object")
-    return data
+    return read_json_object(path, f"the settings {path}") if path.is_file() else {}
 
 
 def write_setting(key: str, value: Any) -> Path:

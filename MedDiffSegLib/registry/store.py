@@ -237,6 +237,19 @@ class PackageInfo:
         return ModelPackage.from_folder(self.path)
 
 
+def read_json_object(path: str | os.PathLike, what: str | None = None) -> dict[str, Any]:
+    """The JSON object in file ``path``; a :class:`ModelError` naming it (``what``, default the path) when it
+    cannot be read, is not JSON or is not an object."""
+    what = what or str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{what} must hold a JSON object")
+    return data
+
+
 def read_package_info(folder: str | os.PathLike) -> PackageInfo:
     """Read a package folder's ``model.json`` without torch; the same errors as ``ModelPackage.from_folder``
     for a missing file, a wrong format, missing keys, organs without codes, no or repeated organs, and
@@ -245,12 +258,7 @@ def read_package_info(folder: str | os.PathLike) -> PackageInfo:
     meta_path = folder / MODEL_JSON
     if not meta_path.is_file():
         raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {meta_path}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{meta_path} must hold a JSON object")
+    meta = read_json_object(meta_path)
     if meta.get("format") != FORMAT_VERSION:
         raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
     missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]

@@ -192,6 +192,10 @@ def test_base_url_argument_then_environment_then_setting_then_catalogue(catalogu
     monkeypatch.setenv(cat.CATALOGUE_URL_ENV, "file:///srv/zips")
     assert main(["models", "install", "tiny-guided"]) == ModelError.exit_code
     assert "MEDDIFFSEG_CATALOGUE_URL) must be an http:// or https:// URL" in capsys.readouterr().err
+    monkeypatch.delenv(cat.CATALOGUE_URL_ENV)
+    cat.settings_path().write_text("{not json")  # a settings file edited by hand and broken: said, not ignored
+    assert main(["models", "catalogue"]) == ModelError.exit_code
+    assert f"cannot read the settings {cat.settings_path()}" in capsys.readouterr().err
     assert _left_in_user_folder() == []
 
 
