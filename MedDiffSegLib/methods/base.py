@@ -42,7 +42,19 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..sampling import DEFAULT_BETA_END, DEFAULT_BETA_SCHEDULE, DEFAULT_BETA_START, DEFAULT_NUM_TRAIN_TIMESTEPS
+from ..sampling import (
+    DEFAULT_BETA_END,
+    DEFAULT_BETA_SCHEDULE,
+    DEFAULT_BETA_START,
+    DEFAULT_NUM_TRAIN_TIMESTEPS,
+    SCHEDULERS,
+    add_noise,
+    alphas_cumprod,
+    eps_to_x0,
+    randint,
+    randn,
+    run_reverse,
+)
 
 #: The noise schedule of the methods that diffuse a latent (Stable Diffusion's), in config keys.
 LATENT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS, "beta_schedule": DEFAULT_BETA_SCHEDULE,
@@ -199,8 +211,6 @@ class Method(nn.Module, abc.ABC):
         """
         table = self.__dict__.get("_alphas_cumprod_table")
         if table is None:
-            from ..sampling import alphas_cumprod
-
             table = self.__dict__["_alphas_cumprod_table"] = alphas_cumprod(**self._schedule()).to(torch.float64)
         return table
 
@@ -320,8 +330,6 @@ class Method(nn.Module, abc.ABC):
     # -- argument checks shared by the methods -----------------------------------------------
     def _check_sampling(self, num_samples: int, steps: int, scheduler: str | None) -> tuple[int, int, str]:
         """``(num_samples, steps, scheduler)`` checked, with the method's default scheduler for ``None``."""
-        from ..sampling import SCHEDULERS
-
         scheduler = scheduler or self.default_scheduler
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
@@ -386,8 +394,6 @@ class Method(nn.Module, abc.ABC):
     def _starting_noise(self, rows: int, num_samples: int, channels: int, size: tuple[int, int],
                         generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``x_T`` of the ``rows × N`` chains: standard normal ``[rows·N, channels, h, w]``, all drawn at once."""
-        from ..sampling import randn
-
         return randn((rows * num_samples, channels, *size), generator, device, dtype)
 
     def _last_timestep(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,8 +405,6 @@ class Method(nn.Module, abc.ABC):
         formula ``(x_t − sqrt(1−ᾱ)·ε̂)/sqrt(ᾱ)`` for ε-prediction, the prediction itself for x0-prediction."""
         if self.prediction_type == "sample":
             return prediction
-        from ..sampling import eps_to_x0
-
         return eps_to_x0(x_t, prediction, alpha_bar)
 
     def _single_step(self, predict, x_T: torch.Tensor, clip: float) -> torch.Tensor:
@@ -419,16 +423,12 @@ class Method(nn.Module, abc.ABC):
         """
         if steps == 1 and single_step:
             return self._single_step(predict, x_T, clip)
-        from ..sampling import run_reverse
-
         return run_reverse(predict, x_T, scheduler, steps, generator, prediction_type=self.prediction_type, clip=clip,
                            **self._schedule())
 
     # -- the training draw shared by the methods --------------------------------------------
     def _noised(self, x0: torch.Tensor, generator: torch.Generator | None):
         """``(t, noise, ᾱ_t, x_t)`` for a training batch ``x0``: a timestep per row, then the noise (in that order)."""
-        from ..sampling import add_noise, randint, randn
-
         t = randint(self.config["num_train_timesteps"], (x0.shape[0],), generator, x0.device)
         noise = randn(x0.shape, generator, x0.device, x0.dtype)
         alpha_bar = self._alpha_bar(t, x0.device)
