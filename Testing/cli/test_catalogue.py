@@ -231,6 +231,16 @@ def test_the_shipped_catalogue_lists_every_package_but_the_defaults_with_the_zip
         assert entry.url == f"{entry.name}-{entry.version}.zip"
 
 
+def test_the_catalogue_is_package_data_of_the_python_package():
+    """A wheel holds the catalogue: 'models install NAME' works from a pip install too."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["MedDiffSegLib"]
+    assert any(fnmatch.fnmatch("registry/catalogue.json", p) for p in patterns)
+    assert cat.CATALOGUE_FILE == REPO / "MedDiffSegLib" / "registry" / "catalogue.json"
+
+
 def test_export_zip_is_reproducible(tmp_path):
     src = tmp_path / "a" / "pkg"
     make_tiny_package(src, "guided", name="pkg")
