@@ -42,19 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..sampling import (
-    DEFAULT_BETA_END,
-    DEFAULT_BETA_SCHEDULE,
-    DEFAULT_BETA_START,
-    DEFAULT_NUM_TRAIN_TIMESTEPS,
-    SCHEDULERS,
-    add_noise,
-    alphas_cumprod,
-    eps_to_x0,
-    randint,
-    randn,
-    run_reverse,
-)
+from ..sampling import DEFAULT_BETA_END, DEFAULT_BETA_SCHEDULE, DEFAULT_BETA_START, DEFAULT_NUM_TRAIN_TIMESTEPS
+from ..sampling import SCHEDULERS, add_noise, alphas_cumprod, eps_to_x0, randint, randn, run_reverse
 
 #: The noise schedule of the methods that diffuse a latent (Stable Diffusion's), in config keys.
 LATENT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS, "beta_schedule": DEFAULT_BETA_SCHEDULE,
