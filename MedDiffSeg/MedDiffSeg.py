@@ -56,6 +56,8 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 dependencies.ensureLibraryOnPath(MODULE_DIR)
 
 INSTALL_FROM_FILE = "__install_from_file__"
+#: Item data of "Install NAME from the catalogue..." in the model list: this prefix, then the package name.
+INSTALL_FROM_CATALOGUE = "__install_from_catalogue__:"
 POLL_INTERVAL_MS = 200
 #: How often Refine mode reads the worker's answers (a correction shows up at most this much later).
 REFINE_POLL_INTERVAL_MS = 100
@@ -416,8 +418,9 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def populateModels(self, select: str | None = None, reload: bool = True) -> None:
         """Fill the model list (read from the packages' model.json; no torch needed): the models made for
-        the input volume's modality first, then the others (marked with their modality), then
-        'Install from file...'. Also fills the model management table."""
+        the input volume's modality first, then the others (marked with their modality), each grouped by
+        method; then 'Install ... from the catalogue...' for the catalogue's packages that are not
+        installed, and 'Install from file...'. Also fills the model management table."""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
@@ -431,22 +434,56 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.populateModelsTable()
         volume = self._volumeModality
         fitting, others = modalityLib.splitByModality(self._packages, volume.modality if volume else None)
-        for package in fitting:
-            combo.addItem(f"{package.name} ({package.version})", package.name)
+        self.addModelItems(fitting, otherModality=False)
         if fitting and others:
             combo.insertSeparator(combo.count)
-        for package in others:
-            try:
-                modality = self.logic.modelModality(package)
-            except Exception:
-                modality = "?"
-            combo.addItem(_("{name} ({version}) - {modality} model").format(
-                name=package.name, version=package.version, modality=modality), package.name)
+        self.addModelItems(others, otherModality=True)
         if self._packages:
             combo.insertSeparator(combo.count)
+        self.addCatalogueItems()
         combo.addItem(_("Install from file..."), INSTALL_FROM_FILE)
         combo.blockSignals(wasBlocked)
         self.selectModelInCombo(select if select is not None else (self._parameterNode.model if self._parameterNode else ""))
+
+    def addModelItems(self, packages, otherModality: bool) -> None:
+        """Add ``packages`` to the model list grouped by method ("method: name (version)"), a separator between
+        methods; packages made for the other modality say theirs."""
+        combo = self.ui.modelComboBox
+        for i, (method, group) in enumerate(modelsLib.groupByMethod(packages)):
+            if i:
+                combo.insertSeparator(combo.count)
+            for package in group:
+                text = f"{method}: {package.name} ({package.version})"
+                if otherModality:
+                    try:
+                        modality = self.logic.modelModality(package)
+                    except Exception:
+                        modality = "?"
+                    text = _("{text} - {modality} model").format(text=text, modality=modality)
+                combo.addItem(text, package.name)
+
+    def addCatalogueItems(self) -> None:
+        """Add "Install NAME from the catalogue..." for each package of the model catalogue that is not installed."""
+        combo = self.ui.modelComboBox
+        choices = modelsLib.catalogueChoices([p.name for p in self._packages])
+        for choice in choices:
+            combo.addItem(_("Install {label} from the catalogue...").format(label=choice.label),
+                          INSTALL_FROM_CATALOGUE + choice.name)
+        if choices:
+            combo.insertSeparator(combo.count)
+
+    @staticmethod
+    def isModelAction(data) -> bool:
+        """Whether a model-list item is an action (install from file or from the catalogue), not a model."""
+        return data == INSTALL_FROM_FILE or str(data or "").startswith(INSTALL_FROM_CATALOGUE)
+
+    def onInstallFromCatalogue(self, name: str) -> None:
+        """Download and install catalogue package ``name`` in the background (progress under the model table)."""
+        if self._modelJob is not None:
+            slicer.util.warningDisplay(_("A model is being installed; wait until it is done."))
+            self.populateModels(reload=False)
+            return
+        self.startModelJob(name, None, catalogue=name)
 
     def selectModelInCombo(self, name: str) -> None:
         """Select ``name``, else the default model for the volume's modality, else the first one; nothing
@@ -459,17 +496,20 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index < 0 and combo.count > 1:
             index = 0
         wasBlocked = combo.blockSignals(True)
-        combo.currentIndex = index if index >= 0 and combo.itemData(index) != INSTALL_FROM_FILE else -1
+        combo.currentIndex = index if index >= 0 and not self.isModelAction(combo.itemData(index)) else -1
         combo.blockSignals(wasBlocked)
         self.onModelChanged()
 
     def currentModelName(self) -> str | None:
         data = self.ui.modelComboBox.currentData
-        return None if data in (None, "", INSTALL_FROM_FILE) else str(data)
+        return None if data in (None, "") or self.isModelAction(data) else str(data)
 
     def onModelActivated(self, index: int) -> None:
-        if self.ui.modelComboBox.itemData(index) == INSTALL_FROM_FILE:
+        data = self.ui.modelComboBox.itemData(index)
+        if data == INSTALL_FROM_FILE:
             self.onInstallModelFromFile()
+        elif self.isModelAction(data):
+            self.onInstallFromCatalogue(str(data)[len(INSTALL_FROM_CATALOGUE):])
 
     def onModelChanged(self, index: int | None = None) -> None:
         name = self.currentModelName()
@@ -621,12 +661,16 @@ class MedDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         self.startModelJob(str(source), sha256, update=model.name)
 
-    def startModelJob(self, source: str, sha256: str | None, update: str | None = None, force: bool = False) -> None:
-        """Install or update a package in the background (a URL is downloaded; progress below the table)."""
-        self._modelJob = self.logic.startModelInstall(source, sha256 or None, update=update, force=force)
+    def startModelJob(self, source: str, sha256: str | None, update: str | None = None, force: bool = False,
+                      catalogue: str | None = None) -> None:
+        """Install or update a package in the background (a URL is downloaded; progress below the table);
+        ``catalogue``: install that package of the model catalogue."""
+        self._modelJob = self.logic.startModelInstall(source, sha256 or None, update=update, force=force,
+                                                      catalogue=catalogue)
         self.ui.modelInstallProgressBar.value = 0
         self.ui.modelInstallProgressBar.show()
-        self.ui.modelDetailsLabel.text = (_("Updating {name}...").format(name=update) if update
+        self.ui.modelDetailsLabel.text = (_("Updating {name}...").format(name=update) if update else
+                                          _("Installing {name} from the catalogue...").format(name=catalogue) if catalogue
                                           else _("Installing {source}...").format(source=source))
         self._modelTimer.start()
         self.updateModelButtons()
@@ -1411,9 +1455,10 @@ class MedDiffSegLogic(ScriptedLoadableModuleLogic):
         return install_package(source, sha256=sha256, force=force, progress=progress, full_check=False)
 
     def startModelInstall(self, source: str, sha256: str | None = None, update: str | None = None,
-                          force: bool = False) -> "modelsLib.ModelInstallJob":
-        """Install (or, with ``update=name``, update) a package in a background thread; poll the job."""
-        return modelsLib.ModelInstallJob(source, sha256, force=force, update=update).start()
+                          force: bool = False, catalogue: str | None = None) -> "modelsLib.ModelInstallJob":
+        """Install (or, with ``update=name``, update) a package in a background thread; with ``catalogue=name``
+        download and install that package of the model catalogue. Poll the job."""
+        return modelsLib.ModelInstallJob(source, sha256, force=force, update=update, catalogue=catalogue).start()
 
     def updateModel(self, name: str, source: str, sha256: str | None = None, allowDowngrade: bool = False):
         """Replace installed model ``name`` by a newer version of it (zip or URL); returns (before, after)."""

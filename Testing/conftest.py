@@ -35,9 +35,9 @@ def _isolated_user_models(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny tensors run faster on one thread, and do not spin against other processes on a shared CPU.
-    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny tensors
+    run faster so, and do not spin against other processes on a shared CPU."""
     import torch
 
     before = torch.get_num_threads()

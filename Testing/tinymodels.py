@@ -20,16 +20,35 @@ TINY_ORGANS = [
 ]
 
 
-def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0, prompt_channels: int = 0):
+def builtin_methods() -> list[str]:
+    """The methods of the library (not the ones tests register), sorted."""
+    _import_builtin_methods()
+    return sorted(n for n, cls in _METHODS.items() if cls.__module__.startswith("MedDiffSegLib.methods."))
+
+
+def tiny_method(method: str = "guided", num_organs: int = 2, seed: int = 0, prompt_channels: int = 0, **overrides):
+    """Method ``method`` with its tiny config (and ``overrides`` of it), random weights from ``seed``."""
     _import_builtin_methods()
     torch.manual_seed(seed)
-    cfg = _METHODS[method].tiny_config(num_organs)
+    cfg = {**_METHODS[method].tiny_config(num_organs), **overrides}
     if prompt_channels:
         cfg["prompt_channels"] = prompt_channels
     m = build_method(method, cfg)
     if prompt_channels:  # a trained prompt encoder acts: give the zero-initialised head weights
         torch.nn.init.normal_(m.prompt_encoder.head.weight, std=0.5)
     return m
+
+
+def wake_control(m, seed: int = 7) -> None:
+    """Give ``meddelinea``'s zero-initialised control path (its zero convolution and zero projections) small
+    random weights, as after some training, so that the image reaches the output; other methods: nothing."""
+    if getattr(m, "name", "") != "meddelinea":
+        return
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (m.denoiser.control.cond_zero_conv, *m.denoiser.control.zero_proj):
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def make_tiny_package(folder: Path, method: str = "guided", *, roi: int = 32, spacing=(6.0, 6.0),

@@ -7,8 +7,14 @@ before PyTorch is installed, and never imports torch in Slicer's process. Which 
 read from the folders, never from a list of names in the code.
 
 :class:`ModelInstallJob` runs an install or update (from a zip or an http(s) URL, with the zip's
-sha256) in a background thread; the Widget polls it from a timer for the progress bar and can
-cancel it (the download stops at its next block; nothing is left in the models folder).
+sha256, or a package of the model catalogue by name) in a background thread; the Widget polls it
+from a timer for the progress bar and can cancel it (the download stops at its next block; nothing
+is left in the models folder).
+
+The model list groups the packages by method (:func:`groupByMethod`) and offers the catalogue's
+packages that are not installed (:func:`catalogueChoices`, read from
+``MedDiffSegLib/registry/catalogue.json``; their zips come from the catalogue's base URL, which
+``$MEDDIFFSEG_CATALOGUE_URL`` or the setting in ``$MEDDIFFSEG_HOME/settings.json`` points at a mirror).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +88,55 @@ def describe(name: str) -> str:
     return "\n".join(lines)
 
 
+def groupByMethod(packages: Sequence[Any]) -> list[tuple[str, list[Any]]]:
+    """``[(method, its packages by name), ...]`` by method name; a package whose method is unknown goes under "?"."""
+    groups: dict[str, list[Any]] = {}
+    for package in packages:
+        groups.setdefault(str(getattr(package, "method_name", "") or "?"), []).append(package)
+    return [(method, sorted(groups[method], key=lambda p: p.name)) for method in sorted(groups)]
+
+
+@dataclass(frozen=True)
+class CatalogueChoice:
+    """A package of the model catalogue that is not installed, as the model list offers it."""
+
+    name: str
+    version: str
+    method: str
+    modality: str
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version} ({self.method}, {self.modality}, {self.size / 1e6:.1f} MB)"
+
+
+def catalogueChoices(installedNames: Sequence[str]) -> list[CatalogueChoice]:
+    """The catalogue's packages that are not installed, by method then name ([] when the catalogue is unreadable)."""
+    from MedDiffSegLib.registry.catalogue import load_catalogue
+
+    try:
+        entries = load_catalogue().entries
+    except Exception as exc:  # a broken catalogue must not break the model list
+        log.warning("MedDiffSeg: cannot read the model catalogue: %s", exc)
+        return []
+    installed = set(installedNames)
+    return sorted((CatalogueChoice(e.name, e.version, e.method, e.modality, e.size) for e in entries
+                   if e.name not in installed), key=lambda c: (c.method, c.name))
+
+
 class ModelInstallJob:
-    """Install (``update=None``) or update (``update="name"``) a package from ``source`` in a thread.
+    """Install (``update=None``) or update (``update="name"``) a package from ``source`` in a thread; with
+    ``catalogue="name"`` install that package of the model catalogue (``source`` is then its name).
 
     ``poll()`` -> the latest ``(stage, fraction, message)``; ``finished``; ``result`` (the
     PackageInfo installed) or ``error`` (the message for the user); ``cancel()``.
     """
 
     def __init__(self, source: str, sha256: str | None = None, *, force: bool = False, update: str | None = None,
-                 allowDowngrade: bool = False):
+                 allowDowngrade: bool = False, catalogue: str | None = None):
         self.source = source
+        self.catalogue = catalogue
         self.sha256 = sha256 or None
         self.force = force
         self.update = update
@@ -117,10 +162,13 @@ class ModelInstallJob:
 
     def _run(self) -> None:
         from MedDiffSegLib.errors import Cancelled, MedDiffSegError
-        from MedDiffSegLib.registry import install_package, update_package
+        from MedDiffSegLib.registry import install_from_catalogue, install_package, update_package
 
         try:
-            if self.update:
+            if self.catalogue:
+                self.result = install_from_catalogue(self.catalogue, force=self.force, progress=self._report,
+                                                     should_cancel=self._cancel.is_set, full_check=False)
+            elif self.update:
                 self.previous, self.result = update_package(
                     self.update, self.source, sha256=self.sha256, allow_downgrade=self.allowDowngrade,
                     progress=self._report, should_cancel=self._cancel.is_set, full_check=False)

@@ -21,6 +21,9 @@ from .. import __version__
 from ..errors import Cancelled, DeviceError, InputError, MedDiffSegError, ModelError, OutputError, PacsError
 from ..modality import DEFAULT_MODELS, MODALITIES
 
+#: The environment variable of the catalogue's base URL (the same as registry.catalogue.CATALOGUE_URL_ENV; a test checks).
+CATALOGUE_URL_ENV = "MEDDIFFSEG_CATALOGUE_URL"
+
 PROG = "meddiffseg"
 #: Samples per organ when --samples is not given: the 3D Slicer module's default "Standard" preset, so that a
 #: plain run has an uncertainty map (1 sample cannot disagree with itself). On the test patients 5 one-step
@@ -130,13 +133,21 @@ provenance, metrics, weights sha256) and weights.safetensors. Packages are found
   - the built-in folder shipped with MedDiffSeg, and
   - the user folder $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models).
 A user package with the same name as a built-in one takes precedence.
-Installing takes a local zip or an http(s) URL (a URL needs --sha256, the zip's
+Installing takes the name of a package in the model catalogue ('models catalogue'
+lists them), a local zip or an http(s) URL (a URL needs --sha256, the zip's
 published hash, checked before the archive is opened): the zip is checked (no unsafe
 paths or links), the weights are verified against model.json, then the package is
 moved into the user folder in one step. 'update' replaces an installed model by a
 newer version of it; 'remove' deletes a user package (built-in ones cannot be removed).
 
+The catalogue's zips are downloaded from its base URL: --catalogue-url, else
+${CATALOGUE_URL_ENV}, else the setting ('models catalogue --set-url URL', kept in
+$MEDDIFFSEG_HOME/settings.json), else the catalogue's own (a placeholder until a
+release server exists). Point it at a hospital's mirror of the zips for offline networks.
+
 examples:
+  {PROG} models catalogue
+  {PROG} models install abdomen-ct-dts
   {PROG} models info abdomen-ct-guided --verify
   {PROG} models install https://example.org/abdomen-mr-0.2.0.zip --sha256 HEX
   {PROG} models update abdomen-mr https://example.org/abdomen-mr-0.3.0.zip --sha256 HEX
@@ -399,7 +410,7 @@ def _add_models(sub) -> None:
                        description=MODELS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_cmd_models_list)
-    msub = p.add_subparsers(dest="models_command", metavar="{list,info,install,update,remove}")
+    msub = p.add_subparsers(dest="models_command", metavar="{list,info,catalogue,install,update,remove}")
 
     pl = msub.add_parser("list", help="list installed models (name, version, method, organs, where)")
     pl.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -414,15 +425,33 @@ def _add_models(sub) -> None:
     pi.add_argument("--verify", action="store_true", help="also check the weights file against its sha256")
     pi.set_defaults(func=_cmd_models_info)
 
+    pc = msub.add_parser(
+        "catalogue", help="list the packages of the model catalogue; set its base URL (a mirror)",
+        description="List the packages of the model catalogue (published as zips, installed with 'models install "
+                    "NAME'): name, version, method, modality, size, whether installed; and the base URL their zips "
+                    f"are downloaded from, with where it comes from (--catalogue-url, ${CATALOGUE_URL_ENV}, the "
+                    "setting, or the catalogue's own). --set-url stores a base URL in $MEDDIFFSEG_HOME/settings.json "
+                    "(a hospital's mirror of the zips), --unset-url removes it.")
+    pc.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    pc.add_argument("--set-url", metavar="URL", help="store URL as the catalogue's base URL (a mirror)")
+    pc.add_argument("--unset-url", action="store_true", help="remove the stored base URL")
+    pc.set_defaults(func=_cmd_models_catalogue)
+
     pz = msub.add_parser(
-        "install", help="install a model package from a local zip or an http(s) URL",
-        description="Install a model package into $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models) from a "
-                    "local zip or an http(s) URL. The zip holds model.json and weights.safetensors, at its root or "
-                    "in one top-level folder. A URL needs --sha256 (the zip's hash, published with it); the "
-                    "download is checked against it before anything is unpacked.",
+        "install", help="install a model package from the catalogue (by name), a local zip or an http(s) URL",
+        description="Install a model package into $MEDDIFFSEG_HOME/models (default ~/.meddiffseg/models): a package "
+                    "of the model catalogue by NAME ('meddiffseg models catalogue' lists them; downloaded from the "
+                    "catalogue's base URL and checked against the catalogue's size and sha256), a local zip or an "
+                    "http(s) URL. The zip holds model.json and weights.safetensors, at its root or in one top-level "
+                    "folder. A URL needs --sha256 (the zip's hash, published with it); the download is checked "
+                    "against it before anything is unpacked.",
     )
-    pz.add_argument("zip", metavar="ZIP_OR_URL", help="path of the package zip, or its http(s) URL")
+    pz.add_argument("zip", metavar="NAME_ZIP_OR_URL",
+                    help="name of a catalogue package, path of a package zip, or its http(s) URL")
     pz.add_argument("--sha256", metavar="HEX", help="expected sha256 of the zip file (required for a URL)")
+    pz.add_argument("--catalogue-url", metavar="URL",
+                    help=f"base URL of the catalogue's zips for this install (default: ${CATALOGUE_URL_ENV}, "
+                         "the setting, else the catalogue's own)")
     pz.add_argument("--force", action="store_true", help="replace an installed user package of the same name")
     pz.set_defaults(func=_cmd_models_install)
 
@@ -564,17 +593,71 @@ def _cmd_models_info(args) -> int:
     return 0
 
 
+def _is_catalogue_name(source: str) -> bool:
+    """Whether ``models install SOURCE`` names a catalogue package rather than a zip file or a URL."""
+    import os
+    from pathlib import Path
+
+    from ..registry.store import is_url
+
+    return not (is_url(source) or source.lower().endswith(".zip") or os.sep in source
+                or (os.altsep is not None and os.altsep in source) or Path(source).expanduser().exists())
+
+
 def _cmd_models_install(args) -> int:
+    from ..registry.catalogue import install_from_catalogue, load_catalogue
     from ..registry.store import builtin_models_dir, install_package
 
+    by_name = _is_catalogue_name(args.zip)
+    if by_name:
+        catalogue = load_catalogue()
+        if args.zip not in catalogue.names():
+            raise ModelError(f"{args.zip!r} is neither a package zip nor a URL, nor a package of the model catalogue "
+                             f"(it lists: {', '.join(catalogue.names()) or 'none'}; see '{PROG} models catalogue')")
+        if args.sha256:
+            raise ModelError("--sha256 is for a zip or a URL: a catalogue package is checked against the "
+                             "catalogue's sha256 and size")
+    elif args.catalogue_url:
+        raise ModelError("--catalogue-url is for a catalogue package (install NAME), not for a zip or a URL")
     progress = _Progress(sys.stderr.isatty())
     try:
-        pkg = install_package(args.zip, sha256=args.sha256, force=args.force, progress=progress)
+        if by_name:
+            pkg = install_from_catalogue(args.zip, base_url=args.catalogue_url, force=args.force, progress=progress,
+                                         catalogue=catalogue)
+        else:
+            pkg = install_package(args.zip, sha256=args.sha256, force=args.force, progress=progress)
     finally:
         progress.close()
     print(f"installed {pkg.name} {pkg.version} ({pkg.method_name}; organs: {_organ_list(pkg)}) to {pkg.path}")
     if (builtin_models_dir() / pkg.name).is_dir():
         print("note: it takes precedence over the built-in model of the same name")
+    return 0
+
+
+def _cmd_models_catalogue(args) -> int:
+    from ..registry.catalogue import catalogue_base_url, is_placeholder, load_catalogue, set_catalogue_url
+    from ..registry.store import scan_package_infos
+
+    if args.set_url and args.unset_url:
+        raise ModelError("give --set-url URL or --unset-url, not both")
+    if args.set_url or args.unset_url:
+        path = set_catalogue_url(None if args.unset_url else args.set_url)
+        print(f"catalogue base URL {'removed from' if args.unset_url else 'stored in'} {path}")
+    catalogue = load_catalogue()
+    base, source = catalogue_base_url(None, catalogue)
+    installed = {p.name: p.version for p in scan_package_infos().packages}
+    if args.json:
+        print(json.dumps({"base_url": base, "base_url_from": source, "packages": [
+            {**e.to_dict(), "download_url": e.download_url(base), "installed_version": installed.get(e.name)}
+            for e in catalogue.entries]}, indent=2))
+        return 0
+    rows = [("NAME", "VERSION", "METHOD", "MODALITY", "SIZE", "INSTALLED")]
+    for e in sorted(catalogue.entries, key=lambda e: (e.method, e.name)):
+        rows.append((e.name, e.version, e.method, e.modality, f"{e.size / 1e6:.1f} MB", installed.get(e.name, "no")))
+    _print_table(rows)
+    print(f"base URL: {base} (from {source})" + (" - a placeholder: set a server or mirror with --set-url URL or "
+                                                 f"${CATALOGUE_URL_ENV}" if is_placeholder(base) else ""))
+    print(f"install one with '{PROG} models install NAME'")
     return 0
 
 

@@ -76,15 +76,25 @@ example:
 """
 
 
+def methods_text() -> str:
+    """The methods for ``--help``, one line each (read from their source: no torch import)."""
+    from ..registry.card import method_summaries
+
+    summaries = method_summaries()
+    width = max(map(len, summaries), default=0) + 2
+    return "methods (--method M, or \"method\" in the config):\n" + "".join(
+        f"  {name:<{width}}{text}\n" for name, text in summaries.items())
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model package from a config (also: train make-dataset)",
-                       usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                       usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION, epilog=methods_text() + "\n" + TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="training config (JSON); required")
     p.add_argument("--out", metavar="DIR", help="output folder for the run; required")
     p.add_argument("--method", metavar="M",
-                   help="train this method instead of the config's (with its default config, or its tiny one "
-                        "when the config says \"method_config\": \"tiny\")")
+                   help="train this method (see 'methods' below) instead of the config's (with its default config, "
+                        "or its tiny one when the config says \"method_config\": \"tiny\")")
     p.add_argument("--max-steps", type=int, metavar="N", help="cap every stage at N steps (smoke runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (starts afresh if there is none)")

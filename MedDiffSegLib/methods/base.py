@@ -14,13 +14,23 @@ Shapes (``B`` windows, ``N`` samples, ``H×W`` window size, all float32):
 - ``select_condition(cond, rows)``: the condition of some windows only (``rows``: long tensor
   of row indices), so that windows that need more samples are sampled without re-encoding.
 - ``sample(cond, organ_ids[B'], num_samples, steps, generator, scheduler) -> probs[B',N,H,W]``:
-  foreground probabilities in [0, 1] for each row of ``cond`` prompted with ``organ_ids``.
+  foreground probabilities in [0, 1] for each row of ``cond`` prompted with ``organ_ids``; a method
+  implements ``_sample`` with the same arguments, ``num_samples``, ``steps`` and ``scheduler`` checked.
 - ``forward(images, organ_ids, num_samples, steps, generator)``: the two above in one call.
-- ``training_loss(images[B,1,H,W], masks[B,1,H,W] in {0,1}, organ_ids[B], generator=None)``
-  returns a dict of scalar tensors with the key ``"loss"`` being the one to back-propagate.
+- ``training_loss(images[B,1,H,W], masks[B,1,H,W] in {0,1}, organ_ids[B], generator=None, stage=None)``
+  returns a dict of scalar tensors with the key ``"loss"`` being the one to back-propagate; a method
+  implements ``_stage_loss(stage, images, masks, organ_ids, generator)``, ``stage`` checked.
 
 Randomness comes only from the ``generator`` passed in, so a fixed seed gives identical
 results on CPU.
+
+What the methods share lives here once: the argument checks (:meth:`Method._check_sampling`,
+:meth:`Method._check_organs`, :meth:`Method._check_stage`, :meth:`Method._check_window_shape`,
+:meth:`Method._check_pair`, :meth:`Method._check_latent_condition`), the reverse process's
+scaffolding (:meth:`Method._per_sample` repeats each row's condition for its ``N`` chains,
+:meth:`Method._starting_noise` draws ``x_T``, :meth:`Method._single_step` is the one-step path from
+pure noise at the last training timestep, :meth:`Method._denoise` picks it or the scheduler's loop)
+and the training draw (:meth:`Method._noised`: a timestep and noise per row, in that order).
 """
 
 from __future__ import annotations
@@ -32,6 +42,15 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..sampling import DEFAULT_BETA_END, DEFAULT_BETA_SCHEDULE, DEFAULT_BETA_START, DEFAULT_NUM_TRAIN_TIMESTEPS
+from ..sampling import SCHEDULERS, add_noise, alphas_cumprod, eps_to_x0, randint, randn, run_reverse
+
+#: The noise schedule of the methods that diffuse a latent (Stable Diffusion's), in config keys.
+LATENT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS, "beta_schedule": DEFAULT_BETA_SCHEDULE,
+                                   "beta_start": DEFAULT_BETA_START, "beta_end": DEFAULT_BETA_END}
+#: The noise schedule of the methods that diffuse the mask itself in [-1, 1] (DDPM's linear one, 1000 steps).
+PIXEL_SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+                                  "beta_end": 0.02}
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -71,10 +90,15 @@ def _import_builtin_methods() -> None:
 
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
+    #: The method in one line (``meddiffseg train --help``, the Slicer model list): a string literal, read
+    #: from the source without importing the method (:func:`MedDiffSegLib.registry.card.method_summaries`).
+    summary: ClassVar[str] = ""
     #: Scheduler used when the caller does not name one.
     default_scheduler: ClassVar[str] = "ddim"
     #: Training stages in order (e.g. mask autoencoder first, then the denoiser).
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
+    #: What the denoiser predicts: "epsilon" (the noise) or "sample" (x0); see :meth:`predicted_x0`.
+    prediction_type: ClassVar[str] = "epsilon"
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -123,7 +147,6 @@ class Method(nn.Module, abc.ABC):
         the windows that still need samples without encoding them again."""
         return cond[rows]
 
-    @abc.abstractmethod
     def sample(
         self,
         cond: torch.Tensor,
@@ -132,11 +155,21 @@ class Method(nn.Module, abc.ABC):
         steps: int,
         generator: torch.Generator | None,
         scheduler: str | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Foreground probabilities ``[B,N,H,W]`` in [0, 1].
+        """Foreground probabilities ``[B,N,H,W]`` in [0, 1] (without gradients), from :meth:`_sample`.
 
+        ``num_samples`` and ``steps`` must be >= 1; ``scheduler`` None means :attr:`default_scheduler`.
         Methods with :attr:`prompt_channels` also take ``prompts=`` (``[B,P,H,W]`` or None).
         """
+        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+        with torch.no_grad():
+            return self._sample(cond, organ_ids, num_samples, steps, generator, scheduler, **kwargs)
+
+    def _sample(self, cond, organ_ids: torch.Tensor, num_samples: int, steps: int, generator: torch.Generator | None,
+                scheduler: str, **kwargs) -> torch.Tensor:
+        """The method's sampling: :meth:`sample` with its arguments checked and the scheduler named."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
 
     def forward(
         self,
@@ -157,6 +190,18 @@ class Method(nn.Module, abc.ABC):
         if rows and (int(organ_ids.min()) < 0 or int(organ_ids.max()) >= self.num_organs):
             raise ValueError(f"organ ids must be in [0, {self.num_organs}), got {organ_ids.tolist()}")
         return organ_ids.long()
+
+    @property
+    def _alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t of every training timestep from the same diffusers code the schedulers use (:meth:`_schedule`).
+
+        Made on first use and kept as a plain attribute (not a buffer), so that it stays float64 on the CPU
+        whatever dtype or device the module is moved to, and stays out of the state dict.
+        """
+        table = self.__dict__.get("_alphas_cumprod_table")
+        if table is None:
+            table = self.__dict__["_alphas_cumprod_table"] = alphas_cumprod(**self._schedule()).to(torch.float64)
+        return table
 
     def _alpha_bar(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """ᾱ_t from the method's ``_alphas_cumprod`` table (float64 on CPU), as float32 on ``device``."""
@@ -196,7 +241,6 @@ class Method(nn.Module, abc.ABC):
         return p, state, pkg
 
     # -- training ------------------------------------------------------------------------
-    @abc.abstractmethod
     def training_loss(
         self,
         images: torch.Tensor,
@@ -204,12 +248,23 @@ class Method(nn.Module, abc.ABC):
         organ_ids: torch.Tensor,
         generator: torch.Generator | None = None,
         stage: str | None = None,
+        **kwargs,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total."""
+        """Loss terms for one batch of ``stage`` (default: the last stage); ``"loss"`` is the total.
+
+        Methods with :attr:`prompt_channels` also take ``prompts=`` (``[B,P,H,W]`` or None).
+        """
+        return self._stage_loss(self._check_stage(stage), images, masks, organ_ids, generator, **kwargs)
+
+    def _stage_loss(self, stage: str, images: torch.Tensor, masks: torch.Tensor, organ_ids: torch.Tensor,
+                    generator: torch.Generator | None, **kwargs) -> dict[str, torch.Tensor]:
+        """The method's loss terms: :meth:`training_loss` with ``stage`` checked (never None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement training")
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        """Parameters trained in ``stage`` (the others are frozen during it)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """Parameters trained in ``stage`` (the others are frozen during it); by default every parameter."""
+        self._check_stage(stage)
+        return list(self.parameters())
 
     @classmethod
     def tiny_config(cls, num_organs: int) -> dict[str, Any]:
@@ -264,8 +319,6 @@ class Method(nn.Module, abc.ABC):
     # -- argument checks shared by the methods -----------------------------------------------
     def _check_sampling(self, num_samples: int, steps: int, scheduler: str | None) -> tuple[int, int, str]:
         """``(num_samples, steps, scheduler)`` checked, with the method's default scheduler for ``None``."""
-        from ..sampling import SCHEDULERS
-
         scheduler = scheduler or self.default_scheduler
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
@@ -291,6 +344,84 @@ class Method(nn.Module, abc.ABC):
             reason = f" ({why})" if why else ""
             raise ValueError(f"{what}: height and width must be divisible by {multiple} for this model{reason}, "
                              f"got {h}×{w}")
+
+    def _window_multiples(self) -> list[tuple[int, str]]:
+        """``(multiple, why)`` pairs a window's height and width must meet, checked in order by :meth:`_check_windows`."""
+        return []
+
+    def _check_windows(self, x: torch.Tensor, what: str, channels: int = 1) -> None:
+        """``x`` is ``[B,channels,H,W]`` with H and W multiples of each of :meth:`_window_multiples`."""
+        for multiple, why in self._window_multiples() or [(1, "")]:
+            self._check_window_shape(x, what, multiple, why, channels)
+
+    def _check_batch(self, images: torch.Tensor, masks: torch.Tensor, organ_ids: torch.Tensor) -> torch.Tensor:
+        """A training batch's windows checked; its organ ids as a long tensor on the images' device."""
+        self._check_windows(images, "images", self.image_channels)
+        self._check_windows(masks, "masks")
+        self._check_pair(images, masks)
+        return self._check_organs(organ_ids, images.shape[0]).to(images.device)
+
+    def _check_pair(self, images: torch.Tensor, masks: torch.Tensor) -> None:
+        """Training images and masks: as many, of the same height and width (the channels may differ)."""
+        if images.shape[-2:] != masks.shape[-2:] or images.shape[0] != masks.shape[0]:
+            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+
+    def _check_latent_condition(self, cond: torch.Tensor, channels: int) -> tuple[int, int, int]:
+        """``(B, h, w)`` of a condition that is one latent ``[B,channels,h,w]`` (what :meth:`condition` returns)."""
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != channels:
+            got = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"cond must have shape [B,{channels},h,w] (from condition()), got {got}")
+        b, _, h, w = cond.shape
+        return b, h, w
+
+    # -- the reverse process shared by the methods ------------------------------------------
+    @staticmethod
+    def _per_sample(num_samples: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's tensors repeated for its ``N`` chains, batched together: row i, sample n sits at i*N + n."""
+        return tuple(x.repeat_interleave(num_samples, dim=0) for x in rows)
+
+    def _starting_noise(self, rows: int, num_samples: int, channels: int, size: tuple[int, int],
+                        generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``x_T`` of the ``rows × N`` chains: standard normal ``[rows·N, channels, h, w]``, all drawn at once."""
+        return randn((rows * num_samples, channels, *size), generator, device, dtype)
+
+    def _last_timestep(self, x: torch.Tensor) -> torch.Tensor:
+        """The last training timestep (pure noise), one per row of ``x``."""
+        return torch.full((x.shape[0],), self.config["num_train_timesteps"] - 1, device=x.device, dtype=torch.long)
+
+    def predicted_x0(self, x_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate implied by the denoiser's ``prediction`` at ``x_t`` (``alpha_bar`` per row): Tweedie's
+        formula ``(x_t − sqrt(1−ᾱ)·ε̂)/sqrt(ᾱ)`` for ε-prediction, the prediction itself for x0-prediction."""
+        if self.prediction_type == "sample":
+            return prediction
+        return eps_to_x0(x_t, prediction, alpha_bar)
+
+    def _single_step(self, predict, x_T: torch.Tensor, clip: float) -> torch.Tensor:
+        """One reverse step from pure noise at the last training timestep straight to x0 (in ``[-clip, clip]``)."""
+        t = self._last_timestep(x_T)
+        pred = predict(x_T, t).to(torch.float32)
+        x0 = self.predicted_x0(x_T.to(torch.float32), pred, self._alpha_bar(t, x_T.device))
+        return x0.clamp(-clip, clip).to(x_T.dtype)
+
+    def _denoise(self, predict, x_T: torch.Tensor, steps: int, scheduler: str, generator: torch.Generator | None,
+                 clip: float, single_step: bool = True) -> torch.Tensor:
+        """x0 from the starting noise ``x_T``: ``predict(x_t, t)`` gives the denoiser's :attr:`prediction_type`.
+
+        ``steps == 1`` takes :meth:`_single_step` (unless ``single_step=False``: then the scheduler's own
+        one-step loop); otherwise ``steps`` steps of a fresh ``scheduler`` (:func:`~MedDiffSegLib.sampling.run_reverse`).
+        """
+        if steps == 1 and single_step:
+            return self._single_step(predict, x_T, clip)
+        return run_reverse(predict, x_T, scheduler, steps, generator, prediction_type=self.prediction_type, clip=clip,
+                           **self._schedule())
+
+    # -- the training draw shared by the methods --------------------------------------------
+    def _noised(self, x0: torch.Tensor, generator: torch.Generator | None):
+        """``(t, noise, ᾱ_t, x_t)`` for a training batch ``x0``: a timestep per row, then the noise (in that order)."""
+        t = randint(self.config["num_train_timesteps"], (x0.shape[0],), generator, x0.device)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        alpha_bar = self._alpha_bar(t, x0.device)
+        return t, noise, alpha_bar, add_noise(x0, noise, alpha_bar)
 
 
 def _list_element(default: list | tuple) -> Any:

@@ -36,13 +36,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ModelError
 from ..networks.autoencoders import soft_dice_loss
 from ..networks.dts import ConditionalEncoder, DTSDenoiser, check_swin_config, size_multiple
-from ..sampling import add_noise, alphas_cumprod, randint, randn, run_reverse
-from .base import Method, register_method
+from .base import PIXEL_SCHEDULE, Method, register_method
 
 #: ``format`` written into the metadata of a pretrained conditional encoder's safetensors file.
 ENCODER_FORMAT = "meddiffseg-dts-conditional-encoder/1"
@@ -140,10 +138,7 @@ def _default_config(num_organs: int) -> dict[str, Any]:
         "mse_weight": 1.0,
         "deep_supervision_weight": 0.5,
         # pixel-space noise schedule for masks in [-1, 1]
-        "num_train_timesteps": 1000,
-        "beta_schedule": "linear",
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
+        **PIXEL_SCHEDULE,
     }
 
 
@@ -179,6 +174,7 @@ class DTS(Method):
     """
 
     name = "dts"
+    summary = "DTS: Swin diffusion transformer, boundary attention, k-NLS"
     default_scheduler = "ddim"
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
     prediction_type: ClassVar[str] = "sample"
@@ -191,8 +187,6 @@ class DTS(Method):
             c["num_organs"], c["embed_dim"], c["depths"], c["num_heads"], c["window_size"], c["mlp_ratio"],
             c["cond_channels"], c["stem_channels"], c["time_embed_dim"], c["norm_groups"], c["patch_size"],
         )
-        # ᾱ_t from the diffusers schedule the samplers use; float64, kept out of the state dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -233,9 +227,8 @@ class DTS(Method):
         """Window height and width must be multiples of this (the patch size × one 2× merging per Swin stage)."""
         return size_multiple(len(self.config["depths"]), self.config["patch_size"])
 
-    def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        self._check_window_shape(x, what, self.size_multiple,
-                                 f"patches of {self.config['patch_size']}, {len(self.config['depths'])} Swin stages")
+    def _window_multiples(self) -> list[tuple[int, str]]:
+        return [(self.size_multiple, f"patches of {self.config['patch_size']}, {len(self.config['depths'])} Swin stages")]
 
     def _check_condition(self, cond) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = len(self.config["depths"]) + 2
@@ -264,42 +257,23 @@ class DTS(Method):
     def _logits(self, x_t, t, image, organs, maps) -> torch.Tensor:
         return self.denoiser(x_t, t, image, organs, maps)[0]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        cond,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+    def _sample(self, cond, organ_ids, num_samples, steps, generator, scheduler) -> torch.Tensor:
         image, maps = self._check_condition(cond)
         b, _, h, w = image.shape
         organs = self._check_organs(organ_ids, b).to(image.device)
-        # N chains per row, batched together: row i, sample n sits at i*N + n.
-        image_n = image.repeat_interleave(num_samples, dim=0)
-        maps_n = [m.repeat_interleave(num_samples, dim=0) for m in maps]
-        organs_n = organs.repeat_interleave(num_samples, dim=0)
-        x_T = randn((b * num_samples, 1, h, w), generator, image.device, image.dtype)
-        if steps == 1:
-            t = torch.full((x_T.shape[0],), self.config["num_train_timesteps"] - 1, device=x_T.device, dtype=torch.long)
-            probs = torch.sigmoid(self._logits(x_T, t, image_n, organs_n, maps_n).to(torch.float32))
+        image_n, organs_n, *maps_n = self._per_sample(num_samples, image, organs, *maps)
+        x_T = self._starting_noise(b, num_samples, 1, (h, w), generator, image.device, image.dtype)
+        if steps == 1:  # the predicted mask itself (its probabilities, not mapped to [-1, 1] and back)
+            probs = torch.sigmoid(self._logits(x_T, self._last_timestep(x_T), image_n, organs_n, maps_n).to(torch.float32))
         else:
             def predict_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return torch.sigmoid(self._logits(x, t, image_n, organs_n, maps_n).to(torch.float32)) * 2 - 1
 
-            x0 = run_reverse(predict_x0, x_T, scheduler, steps, generator, prediction_type="sample", clip=1.0,
-                             **self._schedule())
+            x0 = self._denoise(predict_x0, x_T, steps, scheduler, generator, clip=1.0)
             probs = ((x0.to(torch.float32) + 1) / 2).clamp(0.0, 1.0)
         return probs.view(b, num_samples, h, w)
 
     # -- training ------------------------------------------------------------------------
-    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        self._check_stage(stage)
-        return list(self.parameters())
-
     def target(self, masks: torch.Tensor) -> torch.Tensor:
         """The training target for binary masks ``[B,1,H,W]``: k-NLS smoothed when :attr:`uses_knls`."""
         masks = masks.to(torch.float32)
@@ -317,26 +291,10 @@ class DTS(Method):
         return {"loss": c["dice_weight"] * dice + c["bce_weight"] * bce + c["mse_weight"] * mse,
                 "dice": dice, "bce": bce, "mse": mse}
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
-        stage = self._check_stage(stage)
-        self._check_windows(images, "images")
-        self._check_windows(masks, "masks")
-        if images.shape != masks.shape:
-            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
-        b = images.shape[0]
-        organs = self._check_organs(organ_ids, b).to(images.device)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
+        organs = self._check_batch(images, masks, organ_ids)
         maps = self.cond_encoder(images)
-        x0 = masks.to(torch.float32) * 2 - 1
-        t = randint(self.config["num_train_timesteps"], (b,), generator, images.device)
-        noise = randn(x0.shape, generator, x0.device, x0.dtype)
-        x_t = add_noise(x0, noise, self._alpha_bar(t, x0.device))
+        t, _, _, x_t = self._noised(masks.to(torch.float32) * 2 - 1, generator)
         preds = self.denoiser(x_t.to(images.dtype), t, images, organs, maps)
         target = self.target(masks)
         terms = self.segmentation_loss(preds[0], target)

@@ -7,12 +7,12 @@ concatenated with the noisy mask latent; the denoiser predicts ``z0`` directly
 (x0 parameterisation) and is trained with ``MSE(ẑ0, z0)``. For multi-step sampling the loop
 converts each ``ẑ0`` to the implied noise for the (epsilon-mode) scheduler.
 
-The shared latent machinery lives in :class:`MedDiffSegLib.methods.sdseg.LatentDiffusionSegmentation`.
+The shared latent machinery lives in :class:`MedDiffSegLib.methods.sdseg.LatentDiffusionSegmentation`
+(networks) and :class:`MedDiffSegLib.methods.latent.LatentMaskMethod` (sampling).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .base import register_method
@@ -24,10 +24,8 @@ class GuidedLatentDiffusion(LatentDiffusionSegmentation):
     """Organ-prompted latent diffusion with x0 parameterisation."""
 
     name = "guided"
+    summary = "organ-prompted latent diffusion predicting the mask latent"
     prediction_type = "sample"
-
-    def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        return prediction
 
     def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
         x0_mse = F.mse_loss(prediction, z0)

@@ -62,47 +62,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from ..networks import DOWNSAMPLE, ImageEncoder, MaskAutoencoder, MaskDecoder, soft_dice_loss
+from ..networks import ImageEncoder, MaskAutoencoder, MaskDecoder, soft_dice_loss
 from ..networks.dit import ControlledDiT
-from ..sampling import (
-    DEFAULT_BETA_END,
-    DEFAULT_BETA_SCHEDULE,
-    DEFAULT_BETA_START,
-    DEFAULT_NUM_TRAIN_TIMESTEPS,
-    add_noise,
-    alphas_cumprod,
-    eps_to_x0,
-    randint,
-    randn,
-    run_reverse,
-)
-from .base import Method, register_method
+from .base import LATENT_SCHEDULE, register_method
+from .latent import LATENT_RANGE, LatentMaskMethod, image_encoder_config, mask_autoencoder_config
 
-#: Both latents are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE] when sampling.
-LATENT_RANGE = 1.0
+__all__ = ["LATENT_RANGE", "PAPER_SHAPE", "ImageAutoencoder", "MedDelinea"]
 
 #: The paper's ablation shape with K=15 control blocks beside a DiT-XL/2-sized DiT.
 PAPER_SHAPE: dict[str, Any] = {"dit_width": 1152, "dit_heads": 16, "dit_depth": 28, "control_depth": 15,
                                "patch_size": 2, "mlp_ratio": 4.0}
 
 
-def _default_config(num_organs: int) -> dict[str, Any]:
-    """Windows of 224×224 at 2 mm → latents of 28×28 → 14×14 = 196 tokens (patch 2)."""
-    return {
+def _default_config(num_organs: int, tiny: bool = False) -> dict[str, Any]:
+    """Windows of 224×224 at 2 mm → latents of 28×28 → 14×14 = 196 tokens (patch 2); with ``tiny``
+    milliseconds on a CPU: windows of 32×32 → latents of 4×4 → 2×2 tokens."""
+    cfg = {
         "num_organs": int(num_organs),
         # image autoencoder: ImageEncoder (widths at full, /2, /4, /8) + reconstruction decoder (/8 … full)
-        "image_latent_channels": 8,
-        "image_encoder_channels": [16, 32, 64, 128],
-        "image_encoder_blocks": [0, 1, 1],
-        "image_decoder_channels": [64, 32, 16, 8],
-        "image_decoder_blocks": [1, 0, 0],
+        **image_encoder_config(4 if tiny else 8, tiny),
+        "image_decoder_channels": [16, 8, 8, 4] if tiny else [64, 32, 16, 8],
+        "image_decoder_blocks": [0, 0, 0] if tiny else [1, 0, 0],
         # binary-mask autoencoder
-        "mask_latent_channels": 4,
-        "mask_encoder_channels": [8, 16, 32, 64],
-        "mask_encoder_blocks": [0, 0, 1],
-        "mask_decoder_channels": [64, 32, 16, 8],
-        "mask_decoder_blocks": [1, 0, 0],
-        "norm_groups": 8,
+        **mask_autoencoder_config(tiny),
         # DiT (N blocks) and Control DiT (K blocks), tokens of patch_size × patch_size latent pixels
         "patch_size": 2,
         "dit_width": 192,
@@ -119,27 +101,11 @@ def _default_config(num_organs: int) -> dict[str, Any]:
         "dice_weight": 1.0,
         "image_loss_weight": 1.0,
         # noise schedule (shared by training and every scheduler)
-        "num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS,
-        "beta_schedule": DEFAULT_BETA_SCHEDULE,
-        "beta_start": DEFAULT_BETA_START,
-        "beta_end": DEFAULT_BETA_END,
+        **LATENT_SCHEDULE,
     }
-
-
-def _tiny_config(num_organs: int) -> dict[str, Any]:
-    """Milliseconds on a CPU: windows of 32×32 → latents of 4×4 → 2×2 tokens."""
-    cfg = _default_config(num_organs)
+    if not tiny:
+        return cfg
     cfg.update({
-        "image_latent_channels": 4,
-        "image_encoder_channels": [4, 8, 8, 16],
-        "image_encoder_blocks": [0, 0, 1],
-        "image_decoder_channels": [16, 8, 8, 4],
-        "image_decoder_blocks": [0, 0, 0],
-        "mask_encoder_channels": [4, 8, 8, 16],
-        "mask_encoder_blocks": [0, 0, 0],
-        "mask_decoder_channels": [16, 8, 8, 4],
-        "mask_decoder_blocks": [0, 0, 0],
-        "norm_groups": 4,
         "dit_width": 32,
         "dit_heads": 2,
         "dit_depth": 3,
@@ -188,10 +154,11 @@ class ImageAutoencoder(nn.Module):
 
 
 @register_method
-class MedDelinea(Method):
+class MedDelinea(LatentMaskMethod):
     """Control DiT + DiT in latent space, ε-prediction, Tweedie x0, BCE + Dice on the decoded mask."""
 
     name = "meddelinea"
+    summary = "MedDelinea: Control DiT beside a DiT, in latent space"
     default_scheduler: ClassVar[str] = "euler_ancestral"
     stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
 
@@ -213,8 +180,6 @@ class MedDelinea(Method):
             )
         except ValueError as exc:
             raise ModelError(f"meddelinea config: {exc}") from None
-        # ᾱ_t from the diffusers code the schedulers use; float64 and outside state_dict (see sdseg).
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -224,7 +189,7 @@ class MedDelinea(Method):
 
     @classmethod
     def tiny_config(cls, num_organs: int) -> dict[str, Any]:
-        return _tiny_config(num_organs)
+        return _default_config(num_organs, tiny=True)
 
     @classmethod
     def check_config(cls, cfg: dict[str, Any]) -> None:
@@ -237,63 +202,15 @@ class MedDelinea(Method):
 
     # -- geometry ------------------------------------------------------------------------
     @property
-    def size_multiple(self) -> int:
-        """Window height and width must be multiples of this (8 × the patch size)."""
-        return DOWNSAMPLE * self.config["patch_size"]
+    def latent_multiple(self) -> tuple[int, str]:
+        return self.config["patch_size"], f"patches of {self.config['patch_size']}"
 
-    def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder")
-        self._check_window_shape(x, what, self.size_multiple,
-                                 f"{DOWNSAMPLE}× autoencoder, patches of {self.config['patch_size']}")
-
-    def predicted_x0(self, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """Tweedie's formula for ε-prediction: ``Ẑ0 = (z_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ)``."""
-        return eps_to_x0(z_t, eps, alpha_bar)
-
-    # -- inference -----------------------------------------------------------------------
+    # -- inference (sampling: LatentMaskMethod.sample; steps=1 is the one-step Tweedie estimate) ------
     @torch.no_grad()
     def condition(self, images: torch.Tensor) -> torch.Tensor:
         """``Z_o``: the frozen image autoencoder's latent of each window."""
         self._check_windows(images, "images")
         return self.image_autoencoder.encode(images)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
-        c_o = self.config["image_latent_channels"]
-        if cond.ndim != 4 or cond.shape[1] != c_o:
-            raise ValueError(f"cond must have shape [B,{c_o},h,w] (from condition()), got {list(cond.shape)}")
-        b, _, h, w = cond.shape
-        p = self.config["patch_size"]
-        if h % p or w % p:
-            raise ValueError(f"cond: latent {h}×{w} is not divisible by the patch size {p}")
-        organs = self._check_organs(organ_ids, b).to(cond.device)
-        # N chains per row, batched together: row i, sample n sits at i*N + n.
-        cond_n = cond.repeat_interleave(num_samples, dim=0)
-        organs_n = organs.repeat_interleave(num_samples, dim=0)
-        z_T = randn((b * num_samples, self.config["mask_latent_channels"], h, w), generator, cond.device, cond.dtype)
-
-        def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(z, t, cond_n, organs_n)
-
-        if steps == 1:  # one-step Tweedie estimate from pure noise at the last training timestep
-            t = torch.full((z_T.shape[0],), self.config["num_train_timesteps"] - 1, device=z_T.device, dtype=torch.long)
-            eps = predict(z_T, t).to(torch.float32)
-            z0 = self.predicted_x0(z_T.to(torch.float32), eps, self._alpha_bar(t, z_T.device))
-            z0 = z0.clamp(-LATENT_RANGE, LATENT_RANGE).to(z_T.dtype)
-        else:
-            z0 = run_reverse(predict, z_T, scheduler, steps, generator, prediction_type="epsilon", clip=LATENT_RANGE,
-                             **self._schedule())
-        logits = self.mask_autoencoder.decode(z0)
-        return torch.sigmoid(logits.to(torch.float32)).view(b, num_samples, h * DOWNSAMPLE, w * DOWNSAMPLE)
 
     # -- training ------------------------------------------------------------------------
     #: What :meth:`load_pretrained` takes from another model: everything but the Control DiT.
@@ -327,32 +244,19 @@ class MedDelinea(Method):
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         c = self.config
-        if stage == "autoencoder":
+        if self._check_stage(stage) == "autoencoder":
             return list(self.mask_autoencoder.parameters()) + list(self.image_autoencoder.parameters())
-        if stage == "denoiser":
-            params = list(self.denoiser.control.parameters())
-            if not c["freeze_dit"]:
-                params += list(self.denoiser.dit.parameters())
-            params += list(self.mask_autoencoder.decoder.head.parameters())  # the decoder's last layer
-            if not c["freeze_image_encoder"]:
-                params += list(self.image_autoencoder.encoder.parameters())
-            return params
-        raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        params = list(self.denoiser.control.parameters())
+        if not c["freeze_dit"]:
+            params += list(self.denoiser.dit.parameters())
+        params += list(self.mask_autoencoder.decoder.head.parameters())  # the decoder's last layer
+        if not c["freeze_image_encoder"]:
+            params += list(self.image_autoencoder.encoder.parameters())
+        return params
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
-        stage = self._check_stage(stage)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
         c = self.config
-        self._check_windows(masks, "masks")
-        self._check_windows(images, "images")
-        if images.shape != masks.shape:
-            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+        organs = self._check_batch(images, masks, organ_ids)
         masks = masks.to(torch.float32)
         if stage == "autoencoder":
             m = self.mask_autoencoder.loss(masks)
@@ -360,19 +264,9 @@ class MedDelinea(Method):
             loss = m["loss"] + c["image_loss_weight"] * i["loss"]
             return {"loss": loss, "mask_bce": m["bce"], "mask_dice": m["dice"], "image_l1": i["l1"]}
 
-        b = images.shape[0]
-        organs = self._check_organs(organ_ids, b).to(images.device)
-        with torch.no_grad():  # the mask autoencoder is frozen in this stage: it only supplies Z_m
-            z0 = self.mask_autoencoder.encode(masks).to(torch.float32)
-        if c["freeze_image_encoder"]:
-            with torch.no_grad():
-                z_o = self.image_autoencoder.encode(images)
-        else:
+        z0, t, noise, alpha_bar, z_t = self._noised_mask_latent(masks, generator)  # Z_m, noised
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not c["freeze_image_encoder"]):
             z_o = self.image_autoencoder.encode(images)
-        t = randint(c["num_train_timesteps"], (b,), generator, images.device)
-        noise = randn(z0.shape, generator, z0.device, z0.dtype)
-        alpha_bar = self._alpha_bar(t, z0.device)
-        z_t = add_noise(z0, noise, alpha_bar)
         eps = self.denoiser(z_t.to(z_o.dtype), t, z_o, organs).to(torch.float32)
         noise_mse = F.mse_loss(eps, noise)
         z0_hat = self.predicted_x0(z_t, eps, alpha_bar)  # Tweedie

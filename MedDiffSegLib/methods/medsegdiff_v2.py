@@ -42,12 +42,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ModelError
 from ..networks.medsegdiff import AnchorSpatialAttention, ConditionUNet, DiffusionUNet
-from ..sampling import add_noise, alphas_cumprod, randint, randn, run_reverse
-from .base import Method, register_method
+from .base import PIXEL_SCHEDULE, Method, register_method
 
 #: Masks are diffused as ``2·mask − 1``: x0 estimates are clipped to [-1, 1].
 MASK_RANGE = 1.0
@@ -75,6 +73,7 @@ class MedSegDiffV2(Method):
     """MedSegDiff-V2 with organ prompts (see the module docstring)."""
 
     name = "medsegdiff_v2"
+    summary = "MedSegDiff-V2: pixel-space UNet, U-SA anchor + SS-Former"
     default_scheduler = "ddim"
     stages: ClassVar[tuple[str, ...]] = ("denoiser",)
 
@@ -92,8 +91,6 @@ class MedSegDiffV2(Method):
         self.anchor_attention = AnchorSpatialAttention(
             self.condition_model.feature_channels, c["anchor_kernel_size"], c["anchor_sigma"]
         )
-        # ᾱ_t from the diffusers code the schedulers use; float64, kept out of the state dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -125,10 +122,7 @@ class MedSegDiffV2(Method):
             # reverse chains (window × organ × sample) denoised together at most; 0: all at once
             "chains_per_pass": 32,
             # pixel-space noise schedule (paper: linear, 1000 steps)
-            "num_train_timesteps": 1000,
-            "beta_schedule": "linear",
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
+            **PIXEL_SCHEDULE,
         }
 
     @classmethod
@@ -180,8 +174,8 @@ class MedSegDiffV2(Method):
         """Window height and width must be multiples of this (both UNets halve it ``levels − 1`` times)."""
         return max(self.diffusion_model.size_multiple, self.condition_model.size_multiple)
 
-    def _check_windows(self, x: torch.Tensor, what: str) -> None:
-        self._check_window_shape(x, what, self.size_multiple)
+    def _window_multiples(self) -> list[tuple[int, str]]:
+        return [(self.size_multiple, "")]
 
     # -- the condition model -------------------------------------------------------------
     def _condition_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,17 +212,7 @@ class MedSegDiffV2(Method):
         return torch.sigmoid(self.condition_model(images)[1].to(torch.float32))
 
     # -- inference -----------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: MedSegDiffCondition,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
+    def _sample(self, cond: MedSegDiffCondition, organ_ids, num_samples, steps, generator, scheduler) -> torch.Tensor:
         if not isinstance(cond, MedSegDiffCondition):
             raise ValueError(f"cond must come from {self.name}'s condition(), got {type(cond).__name__}")
         b = cond.num_rows
@@ -236,11 +220,8 @@ class MedSegDiffV2(Method):
         logits = cond.anchor_logits[cond.rows, organs][:, None]  # [b,1,H,W]: the prompted organ's attention
         semantic = cond.semantic[cond.rows]
         h, w = logits.shape[-2:]
-        # N chains per row, batched together: row i, sample n sits at i*N + n.
-        logits_n = logits.repeat_interleave(num_samples, dim=0)
-        semantic_n = semantic.repeat_interleave(num_samples, dim=0)
-        organs_n = organs.repeat_interleave(num_samples, dim=0)
-        x_T = randn((b * num_samples, 1, h, w), generator, logits.device, semantic.dtype)
+        logits_n, semantic_n, organs_n = self._per_sample(num_samples, logits, semantic, organs)
+        x_T = self._starting_noise(b, num_samples, 1, (h, w), generator, logits.device, semantic.dtype)
         # Full-resolution chains are memory-hungry: run at most `chains_per_pass` of them together, each
         # pass with its own fresh scheduler. All starting noise is drawn above, so a deterministic
         # scheduler (DDIM) gives the same result for any pass size; the stochastic ones draw their
@@ -249,41 +230,25 @@ class MedSegDiffV2(Method):
         parts = []
         for i in range(0, x_T.shape[0], chunk):
             j = slice(i, i + chunk)
-            parts.append(run_reverse(
+            parts.append(self._denoise(  # steps=1 too is the scheduler's step: no single-step path of its own
                 lambda x, t, j=j: self.diffusion_model(x, t, organs_n[j], logits_n[j], semantic_n[j]),
-                x_T[j], scheduler, steps, generator, prediction_type="epsilon", clip=MASK_RANGE, **self._schedule(),
+                x_T[j], steps, scheduler, generator, MASK_RANGE, single_step=False,
             ))
         x0 = parts[0] if len(parts) == 1 else torch.cat(parts)
         probs = (x0.to(torch.float32).clamp(-MASK_RANGE, MASK_RANGE) + 1) / 2
         return probs.view(b, num_samples, h, w)
 
     # -- training ------------------------------------------------------------------------
-    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        self._check_stage(stage)
-        return list(self.parameters())
-
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def _stage_loss(self, stage, images, masks, organ_ids, generator) -> dict[str, torch.Tensor]:
         """``MSE(ε̂, ε) + λ·(k/B)·(Dice + β·BCE)`` of the anchor on the ``k`` rows with ``t % α == 0``.
 
         The ``k/B`` factor makes the anchor term's expected weight ``λ/α`` per row, as when the
         paper adds it on every α-th timestep. ``anchor_dice``/``anchor_ce`` are reported over
         all rows (for monitoring); ``anchor_rows`` is ``k``.
         """
-        stage = self._check_stage(stage)
-        self._check_windows(images, "images")
-        self._check_windows(masks, "masks")
-        if images.shape != masks.shape:
-            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
+        organs = self._check_batch(images, masks, organ_ids)
         c = self.config
         b = images.shape[0]
-        organs = self._check_organs(organ_ids, b).to(images.device)
         rows = torch.arange(b, device=images.device)
 
         feature, anchor, semantic = self._condition_outputs(images)
@@ -291,10 +256,7 @@ class MedSegDiffV2(Method):
         attention = self.anchor_attention.logits(torch.cat([feature, torch.sigmoid(anchor_o).to(feature.dtype)], 1))
 
         target = masks.to(torch.float32)
-        x0 = target * 2 - 1
-        t = randint(c["num_train_timesteps"], (b,), generator, images.device)
-        noise = randn(x0.shape, generator, x0.device, x0.dtype)
-        x_t = add_noise(x0, noise, self._alpha_bar(t, x0.device))
+        t, noise, _, x_t = self._noised(target * 2 - 1, generator)
         eps = self.diffusion_model(x_t.to(feature.dtype), t, organs, attention, semantic).to(torch.float32)
         noise_mse = F.mse_loss(eps, noise)
 

@@ -12,9 +12,10 @@ Our extension: an organ prompt (a class embedding in the denoiser); with ``num_o
 is the paper's single-class model. The mask autoencoder here is a small binary-mask
 autoencoder trained in a first stage instead of the paper's frozen Stable Diffusion VAE.
 
-This module also holds :class:`LatentDiffusionSegmentation`, the latent-space machinery that
-``sdseg`` and ``guided`` share (image encoder, mask autoencoder, denoiser, sampling); the two
-methods differ in what the denoiser predicts and in the loss.
+This module also holds :class:`LatentDiffusionSegmentation`, the networks that ``sdseg`` and
+``guided`` share (image encoder, mask autoencoder, UNet denoiser, prompt encoder); the two methods
+differ in what the denoiser predicts and in the loss. Sampling in the mask latent is
+:class:`~MedDiffSegLib.methods.latent.LatentMaskMethod`'s, shared with ``meddelinea``.
 """
 
 from __future__ import annotations
@@ -26,44 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..networks import DOWNSAMPLE, ImageEncoder, LatentDenoiser, MaskAutoencoder
-from ..networks.prompts import PromptEncoder
-from ..sampling import (
-    DEFAULT_BETA_END,
-    DEFAULT_BETA_SCHEDULE,
-    DEFAULT_BETA_START,
-    DEFAULT_NUM_TRAIN_TIMESTEPS,
-    add_noise,
-    alphas_cumprod,
-    eps_to_x0,
-    randint,
-    randn,
-    run_reverse,
-)
 from ..errors import ModelError
-from .base import Method, register_method
+from ..networks import ImageEncoder, LatentDenoiser, MaskAutoencoder
+from ..networks.prompts import PromptEncoder
+from ..sampling import eps_to_x0
+from .base import LATENT_SCHEDULE, register_method
+from .latent import LATENT_RANGE, LatentMaskMethod, image_encoder_config, mask_autoencoder_config
 
-#: Latents of the mask autoencoder are tanh-bounded: x0 estimates are clipped to [-LATENT_RANGE, LATENT_RANGE].
-LATENT_RANGE = 1.0
+__all__ = ["LATENT_RANGE", "LatentDiffusionSegmentation", "SDSeg"]
 
 
-def _shared_default_config(num_organs: int) -> dict[str, Any]:
-    """The real-size architecture (windows of 224×224 at 2 mm → latents of 28×28 → 14 → 7)."""
-    return {
+def _shared_default_config(num_organs: int, tiny: bool = False) -> dict[str, Any]:
+    """The real-size architecture (windows of 224×224 at 2 mm → latents of 28×28 → 14 → 7), or with ``tiny``
+    one that takes milliseconds on a CPU (windows of 32×32 → latents of 4×4 → 2×2)."""
+    cfg = {
         "num_organs": int(num_organs),
         # image window channels: axial context slices (preprocessing.context_slices), 1 = 2D
         "image_channels": 1,
-        # image encoder: widths at full, /2, /4, /8 resolution; residual blocks at /2, /4, /8
-        "image_latent_channels": 32,
-        "image_encoder_channels": [16, 32, 64, 128],
-        "image_encoder_blocks": [0, 1, 1],
-        # mask autoencoder (decoder widths at /8, /4, /2, full resolution)
-        "mask_latent_channels": 4,
-        "mask_encoder_channels": [8, 16, 32, 64],
-        "mask_encoder_blocks": [0, 0, 1],
-        "mask_decoder_channels": [64, 32, 16, 8],
-        "mask_decoder_blocks": [1, 0, 0],
-        "norm_groups": 8,
+        **image_encoder_config(4 if tiny else 32, tiny),
+        **mask_autoencoder_config(tiny),
         # denoiser (MONAI DiffusionModelUNet on the latent grid)
         "unet_channels": [64, 128, 128],
         "unet_res_blocks": [1, 1, 1],
@@ -77,26 +59,11 @@ def _shared_default_config(num_organs: int) -> dict[str, Any]:
         "prompt_channels": 0,
         "prompt_encoder_channels": [16, 32, 64],
         # noise schedule (shared by training and every scheduler)
-        "num_train_timesteps": DEFAULT_NUM_TRAIN_TIMESTEPS,
-        "beta_schedule": DEFAULT_BETA_SCHEDULE,
-        "beta_start": DEFAULT_BETA_START,
-        "beta_end": DEFAULT_BETA_END,
+        **LATENT_SCHEDULE,
     }
-
-
-def _shared_tiny_config(num_organs: int) -> dict[str, Any]:
-    """Milliseconds on a CPU: windows of 32×32 → latents of 4×4 → 2×2."""
-    cfg = _shared_default_config(num_organs)
+    if not tiny:
+        return cfg
     cfg.update({
-        "image_latent_channels": 4,
-        "image_encoder_channels": [4, 8, 8, 16],
-        "image_encoder_blocks": [0, 0, 1],
-        "mask_latent_channels": 4,
-        "mask_encoder_channels": [4, 8, 8, 16],
-        "mask_encoder_blocks": [0, 0, 0],
-        "mask_decoder_channels": [16, 8, 8, 4],
-        "mask_decoder_blocks": [0, 0, 0],
-        "norm_groups": 4,
         "unet_channels": [16, 16],
         "unet_res_blocks": [1, 1],
         "unet_attention_levels": [False, True],
@@ -109,7 +76,7 @@ def _shared_tiny_config(num_organs: int) -> dict[str, Any]:
     return cfg
 
 
-class LatentDiffusionSegmentation(Method):
+class LatentDiffusionSegmentation(LatentMaskMethod):
     """Latent diffusion over a binary-mask autoencoder's latent, conditioned on an image latent.
 
     Submodules: ``image_encoder`` (window → image latent, trained with the denoiser),
@@ -119,8 +86,6 @@ class LatentDiffusionSegmentation(Method):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("autoencoder", "denoiser")
-    #: What the denoiser predicts: "epsilon" (noise) or "sample" (z0).
-    prediction_type: ClassVar[str] = "epsilon"
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(self.normalise_config(config))
@@ -141,9 +106,6 @@ class LatentDiffusionSegmentation(Method):
         # Interactive prompts: encoded on their own and added to the image latent (zero in, zero out).
         self.prompt_encoder = (PromptEncoder(c["prompt_channels"], c["image_latent_channels"], c["prompt_encoder_channels"])
                                if c["prompt_channels"] > 0 else None)
-        # ᾱ_t from the same diffusers code the schedulers use; a plain attribute (not a buffer) so
-        # that it stays float64 whatever dtype the module is cast to, and stays out of state_dict.
-        self._alphas_cumprod = alphas_cumprod(**self._schedule()).to(torch.float64)
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -155,7 +117,7 @@ class LatentDiffusionSegmentation(Method):
 
     @classmethod
     def tiny_config(cls, num_organs: int) -> dict[str, Any]:
-        cfg = _shared_tiny_config(num_organs)
+        cfg = _shared_default_config(num_organs, tiny=True)
         cfg.update(cls._method_defaults())
         return cfg
 
@@ -166,73 +128,14 @@ class LatentDiffusionSegmentation(Method):
 
     # -- geometry ------------------------------------------------------------------------
     @property
-    def size_multiple(self) -> int:
-        """Window height and width must be multiples of this (8 × the UNet's downsampling)."""
-        return DOWNSAMPLE * self.denoiser.size_multiple
-
-    def _check_windows(self, x: torch.Tensor, what: str, channels: int = 1) -> None:
-        self._check_window_shape(x, what, DOWNSAMPLE, f"{DOWNSAMPLE}× autoencoder", channels)
-        self._check_window_shape(x, what, self.size_multiple,
-                                 f"{DOWNSAMPLE}× autoencoder, {self.denoiser.size_multiple}× UNet", channels)
+    def latent_multiple(self) -> tuple[int, str]:
+        return self.denoiser.size_multiple, f"{self.denoiser.size_multiple}× UNet"
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
     def condition(self, images: torch.Tensor) -> torch.Tensor:
         self._check_windows(images, "images", self.image_channels)
         return self.image_encoder(images)
-
-    def _with_prompts(self, image_latent: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-        """The image latent of each row plus its encoded prompts (unchanged without prompts)."""
-        if prompts is None:
-            return image_latent
-        b, _, h, w = image_latent.shape
-        self._check_prompts(prompts, b, h * DOWNSAMPLE, w * DOWNSAMPLE)
-        return image_latent + self.prompt_encoder(prompts.to(image_latent.dtype))
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        organ_ids: torch.Tensor,
-        num_samples: int,
-        steps: int,
-        generator: torch.Generator | None,
-        scheduler: str | None = None,
-        prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        num_samples, steps, scheduler = self._check_sampling(num_samples, steps, scheduler)
-        if cond.ndim != 4 or cond.shape[1] != self.config["image_latent_channels"]:
-            raise ValueError(
-                f"cond must have shape [B,{self.config['image_latent_channels']},h,w] (from condition()), got {list(cond.shape)}"
-            )
-        b, _, h, w = cond.shape
-        organs = self._check_organs(organ_ids, b).to(cond.device)
-        cond = self._with_prompts(cond, prompts)
-        # N chains per row, batched together: row i, sample n sits at i*N + n.
-        cond_n = cond.repeat_interleave(num_samples, dim=0)
-        organs_n = organs.repeat_interleave(num_samples, dim=0)
-        z_T = randn((b * num_samples, self.config["mask_latent_channels"], h, w), generator, cond.device, cond.dtype)
-        if steps == 1:
-            z0 = self._single_step(z_T, cond_n, organs_n)
-        else:
-            z0 = run_reverse(
-                lambda z, t: self.denoiser(z, t, cond_n, organs_n),
-                z_T, scheduler, steps, generator,
-                prediction_type=self.prediction_type, clip=LATENT_RANGE, **self._schedule(),
-            )
-        logits = self.mask_autoencoder.decode(z0)
-        return torch.sigmoid(logits.to(torch.float32)).view(b, num_samples, h * DOWNSAMPLE, w * DOWNSAMPLE)
-
-    def _single_step(self, z_T: torch.Tensor, cond: torch.Tensor, organs: torch.Tensor) -> torch.Tensor:
-        """One reverse step from pure noise at the last training timestep, straight to z0."""
-        t = torch.full((z_T.shape[0],), self.config["num_train_timesteps"] - 1, device=z_T.device, dtype=torch.long)
-        pred = self.denoiser(z_T, t, cond, organs).to(torch.float32)
-        z0 = self.predicted_x0(z_T.to(torch.float32), pred, self._alpha_bar(t, z_T.device))
-        return z0.clamp(-LATENT_RANGE, LATENT_RANGE).to(z_T.dtype)
-
-    @abc.abstractmethod
-    def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """The z0 estimate implied by the denoiser's ``prediction`` at ``z_t`` (``alpha_bar`` per row)."""
 
     # -- starting from another model -------------------------------------------------------
     def load_pretrained(self, path, organs: list[str] | None = None) -> dict[str, Any]:
@@ -297,38 +200,18 @@ class LatentDiffusionSegmentation(Method):
 
     # -- training ------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        if stage == "autoencoder":
+        if self._check_stage(stage) == "autoencoder":
             return list(self.mask_autoencoder.parameters())
-        if stage == "denoiser":
-            extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
-            return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
-        raise ValueError(f"unknown stage {stage!r}; {self.name} trains in stages: {', '.join(self.stages)}")
+        extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
+        return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
 
-    def training_loss(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        organ_ids: torch.Tensor,
-        generator: torch.Generator | None = None,
-        stage: str | None = None,
-        prompts: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        stage = self._check_stage(stage)
+    def _stage_loss(self, stage, images, masks, organ_ids, generator, prompts=None) -> dict[str, torch.Tensor]:
         self._check_windows(masks, "masks")
         if stage == "autoencoder":
             return self.mask_autoencoder.loss(masks)
-        self._check_windows(images, "images", self.image_channels)
-        if images.shape[-2:] != masks.shape[-2:] or images.shape[0] != masks.shape[0]:
-            raise ValueError(f"images {list(images.shape)} and masks {list(masks.shape)} differ in shape")
-        b = images.shape[0]
-        organs = self._check_organs(organ_ids, b).to(images.device)
-        with torch.no_grad():  # the mask autoencoder is frozen in this stage: it only supplies z0
-            z0 = self.mask_autoencoder.encode(masks).to(torch.float32)
+        organs = self._check_batch(images, masks, organ_ids)
+        z0, t, noise, alpha_bar, z_t = self._noised_mask_latent(masks, generator)
         image_latent = self._with_prompts(self.image_encoder(images), prompts)
-        t = randint(self.config["num_train_timesteps"], (b,), generator, images.device)
-        noise = randn(z0.shape, generator, z0.device, z0.dtype)
-        alpha_bar = self._alpha_bar(t, z0.device)
-        z_t = add_noise(z0, noise, alpha_bar)
         pred = self.denoiser(z_t.to(image_latent.dtype), t, image_latent, organs).to(torch.float32)
         return self.denoiser_loss(z0, z_t, noise, pred, alpha_bar)
 
@@ -347,14 +230,12 @@ class SDSeg(LatentDiffusionSegmentation):
     """
 
     name = "sdseg"
+    summary = "SDSeg: latent diffusion, one reverse step (latent estimation)"
     prediction_type = "epsilon"
 
     @classmethod
     def _method_defaults(cls) -> dict[str, Any]:
         return {"latent_loss_weight": 1.0}
-
-    def predicted_x0(self, z_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        return eps_to_x0(z_t, prediction, alpha_bar)
 
     def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
         noise_mse = F.mse_loss(prediction, noise)

@@ -5,6 +5,8 @@ Importing this package does not import torch: :mod:`.store` (finding, installing
 ``save_package``, which need the preprocessing spec and so torch) on first use of one of its
 names. ``from MedDiffSegLib.registry import ModelPackage`` works as before. :mod:`.card` turns what a
 ``model.json`` records into short text (scores, training data) for ``models info`` and the Slicer module.
+:mod:`.catalogue` lists the packages published as zips (not shipped with the Slicer extension) and
+installs them by name from a configurable base URL (a hospital's mirror).
 """
 
 from .store import (
@@ -35,6 +37,7 @@ from .store import (
     update_package,
     user_models_dir,
 )
+from .catalogue import install_from_catalogue, load_catalogue
 
 #: Names served by :mod:`.package`, imported when first asked for (it imports torch).
 _FROM_PACKAGE = ("DEFAULT_INFERENCE", "ModelPackage", "Organ", "save_package")
@@ -60,5 +63,5 @@ __all__ = [
     "default_model_for", "default_package_info", "download", "export_zip", "install_package", "install_zip",
     "list_package_infos", "list_packages", "meddiffseg_home", "models_for_modality", "package_info",
     "package_origin", "read_package_info", "remove_package", "resolve_model", "scan_package_infos",
-    "scan_packages", "update_package", "user_models_dir",
+    "scan_packages", "update_package", "user_models_dir", "install_from_catalogue", "load_catalogue",
 ]

@@ -78,3 +78,28 @@ def data_text(provenance: Any) -> str:
     if isinstance(data, list):
         return ", ".join(_entry_text(e) for e in data)
     return str(data)
+
+
+def method_summaries() -> dict[str, str]:
+    """``{method name: its one-line summary}`` of the library's methods, sorted by name.
+
+    Read from the source of ``MedDiffSegLib/methods/`` (the string literals ``name`` and ``summary`` of
+    each ``@register_method`` class) without importing it: the methods import torch, and ``meddiffseg
+    train --help`` and the 3D Slicer module's model list run without it.
+    """
+    import ast
+    from pathlib import Path
+
+    found: dict[str, str] = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "methods").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef) or not any(
+                    isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list):
+                continue
+            values = {t.id: stmt.value.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                      and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+                      for t in stmt.targets if isinstance(t, ast.Name)}
+            if values.get("name"):
+                found[values["name"]] = values.get("summary", "")
+    return dict(sorted(found.items()))

@@ -40,7 +40,12 @@ progress callback, size-bounded, cancellable; a URL needs the zip's sha256, chec
 archive is opened), :func:`update_package` replaces an installed package by a newer version of
 the same name (from a zip or URL), :func:`remove_package` deletes a user package (built-ins are
 part of the library and cannot be removed). Model weights can so be published outside the
-repository (a release asset, an institutional file server) with their sha256.
+repository (a release asset, an institutional file server) with their sha256; :mod:`.catalogue`
+lists the packages published so and installs them by name.
+
+**Reproducible zips.** :func:`export_zip` writes the same bytes for the same package files, wherever
+and whenever it runs (fixed member order, timestamps and permissions, no compression), so a
+published zip's sha256 can be checked against a fresh export of the package.
 """
 
 from __future__ import annotations
@@ -84,8 +89,10 @@ FORMAT_VERSION = 1
 #: (``DEFAULT_MODELS`` / ``FALLBACK_MODELS``: ``abdomen-ct-guided``, the CT default until 2026-12-01 and no
 #: longer shipped, is still used for CT when a user installed it and ``abdomen-ct`` is missing).
 DEFAULT_MODEL = "abdomen-ct"
-#: Files copied into an exported zip (when present).
+#: Files copied into an exported zip (when present), in this order.
 PACKAGE_FILES = (MODEL_JSON, WEIGHTS, "MODEL_CARD.md")
+#: The timestamp of every member of an exported zip (the earliest a zip can hold), so that exports are reproducible.
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 #: Upper bound on the total uncompressed size of a package zip (guards against zip bombs).
 MAX_UNCOMPRESSED_BYTES = 16 * 1024**3
 
@@ -452,11 +459,15 @@ def package_info(name_or_path: str | os.PathLike | None = None) -> PackageInfo:
 # -- zip export / install ----------------------------------------------------------------------
 
 
-def export_zip(package: ModelPackage | str | os.PathLike, out_zip: str | os.PathLike) -> Path:
-    """Write ``package`` (a ModelPackage, a name or a folder) as ``out_zip`` with one top folder ``<name>/``.
+def export_zip(package: ModelPackage | PackageInfo | str | os.PathLike, out_zip: str | os.PathLike) -> Path:
+    """Write ``package`` (a ModelPackage or PackageInfo, a name or a folder) as ``out_zip`` with one top folder
+    ``<name>/``.
 
     The weights are verified first so a corrupt package is never passed on. Written to a temp
-    name beside ``out_zip`` and renamed into place.
+    name beside ``out_zip`` and renamed into place. The zip is reproducible: the same package files
+    give the same bytes (members in :data:`PACKAGE_FILES` order, stored uncompressed, dated
+    :data:`ZIP_DATE_TIME`, mode 0644, made on "Unix"), whatever the files' times and modes, the
+    platform or the zlib, so that its sha256 can be published and checked (:mod:`.catalogue`).
     """
     if isinstance(package, (str, os.PathLike)):
         package = resolve_model(package)
@@ -466,13 +477,17 @@ def export_zip(package: ModelPackage | str | os.PathLike, out_zip: str | os.Path
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_zip.name}.", suffix=".tmp", dir=out_zip.parent)
     os.close(fd)
     try:
-        with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zipfile.ZipFile(tmp_name, "w") as zf:
             for fname in PACKAGE_FILES:
                 src = Path(package.path) / fname
                 if src.is_file():
-                    # Weights barely compress; store them to keep export/install fast.
-                    ctype = zipfile.ZIP_STORED if fname == WEIGHTS else zipfile.ZIP_DEFLATED
-                    zf.write(src, f"{package.name}/{fname}", compress_type=ctype)
+                    member = zipfile.ZipInfo(f"{package.name}/{fname}", date_time=ZIP_DATE_TIME)
+                    member.compress_type = zipfile.ZIP_STORED  # weights barely compress; deflate varies with zlib
+                    member.create_system = 3  # "Unix", wherever it runs (the default is 0 on Windows)
+                    member.external_attr = (stat.S_IFREG | 0o644) << 16
+                    member.file_size = src.stat().st_size
+                    with open(src, "rb") as f, zf.open(member, "w") as out:
+                        shutil.copyfileobj(f, out, 1 << 20)
         os.replace(tmp_name, out_zip)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -552,15 +567,22 @@ def is_url(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
+class NetworkError(ModelError):
+    """A download failed on the network: the server could not be reached, refused or broke off."""
+
+
 def download(url: str, dest: str | os.PathLike, sha256: str | None, *, progress: ProgressCallback | None = None,
              should_cancel: Callable[[], bool] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
-             max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+             max_bytes: int = MAX_DOWNLOAD_BYTES, expect_size: int | None = None) -> Path:
     """Download ``url`` (http or https) to ``dest`` and check its sha256 while it streams.
 
-    Raises :class:`ModelError` on a network error, a response larger than ``max_bytes``, a wrong
-    hash (the file is then removed) and :class:`~MedDiffSegLib.errors.Cancelled` when
-    ``should_cancel()`` turns true; ``timeout`` bounds each connect and read.
+    Raises :class:`NetworkError` (a :class:`ModelError`) when the server cannot be reached or breaks
+    off, :class:`ModelError` on a response larger than ``max_bytes``, of another size than
+    ``expect_size`` (when given: a truncated download says so) or with a wrong hash (the file is
+    then removed), and :class:`~MedDiffSegLib.errors.Cancelled` when ``should_cancel()`` turns true;
+    ``timeout`` bounds each connect and read.
     """
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -571,7 +593,10 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None, *, progress:
         raise ModelError(f"only http:// and https:// URLs can be downloaded, got {url!r}")
     dest = Path(dest)
     h = hashlib.sha256()
-    done = 0
+    done, total = 0, None
+    limit, limit_text = max_bytes, f"the {max_bytes} bytes allowed for a model package"
+    if expect_size is not None:
+        limit, limit_text = min(max_bytes, expect_size), f"the {expect_size} bytes expected"
     request = urllib.request.Request(url, headers={"User-Agent": "MedDiffSeg model installer"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "xb") as out:
@@ -579,6 +604,10 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None, *, progress:
             total = int(length) if length and length.isdigit() else None
             if total is not None and total > max_bytes:
                 raise ModelError(f"{url} is {total} bytes, more than the {max_bytes} allowed for a model package")
+            if expect_size is not None:
+                if total is not None and total != expect_size:
+                    raise ModelError(f"{url} is {total} bytes, not the {expect_size} expected; not installed")
+                total = expect_size
             if progress is not None:
                 progress("download", 0.0 if total else -1.0, f"downloading {url}")
             while True:
@@ -588,22 +617,26 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None, *, progress:
                 if not block:
                     break
                 done += len(block)
-                if done > max_bytes:
-                    raise ModelError(f"{url} sends more than the {max_bytes} bytes allowed for a model package")
+                if done > limit:
+                    raise ModelError(f"{url} sends more than {limit_text}; not installed")
                 h.update(block)
                 out.write(block)
                 if progress is not None:
                     progress("download", done / total if total else -1.0, f"{done / 1e6:.1f} MB"
                              + (f" of {total / 1e6:.1f} MB" if total else ""))
         if total is not None and done != total:
-            raise ModelError(f"the download of {url} stopped after {done} of {total} bytes")
+            raise ModelError(f"the download of {url} stopped after {done} of {total} bytes (truncated); not installed")
     except (ModelError, Cancelled):
         dest.unlink(missing_ok=True)
         raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except http.client.IncompleteRead as exc:  # the server closed the connection before the announced length
+        dest.unlink(missing_ok=True)
+        raise ModelError(f"the download of {url} stopped after {done + len(exc.partial)} of "
+                         f"{total if total is not None else '?'} bytes (truncated); not installed") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         dest.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
-        raise ModelError(f"cannot download {url}: {reason}") from None
+        raise NetworkError(f"cannot download {url}: {reason}") from None
     actual = h.hexdigest()
     if actual != expected:
         dest.unlink(missing_ok=True)
@@ -633,7 +666,8 @@ def is_newer(version: str, than: str) -> bool:
 def install_package(source: str | os.PathLike, sha256: str | None = None, force: bool = False, *,
                     progress: ProgressCallback | None = None, should_cancel: Callable[[], bool] | None = None,
                     full_check: bool = True, expect_name: str | None = None,
-                    require_newer_than: str | None = None) -> PackageInfo:
+                    require_newer_than: str | None = None, expect_version: str | None = None,
+                    expect_size: int | None = None) -> PackageInfo:
     """Install a package from a local zip or an http(s) URL into the user models folder.
 
     ``sha256``: the expected hex digest of the zip itself (required for a URL, checked before the
@@ -641,7 +675,8 @@ def install_package(source: str | os.PathLike, sha256: str | None = None, force:
     ``full_check``: also parse the package with the library (its preprocessing spec and method:
     imports torch); without it (the Slicer module's process) the method is checked when the model
     first runs. ``expect_name`` / ``require_newer_than``: what :func:`update_package` asks of the
-    new package. A failed or cancelled install leaves the models folder as it was.
+    new package; ``expect_version`` / ``expect_size`` (of a downloaded zip, in bytes): what a
+    catalogue entry says. A failed or cancelled install leaves the models folder as it was.
     """
     def report(stage: str, fraction: float, message: str) -> None:
         if progress is not None:
@@ -658,7 +693,7 @@ def install_package(source: str | os.PathLike, sha256: str | None = None, force:
     try:
         if is_url(source):
             zip_path = download(str(source), staging / "package.zip", sha256, progress=progress,
-                                should_cancel=should_cancel)
+                                should_cancel=should_cancel, expect_size=expect_size)
         else:
             zip_path = Path(source).expanduser()
             if not zip_path.is_file():
@@ -685,6 +720,8 @@ def install_package(source: str | os.PathLike, sha256: str | None = None, force:
                              "(letters, digits, '.', '_' and '-' only)")
         if expect_name is not None and info.name != expect_name:
             raise ModelError(f"the package holds model {info.name!r}, not {expect_name!r}; not installed")
+        if expect_version is not None and info.version != expect_version:
+            raise ModelError(f"the package holds {info.name} {info.version}, not version {expect_version}; not installed")
         if require_newer_than is not None and not is_newer(info.version, require_newer_than):
             raise ModelError(f"the package holds {info.name} {info.version}, which is not newer than the installed "
                              f"{require_newer_than}; not installed (use --allow-downgrade to install it anyway)")

@@ -1,4 +1,8 @@
-"""``meddelinea``: Control DiT beside a DiT in latent space (tiny random models, CPU)."""
+"""``meddelinea``: Control DiT beside a DiT in latent space (tiny random models, CPU).
+
+The contract every method keeps (sampling with every scheduler, seeds, conditions, argument checks,
+losses, configs) is ``test_method_contract.py``; this file tests what is particular to MedDelinea.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from MedDiffSegLib.errors import ModelError
-from MedDiffSegLib.methods.base import _METHODS, available_methods, build_method
+from MedDiffSegLib.methods.base import _METHODS, build_method
 from MedDiffSegLib.methods.meddelinea import PAPER_SHAPE, MedDelinea
 from MedDiffSegLib.networks.dit import ControlledDiT, DiT
-from MedDiffSegLib.sampling import SCHEDULERS, add_noise, alphas_cumprod
-from tinymodels import make_tiny_package
+from MedDiffSegLib.sampling import SCHEDULERS, alphas_cumprod
+from tinymodels import make_tiny_package, tiny_method, wake_control
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAME = "meddelinea"
 ALL_SCHEDULERS = ["euler_ancestral", "ddim", "dpmsolver++", "unipc", "lms", "ddpm"]
 B, H, W = 2, 32, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run faster on one thread, and do not spin against other processes on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _build(num_organs: int = 2, seed: int = 0, **overrides) -> MedDelinea:
-    assert NAME in available_methods()
-    torch.manual_seed(seed)
-    return build_method(NAME, {**_METHODS[NAME].tiny_config(num_organs), **overrides}).eval()
+    return tiny_method(NAME, num_organs, seed, **overrides).eval()
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -44,27 +39,8 @@ def method():
     return _build()
 
 
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(B, 1, H, W, generator=_gen(123)) * 2 - 1
-
-
-@pytest.fixture(scope="module")
-def masks():
-    return (torch.rand(B, 1, H, W, generator=_gen(2)) > 0.5).float()
-
-
 def _control_zero_layers(m: MedDelinea) -> list[torch.nn.Module]:
     return [m.denoiser.control.cond_zero_conv, *m.denoiser.control.zero_proj]
-
-
-def _wake_control(m: MedDelinea, seed: int = 7) -> None:
-    """Give the zero-initialised control layers small random weights (as after some training)."""
-    g = _gen(seed)
-    with torch.no_grad():
-        for layer in _control_zero_layers(m):
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def _train_mode_for(m: MedDelinea, stage: str) -> None:
@@ -88,81 +64,14 @@ def test_registered_with_paper_defaults():
     assert 1 <= cfg["control_depth"] <= cfg["dit_depth"]
 
 
-@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
-@pytest.mark.parametrize("steps", [1, 4])
-def test_sample_every_scheduler_shape_range_and_seeds(method, images, scheduler, steps):
+def test_malformed_conditions_are_refused(method, images):
     cond = method.condition(images)
-    organs = torch.tensor([1, 0])
-    a = method.sample(cond, organs, 3, steps, _gen(5), scheduler)
-    assert a.shape == (B, 3, H, W) and a.dtype == torch.float32
-    assert torch.isfinite(a).all() and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
-    b = method.sample(cond, organs, 3, steps, _gen(5), scheduler)  # a second call: no scheduler state leaks
-    c = method.sample(cond, organs, 3, steps, _gen(6), scheduler)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    assert not torch.equal(a[:, 0], a[:, 1])  # the N chains of one row are different samples
-    assert torch.equal(method(images, organs, 3, steps, _gen(5), scheduler), a)  # forward = condition + sample
-
-
-def test_default_scheduler_is_euler_ancestral(method, images):
-    cond = method.condition(images)
-    organs = torch.tensor([0, 1])
-    default = method.sample(cond, organs, 2, 3, _gen(1))
-    assert torch.equal(default, method.sample(cond, organs, 2, 3, _gen(1), "euler_ancestral"))
-    assert not torch.equal(default, method.sample(cond, organs, 2, 3, _gen(1), "ddim"))
-
-
-@pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc", "lms"])
-def test_history_schedulers_are_fresh_per_call(method, images, scheduler):
-    cond = method.condition(images)
-    organs = torch.tensor([0, 1])
-    first = method.sample(cond, organs, 2, 5, _gen(1), scheduler)
-    method.sample(cond, organs, 4, 3, _gen(2), scheduler)  # a different run in between
-    assert torch.equal(first, method.sample(cond, organs, 2, 5, _gen(1), scheduler))
-
-
-def test_condition_reuse_is_exact(images):
-    m = _build()
-    _wake_control(m)  # so that the image matters
-    cond = m.condition(images)
-    expanded = m.expand_condition(cond, 2)
-    organs = torch.tensor([0, 1] * B)  # window-major, organ-minor (repeat_interleave)
-    for steps in (1, 3):
-        reused = m.sample(expanded, organs, 2, steps, _gen(9), None)
-        direct = m(images.repeat_interleave(2, dim=0), organs, 2, steps, _gen(9))
-        torch.testing.assert_close(reused, direct, rtol=0, atol=1e-5)
-    assert m.expand_condition(cond, 1) is cond
-
-
-def test_organ_prompt_changes_the_output(method, images):
-    cond = method.condition(images)
-    a = method.sample(cond, torch.tensor([0, 0]), 1, 1, _gen(3))
-    b = method.sample(cond, torch.tensor([1, 1]), 1, 1, _gen(3))
-    assert not torch.equal(a, b)
-
-
-def test_input_validation(method, images):
-    with pytest.raises(ValueError, match="divisible by 8"):
-        method.condition(torch.zeros(1, 1, 36, 32))
-    with pytest.raises(ValueError, match="divisible by 16"):  # patch 2 on the 8× latent
-        method.condition(torch.zeros(1, 1, 40, 32))
-    with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
-        method.condition(torch.zeros(1, 2, 32, 32))
-    cond = method.condition(images)
-    with pytest.raises(ValueError, match="organ"):
-        method.sample(cond, torch.tensor([0, 2]), 1, 1, None)
-    with pytest.raises(ValueError, match="organ_ids"):
-        method.sample(cond, torch.tensor([0]), 1, 1, None)
-    with pytest.raises(ValueError, match="valid schedulers"):
-        method.sample(cond, torch.tensor([0, 1]), 1, 2, None, "heun")
-    with pytest.raises(ValueError):
-        method.sample(cond, torch.tensor([0, 1]), 0, 1, None)
-    with pytest.raises(ValueError, match="cond"):
+    with pytest.raises(ValueError, match=r"cond must have shape \[B,4,h,w\]"):
         method.sample(cond[:, :2], torch.tensor([0, 1]), 1, 1, None)
-    with pytest.raises(ValueError, match="stage"):
-        method.training_loss(images, torch.zeros(B, 1, H, W), torch.tensor([0, 1]), stage="nope")
-    with pytest.raises(ValueError):
-        method.training_loss(images, torch.zeros(B, 1, 24, 24), torch.tensor([0, 1]), stage="autoencoder")
+    with pytest.raises(ValueError, match="not divisible by 2 \\(patches of 2\\)"):
+        method.sample(torch.zeros(2, 4, 4, 5), torch.tensor([0, 1]), 1, 1, None)
+    with pytest.raises(ValueError, match="takes no interactive prompts"):
+        method.sample(cond, torch.tensor([0, 1]), 1, 1, None, prompts=torch.zeros(2, 4, H, W))
 
 
 # -- zero-initialised control path ----------------------------------------------------------------
@@ -196,7 +105,7 @@ def test_control_path_changes_nothing_at_initialisation(overrides, images):
 def test_woken_control_path_is_live(images):
     """Once the zero layers have weights, the control residuals reach the DiT and the image matters."""
     m = _build(seed=4)
-    _wake_control(m)
+    wake_control(m)
     g = _gen(0)
     z = torch.randn(2, 4, 4, 4, generator=g)
     cond = m.condition(images)
@@ -288,7 +197,7 @@ def test_stage_parameters():
 
 def test_trainable_image_encoder_gets_gradients(images, masks):
     m = _build(seed=1, freeze_image_encoder=False)
-    _wake_control(m)
+    wake_control(m)
     _train_mode_for(m, "denoiser")
     m.training_loss(images, masks, torch.tensor([0, 1]), _gen(3))["loss"].backward()
     assert _grad_sum(m.image_autoencoder.encoder.parameters()) > 0
@@ -304,15 +213,6 @@ def test_autoencoder_stage(images, masks):
     assert _grad_sum(m.image_autoencoder.parameters()) > 0 and _grad_sum(m.mask_autoencoder.parameters()) > 0
     assert all(p.grad is None for p in m.denoiser.parameters())
     assert set(m.training_loss(images, masks, torch.tensor([0, 1]), _gen(3))) == {"loss", "noise_mse", "bce", "dice"}
-
-
-def test_training_loss_follows_the_generator(method, images, masks):
-    organs = torch.tensor([0, 1])
-    with torch.no_grad():
-        a = method.training_loss(images, masks, organs, _gen(3))["loss"]
-        b = method.training_loss(images, masks, organs, _gen(3))["loss"]
-        c = method.training_loss(images, masks, organs, _gen(4))["loss"]
-    assert float(a) == float(b) and float(a) != float(c)
 
 
 def test_denoiser_stage_learns():
@@ -335,19 +235,6 @@ def test_denoiser_stage_learns():
 
 
 # -- Tweedie -----------------------------------------------------------------------------------------
-def test_tweedie_x0_is_exact_for_the_true_noise():
-    m = _build()
-    g = _gen(0)
-    z0 = torch.rand(4, 4, 4, 4, generator=g) * 2 - 1
-    eps = torch.randn(4, 4, 4, 4, generator=g)
-    t = torch.tensor([0, 250, 700, 999])
-    a = m._alpha_bar(t, z0.device)
-    z_t = add_noise(z0, eps, a)
-    torch.testing.assert_close(m.predicted_x0(z_t, eps, a), z0, rtol=0, atol=2e-4)
-    # ᾱ comes from the diffusers schedule the samplers use
-    torch.testing.assert_close(m._alpha_bar(torch.arange(1000), z0.device), alphas_cumprod(), rtol=0, atol=1e-7)
-
-
 class _Fake(torch.nn.Module):
     def __init__(self, fn):
         super().__init__()
@@ -397,32 +284,9 @@ def test_sampling_ends_on_the_z0_an_exact_noise_prediction_implies(scheduler, im
         torch.testing.assert_close(probs, expected.expand_as(probs), rtol=0, atol=1e-3)
 
 
-# -- configs and persistence -------------------------------------------------------------------------
-def test_config_round_trip_and_safetensors(images, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    m = _build(seed=11)
-    _wake_control(m)
-    cfg = json.loads(json.dumps(m.config))  # as stored in model.json
-    assert cfg == m.config
-    path = tmp_path / "w.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(path))
-    torch.manual_seed(999)  # a different init: the weights must come from the file
-    m2 = build_method(NAME, cfg).eval()
-    assert m2.config == m.config
-    m2.load_state_dict(load_file(str(path)), strict=True)
-    organs = torch.tensor([1, 0])
-    for steps, sched in ((1, None), (3, None), (3, "lms"), (2, "dpmsolver++")):
-        torch.testing.assert_close(m(images, organs, 2, steps, _gen(0), sched),
-                                   m2(images, organs, 2, steps, _gen(0), sched), rtol=0, atol=0)
-
-
-def test_config_validation_and_defaults():
+# -- configs -------------------------------------------------------------------------------------------
+def test_config_validation():
     cls = _METHODS[NAME]
-    with pytest.raises(ModelError, match="unknown keys"):
-        build_method(NAME, {**cls.tiny_config(1), "dit_widht": 8})
-    with pytest.raises(ModelError, match="num_organs"):
-        build_method(NAME, {k: v for k, v in cls.tiny_config(1).items() if k != "num_organs"})
     with pytest.raises(ModelError, match="control_depth"):
         build_method(NAME, {**cls.tiny_config(1), "control_depth": 4})
     with pytest.raises(ModelError, match="heads"):
@@ -431,25 +295,14 @@ def test_config_validation_and_defaults():
         build_method(NAME, {**cls.tiny_config(1), "freeze_dit": "yes"})
     with pytest.raises(ModelError, match="integer"):
         build_method(NAME, {**cls.tiny_config(1), "dit_depth": 2.5})
-    tiny = cls.tiny_config(3)
-    assert tiny["num_organs"] == 3 and set(tiny) == set(cls.default_config(3))
-    # a partial config is completed from the defaults, and the completed one is what is stored
-    arch = {k: tiny[k] for k in tiny if k.startswith(("dit", "control", "image", "mask", "norm", "mlp", "adaln"))}
-    assert build_method(NAME, {**arch, "num_organs": 3}).config == tiny
-    # tuples normalise to JSON lists
-    m = build_method(NAME, {**tiny, "mask_decoder_channels": (16, 8, 8, 4), "freeze_dit": 1})
-    assert m.config["mask_decoder_channels"] == [16, 8, 8, 4] and m.config["freeze_dit"] is True
+    assert build_method(NAME, {**cls.tiny_config(1), "freeze_dit": 1}).config["freeze_dit"] is True
 
 
 def test_default_config_geometry():
-    """The real config takes 224×224 windows (latent 28 → 14×14 tokens) and rejects sizes it cannot patch."""
+    """The real config: 224×224 windows give latents of 28 → 14×14 tokens; 200×200 (25-pixel latents) cannot be patched."""
     torch.manual_seed(0)
-    m = build_method(NAME, _METHODS[NAME].default_config(4)).eval()
-    assert m.size_multiple == 16
-    probs = m(torch.zeros(1, 1, 224, 224), torch.tensor([3]), 1, 1, _gen(0))
-    assert probs.shape == (1, 1, 224, 224)
-    with pytest.raises(ValueError):
-        m.condition(torch.zeros(1, 1, 200, 200))  # 25-pixel latent: not divisible by the patch size 2
+    m = build_method(NAME, _METHODS[NAME].default_config(4))
+    assert m.size_multiple == 16 and [k for k, _ in m._window_multiples()] == [8, 16]
 
 
 def test_paper_k15_shape_is_reachable_by_config():
@@ -469,7 +322,7 @@ def test_load_pretrained_takes_autoencoders_and_dit_not_the_control(tmp_path):
     pkg = make_tiny_package(tmp_path / "donor", method=NAME, seed=21)
     donor = pkg.load_method()
     m = _build(seed=22, freeze_dit=True)
-    _wake_control(m)
+    wake_control(m)
     control_before = {k: v.clone() for k, v in m.denoiser.control.state_dict().items()}
     info = m.load_pretrained(pkg.path)
     assert info["sha256"] == pkg.weights_sha256 and info["tensors"] > 0

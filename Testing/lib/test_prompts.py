@@ -25,7 +25,7 @@ from MedDiffSegLib.training.interactive import interactive_settings, jittered_bo
 H = W = 32
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name="guided", prompts=4, seed=0):

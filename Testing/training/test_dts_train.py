@@ -36,12 +36,7 @@ TINY_CONFIG = HERE / "tiny_config.json"
 CONFIGS = HERE.parents[1] / "MedDiffSegLib" / "training" / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(_msg: str) -> None:

@@ -24,12 +24,7 @@ TINY_CONFIG = HERE / "tiny_config.json"
 CONFIGS = HERE.parents[1] / "MedDiffSegLib" / "training" / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_20_steps_from_the_cli_then_segment_a_real_ct(data_dir, tmp_path, capsys):

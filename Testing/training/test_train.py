@@ -32,13 +32,7 @@ REPO = HERE.parents[1]
 TS_CT_TABLE = "spleen,1\nkidney_right,2\nkidney_left,3\ngallbladder,4\nliver,5\nstomach,6\npancreas,7\naorta,52\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: tiny models run faster, results do not depend on the thread count, and a shared CPU stays usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict:
