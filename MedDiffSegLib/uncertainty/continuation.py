@@ -151,3 +151,13 @@ def find_continuations(
     if g_slices:
         out.append(Continuation("gap", g_slices, g_areas))
     return out
+
+
+def describe_run(run: dict[str, Any]) -> str:
+    """One run of ``summary.json``'s ``possible_continuation`` in words, e.g. ``probably continues beyond
+    its superior end (slices 40-52, 36 mm; most at slice 45)`` (what ``segment`` prints for review)."""
+    where = {"beyond_mask": f"beyond its {run.get('side') or 'end'} end", "gap": "in gaps inside it",
+             "not_segmented": "although nothing was segmented"}.get(run["kind"], run["kind"])
+    first, last = min(run["slices"]), max(run["slices"])
+    slices = f"slice {first}" if first == last else f"slices {first}-{last}"
+    return f"probably continues {where} ({slices}, {run['extent_mm']:.0f} mm; most at slice {run['peak_slice']})"
