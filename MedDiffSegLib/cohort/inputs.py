@@ -64,14 +64,9 @@ def _volume_stem(name: str) -> str | None:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    from ..io.volume import _is_dicom_file as has_dicom_preamble
+
+    return path.suffix.lower() == ".dcm" or has_dicom_preamble(path)
 
 
 def _checked(entries: list[tuple[str, Path, str | None, str]], shown: str) -> list[Study]:
