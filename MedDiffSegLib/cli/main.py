@@ -260,23 +260,13 @@ class _CancelOnInterrupt:
 # -- segment -------------------------------------------------------------------------------------
 
 
-def _add_segment(sub) -> None:
-    p = sub.add_parser(
-        "segment", help="segment organs in a CT/MRI volume or DICOM series",
-        description=SEGMENT_DESCRIPTION, epilog=SEGMENT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("input", metavar="INPUT", help="volume file (NIfTI, NRRD, MHA) or a folder with one DICOM series")
-    p.add_argument("--organ", action="append", required=True, metavar="ORGAN",
-                   help="organ to segment (repeat for several; label i = the i-th --organ). "
-                        "Names as listed by 'meddiffseg models info MODEL', e.g. liver")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+def add_run_options(p, *, modality_help: str, dicom_seg_needs: str) -> None:
+    """The options of one segmentation run after INPUT, --organ and --out (segment and batch share them)."""
     p.add_argument("--model", metavar="M",
                    help="installed model name or path to a model package folder (default: the default model "
                         "for the input's modality, see 'meddiffseg models')")
     p.add_argument("--modality", type=str.upper, choices=MODALITIES,
-                   help="what INPUT is: CT or MR. Needed without --model for a file (NIfTI, NRRD, MHA have "
-                        "no modality tag); a DICOM series' Modality tag is used without it")
+                   help=modality_help)
     p.add_argument("--allow-modality-mismatch", action="store_true",
                    help="run the model even when it is made for another modality than the input "
                         "(tag, --modality or intensities implausible as CT Hounsfield units); a warning is printed")
@@ -308,7 +298,24 @@ def _add_segment(sub) -> None:
                    help="also write probability_<organ>.nii.gz (float32 mean probability)")
     p.add_argument("--dicom-seg", nargs="?", const="binary", choices=("binary", "fractional"),
                    help="also write segmentation.dcm (DICOM-SEG, BINARY by default or FRACTIONAL mean "
-                        "probabilities) and uncertainty_pmap.dcm (Parametric Map); INPUT must be a DICOM folder")
+                        "probabilities) and uncertainty_pmap.dcm (Parametric Map); " + dicom_seg_needs)
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser(
+        "segment", help="segment organs in a CT/MRI volume or DICOM series",
+        description=SEGMENT_DESCRIPTION, epilog=SEGMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="volume file (NIfTI, NRRD, MHA) or a folder with one DICOM series")
+    p.add_argument("--organ", action="append", required=True, metavar="ORGAN",
+                   help="organ to segment (repeat for several; label i = the i-th --organ). "
+                        "Names as listed by 'meddiffseg models info MODEL', e.g. liver")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    add_run_options(
+        p, modality_help="what INPUT is: CT or MR. Needed without --model for a file (NIfTI, NRRD, MHA have "
+                         "no modality tag); a DICOM series' Modality tag is used without it",
+        dicom_seg_needs="INPUT must be a DICOM folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no result table")
     p.set_defaults(func=_cmd_segment)
 
@@ -356,21 +363,11 @@ def _print_segment_result(summary: dict, out: str) -> None:
     if one_sample:
         print(f"no uncertainty map: 1 sample cannot disagree with itself, so {summary['outputs']['uncertainty']} is "
               f"all zeros; run with --samples {DEFAULT_SAMPLES} (the default) or more for one")
+    from ..uncertainty.continuation import describe_run
+
     for o in summary["organs"]:  # where an organ probably continues unsegmented (the samples agree there)
         for run in o.get("possible_continuation") or []:
-            first, last = min(run["slices"]), max(run["slices"])
-            where = f"on slice {_slice_text(o, first)}" if first == last else \
-                f"on slices {_slice_text(o, first)}-{last}"
-            extent = f"{run['extent_mm']:.0f} mm, clearest on {_slice_text(o, run['peak_slice'])}"
-            if run["kind"] == "beyond_mask":
-                text = f"the organ probably continues beyond its {run.get('side') or 'end'} end, unsegmented, {where}"
-            elif run["kind"] == "gap":
-                text = f"the organ probably continues through a gap in the segmentation {where}"
-            elif run["kind"] == "not_segmented":
-                text = f"nothing was segmented, but the organ is probably there {where}"
-            else:
-                text = f"the organ probably continues ({run['kind']}) {where}"
-            print(f"review {o['display_name']}: {text} ({extent})")
+            print(f"review {o['display_name']}: {describe_run(run, o.get('slice_axis_ijk'))}")
     check = summary.get("modality_check") or {}
     source = {"dicom": "its DICOM tag", "declared": "--modality", "intensities": "its intensities"}
     inp = summary.get("input", {})
@@ -692,7 +689,7 @@ SUBCOMMANDS: list[Callable] = [_add_segment, _add_models]
 #: Further commands, one module each under MedDiffSegLib/cli/, in the order they appear in
 #: --help. Each module defines ``add_parser(sub)`` which adds its subparser and sets ``func``
 #: (a callable taking the parsed args and returning an exit code).
-COMMAND_MODULES: tuple[str, ...] = ("refine", "train", "pretrain", "evaluate", "export_dicom_seg", "send")
+COMMAND_MODULES: tuple[str, ...] = ("refine", "batch", "train", "pretrain", "evaluate", "export_dicom_seg", "send")
 
 
 def _command_module_adders() -> list[Callable]:

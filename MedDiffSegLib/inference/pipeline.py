@@ -232,6 +232,7 @@ def run_segment(
     adaptive: bool = True,
     crop_body: bool | None = None,
     precision: str = "auto",
+    method: Any = None,
 ) -> dict:
     """Segment ``organs`` in the volume or DICOM folder ``input_path`` and write the outputs to ``out_dir``.
 
@@ -245,6 +246,10 @@ def run_segment(
     False draws every sample everywhere). ``crop_body``: cut the windows to the body's in-plane box
     (None: as the package says, ``inference.body_crop``, off for the shipped models).
     ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (GPU) for the network (:func:`~MedDiffSegLib.inference.device.resolve_precision`).
+    ``method``: the network of ``model`` already loaded on ``device`` by ``model.load_method``
+    (``model`` must then be that :class:`ModelPackage`): it checked the weights' sha256 when it
+    loaded them, so they are neither hashed nor read again (a batch worker loads once and segments
+    many inputs; ``timings_s.load_model`` is then 0). The results are the same as without it.
     Returns the summary (the content of ``summary.json``).
 
     ``progress(stage, fraction, message)`` is called with ``stage`` one of ``read``, ``load``,
@@ -315,7 +320,10 @@ def run_segment(
         package = default_model_for(info.modality)
     else:
         package = model if isinstance(model, ModelPackage) else resolve_model(model)
-    package.verify()
+    if method is not None and package is not model:
+        raise TypeError("run_segment: a preloaded method needs the ModelPackage it was loaded from as model")
+    if method is None:  # a preloaded method's weights were checked when they were loaded
+        package.verify()
 
     # 4. organs known to the model
     if not organs:
@@ -369,7 +377,8 @@ def run_segment(
     report("load", 0.0, f"loading model {package.name}")
     t0 = time.perf_counter()
     try:
-        method = package.load_method(str(torch_device))
+        if method is None:
+            method = package.load_method(str(torch_device))
     except MedDiffSegError:
         raise
     except Exception as exc:

@@ -643,6 +643,32 @@ def read_dicom_series(folder: StrPath) -> tuple[sitk.Image, list[str]]:
     return image, files
 
 
+def read_size(path: StrPath) -> tuple[int, ...] | None:
+    """The voxel size (x, y, z) of a volume file or of the one DICOM series in a folder, from headers only.
+
+    Cheap enough to check a study's size before reading it (one header; for a series, the file list).
+    ``None`` when it cannot tell (missing or unreadable path, several series): reading the volume
+    then reports the problem.
+    """
+    p = Path(path)
+    try:
+        with _itk_warnings_off():
+            if p.is_dir():
+                series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+                if len(series) != 1:
+                    return None
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), series[0])
+                if not files:
+                    return None
+                size = tuple(int(v) for v in _header(files[0]).GetSize())
+                if len(files) == 1:
+                    return size
+                return (*size[:2], len(files))
+            return tuple(int(v) for v in _header(str(p)).GetSize())
+    except (RuntimeError, OSError):
+        return None
+
+
 # ---- writing ----------------------------------------------------------------------------
 def write_image_atomic(image: sitk.Image, path: StrPath, compress: bool = True) -> Path:
     """Write ``image`` to ``path`` so that ``path`` is either complete or untouched.

@@ -151,3 +151,25 @@ def find_continuations(
     if g_slices:
         out.append(Continuation("gap", g_slices, g_areas))
     return out
+
+
+def describe_run(run: dict[str, Any], axis: str | None = None) -> str:
+    """One run of ``summary.json``'s ``possible_continuation`` in words (what ``segment`` prints for
+    review and ``batch`` puts in its table), e.g. ``the organ probably continues beyond its superior
+    end, unsegmented, on slices K 88-90 (8 mm, clearest on K 88)``; ``axis`` is the slices' IJK axis
+    (``slice_axis_ijk``), shown before each index when given."""
+    def at(index) -> str:
+        return f"{axis} {index}" if axis else str(index)
+
+    first, last = min(run["slices"]), max(run["slices"])
+    where = f"on slice {at(first)}" if first == last else f"on slices {at(first)}-{last}"
+    extent = f"{run['extent_mm']:.0f} mm, clearest on {at(run['peak_slice'])}"
+    if run["kind"] == "beyond_mask":
+        text = f"the organ probably continues beyond its {run.get('side') or 'end'} end, unsegmented, {where}"
+    elif run["kind"] == "gap":
+        text = f"the organ probably continues through a gap in the segmentation {where}"
+    elif run["kind"] == "not_segmented":
+        text = f"nothing was segmented, but the organ is probably there {where}"
+    else:
+        text = f"the organ probably continues ({run['kind']}) {where}"
+    return f"{text} ({extent})"

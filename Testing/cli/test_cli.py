@@ -696,6 +696,29 @@ def test_rerun_replaces_outputs_and_keeps_other_files(tmp_path, tiny_guided, sma
     assert s1["organs"] == s2["organs"]  # same seed, same result
 
 
+def test_a_preloaded_method_gives_the_same_outputs_without_hashing_the_weights_again(tmp_path, tiny_guided,
+                                                                                      small_volume, monkeypatch):
+    from MedDiffSegLib.registry import ModelPackage
+
+    package = ModelPackage.from_folder(tiny_guided)
+    plain = run_segment(small_volume, tmp_path / "plain", ["liver"], model=package, device="cpu", seed=3, samples=2)
+    method = package.load_method("cpu")
+    verified = []
+    monkeypatch.setattr(ModelPackage, "verify", lambda self: verified.append(self.name))
+    reused = [run_segment(small_volume, tmp_path / f"reused{i}", ["liver"], model=package, method=method,
+                          device="cpu", seed=3, samples=2) for i in range(2)]
+    assert verified == []  # checked once, when the method was loaded
+    for i, summary in enumerate(reused):
+        assert summary["organs"] == plain["organs"] and summary["settings"] == plain["settings"]
+        for name in ("segmentation.nii.gz", "uncertainty.nii.gz"):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / name)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"reused{i}" / name)))
+            assert np.array_equal(a, b), name
+    with pytest.raises(TypeError, match="needs the ModelPackage it was loaded from"):
+        run_segment(small_volume, tmp_path / "x", ["liver"], model=str(tiny_guided), method=method, device="cpu")
+    assert not (tmp_path / "x").exists()
+
+
 def test_refuses_to_write_into_the_input_dicom_folder(tmp_path, tiny_guided, data_dir):
     src = data_dir / "totalsegmentator" / "example_ct_dicom"
     folder = tmp_path / "series"
