@@ -48,25 +48,9 @@ VARIANTS = ("auto", "box", "suggested", "model-free")
 
 def oracle_click(pred: np.ndarray, gt: np.ndarray, spacing_zyx) -> tuple[tuple[int, int, int], bool] | None:
     """The challenge's next click: ``((z, y, x), positive)`` deepest inside the largest 3D error region, or None."""
-    from scipy import ndimage
+    from MedDiffSegLib.interactive.prompts import deepest_error
 
-    best = None
-    for positive, err in ((True, gt & ~pred), (False, pred & ~gt)):
-        if not err.any():
-            continue
-        lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), bool))
-        sizes = np.bincount(lab.ravel())[1:]
-        k = int(np.argmax(sizes))
-        if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), positive, lab, k + 1)
-    if best is None:
-        return None
-    _, positive, lab, idx = best
-    sl = ndimage.find_objects((lab == idx).astype(np.int8))[0]
-    region = lab[sl] == idx
-    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
-    at = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return tuple(int(s.start) + int(i) for s, i in zip(sl, at)), positive  # type: ignore[return-value]
+    return deepest_error(pred, gt, spacing_zyx)  # type: ignore[return-value]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

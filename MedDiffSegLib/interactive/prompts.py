@@ -113,33 +113,58 @@ def prompt_maps(hw: Sequence[int], spacing_mm: Sequence[float], clicks: Sequence
     return out
 
 
-def error_click(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0),
-                min_pixels: int = 1) -> tuple[int, int, bool] | None:
-    """The oracle's next click for a 2D ``pred`` against ``gt`` (bool arrays), or None when they agree.
+def deepest_point(labels: np.ndarray, index: int, box: tuple[slice, ...],
+                  spacing_mm: Sequence[float]) -> tuple[int, ...]:
+    """The voxel of region ``index`` of ``labels`` (inside its bounding ``box``) farthest from the
+    region's border (the Euclidean distance transform's maximum, in mm); ties go to the first in
+    row-major order."""
+    from scipy import ndimage
 
-    The largest 8-connected error region (missed organ and over-segmentation are separate regions)
-    is found; the click goes to its point farthest from the region's border (the Euclidean distance
-    transform's maximum, in mm), positive when the region is missed organ. Regions smaller than
-    ``min_pixels`` are ignored. Ties go to the first point in row-major order (deterministic).
+    region = labels[box] == index
+    n = region.ndim
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=tuple(float(s) for s in spacing_mm))
+    depth = depth[(slice(1, -1),) * n]
+    at = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return tuple(int(s.start) + int(i) for s, i in zip(box, at))
+
+
+def deepest_error(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
+                  min_size: int = 1) -> tuple[tuple[int, ...], bool] | None:
+    """The oracle's next click for ``pred`` against ``gt`` (bool arrays, 2D or 3D), or None when they agree.
+
+    The largest fully connected error region (missed organ and over-segmentation are separate
+    regions; a tie goes to the missed organ) is found; the click goes to its point farthest from
+    the region's border (:func:`deepest_point`, in mm), positive when the region is missed organ
+    (the CVPR 2025 interactive challenge's rule). Regions smaller than ``min_size`` voxels are
+    ignored. Returns ``(index, positive)``.
     """
     from scipy import ndimage
 
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     best = None
-    structure = np.ones((3, 3), dtype=bool)
+    structure = np.ones((3,) * pred.ndim, dtype=bool)
     for positive, err in ((True, gt & ~pred), (False, pred & ~gt)):
         if not err.any():
             continue
-        lab, n = ndimage.label(err, structure=structure)
+        lab, _ = ndimage.label(err, structure=structure)
         sizes = np.bincount(lab.ravel())[1:]
         k = int(np.argmax(sizes))
-        if sizes[k] < min_pixels:
+        if sizes[k] < min_size:
             continue
         if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), positive, lab == k + 1)
+            best = (int(sizes[k]), positive, lab, k + 1)
     if best is None:
         return None
-    _, positive, region = best
-    dist = ndimage.distance_transform_edt(np.pad(region, 1), sampling=tuple(float(s) for s in spacing_mm))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(r), int(c), positive
+    _, positive, lab, index = best
+    box = ndimage.find_objects(lab, max_label=index)[index - 1]
+    return deepest_point(lab, index, box, spacing_mm), positive
+
+
+def error_click(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0),
+                min_pixels: int = 1) -> tuple[int, int, bool] | None:
+    """The oracle's next click on a 2D slice, ``(row, col, positive)``, or None (:func:`deepest_error`)."""
+    found = deepest_error(pred, gt, spacing_mm, min_pixels)
+    if found is None:
+        return None
+    (r, c), positive = found
+    return r, c, positive

@@ -176,7 +176,7 @@ def refined_summary(before: dict, session: InteractiveSession, labels, uncertain
         entry["voxel_count"] = count
         entry["volume_ml"] = count * voxel_ml
         if entry["name"] in corrected:
-            entry["mean_uncertainty"] = float(unc[lab == label].mean(dtype=np.float64)) if count else None
+            entry["mean_uncertainty"] = float(unc[lab == label].mean(dtype=np.float32)) if count else None
             entry["possible_continuation"] = []
             entry["max_uncertainty_slice"] = entry["max_uncertainty_position_mm"] = None
     summary["interactions"] = [i.to_dict() for i in session.interactions]

@@ -49,7 +49,7 @@ import torch
 
 from ..errors import Cancelled, InputError, ModelError
 from ..preprocessing.spec import resample_inplane
-from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map
+from .prompts import BOX, NEGATIVE, POSITIVE, PREVIOUS, PROMPT_CHANNELS, Click, box_map, click_map, deepest_point
 
 #: A slice beyond the slab's core whose mask changed by fewer voxels than this ends the propagation.
 MIN_CHANGE_PIXELS = 4
@@ -250,7 +250,7 @@ class InteractiveSession:
             x = self._inputs[k] = self.volume.network_input(k, k + 1, self.device)
         return x
 
-    def prompts_for(self, k: int, label: int, located: _Located, carried: Sequence[Click] = ()) -> torch.Tensor:
+    def prompts_for(self, k: int, label: int, located: _Located) -> torch.Tensor:
         """The four prompt maps of canonical slice ``k`` for the organ with ``label`` (``[4, h, w]``)."""
         h, w = self.model_hw
         sk = self.spacing_kji[0]
@@ -259,7 +259,6 @@ class InteractiveSession:
         for (ck, cj, ci), positive in located.clicks:
             row, col = self._to_model(cj, ci)
             clicks.append(Click(row, col, positive, abs(k - ck) * sk))
-        clicks += list(carried)
         for channel, sign in ((POSITIVE, True), (NEGATIVE, False)):
             click_map((h, w), self.model_spacing, clicks, self.radius_mm, sign, out[channel])
         if located.box is not None:
@@ -434,7 +433,7 @@ class InteractiveSession:
             """Re-sample the slices ``batch`` in one pass; per slice: (voxels changed, organ present)."""
             if should_cancel is not None and should_cancel():
                 raise Cancelled("correction cancelled; the result is unchanged")
-            prompts = torch.stack([self.prompts_for(k, label, located, ()) for k in batch])
+            prompts = torch.stack([self.prompts_for(k, label, located) for k in batch])
             mean, var = self.sample_slices(batch, organ_id, prompts, generator)
             want_all = resample_inplane(mean[:, None], self.canon_hw)[:, 0] >= self.threshold
             var_all = resample_inplane(var[:, None], self.canon_hw)[:, 0].clamp_(min=0.0).numpy()
@@ -599,12 +598,10 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
     size = np.bincount(regions.ravel(), minlength=n + 1)[1:]
     voxel_ml = float(np.prod(sp)) / 1000.0
     view = CanonicalView.from_image(image, "LPS")
+    boxes = ndimage.find_objects(regions)  # every region's box in one pass
     out: list[Suggestion] = []
     for r in np.argsort(-mass, kind="stable")[:k]:
-        sl = ndimage.find_objects((regions == r + 1).astype(np.int8))[0]
-        region = regions[sl] == r + 1
-        depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=sp)[1:-1, 1:-1, 1:-1]
-        z, y, x = (int(s.start) + int(i) for s, i in zip(sl, np.unravel_index(int(np.argmax(depth)), depth.shape)))
+        z, y, x = deepest_point(regions, int(r) + 1, boxes[r], sp)
         point = image.TransformIndexToPhysicalPoint((x, y, z))
         kk = int(round(view.canonical_of_input_index((z, y, x))[0]))
         out.append(Suggestion(organ=organ, point_mm=tuple(float(v) for v in point), positive=not bool(mask[z, y, x]),
