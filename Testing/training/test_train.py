@@ -181,7 +181,8 @@ def test_resume_after_interruptions_is_bit_identical(tiny_cfg, reference_run, da
     strip = lambda p: [r.rsplit(",", 1)[0] for r in p.read_text().splitlines()]  # noqa: E731 (drop the seconds)
     assert strip(out / "train_log.csv") == strip(reference_run / "train_log.csv")
     assert (out / "validation.csv").read_text() == (reference_run / "validation.csv").read_text()
-    assert pkg.provenance["resumed_at"] == [{"stage": "autoencoder", "step": 5}, {"stage": "denoiser", "step": 2}]
+    assert pkg.provenance["resumed_at"] == [{"stage": "autoencoder", "step": 5, "amp": "auto"},
+                                            {"stage": "denoiser", "step": 2, "amp": "auto"}]
     ref = ModelPackage.from_folder(reference_run / "tiny-smoke")
     assert pkg.metrics["validation"] == ref.metrics["validation"]
     # resuming a finished run changes nothing
@@ -199,6 +200,22 @@ def test_resume_refuses_other_options_and_reuse_without_resume(tiny_cfg, data_di
         train(tiny_cfg, out, data_root=data_dir, device="cpu", max_steps=5, resume=True, log=_quiet)
     with pytest.raises(CheckpointError, match="another configuration"):
         train(tiny_cfg, out, data_root=data_dir, device="cpu", max_steps=4, method="sdseg", resume=True, log=_quiet)
+
+
+def test_resume_may_change_mixed_precision_and_records_it(tiny_cfg, data_dir, tmp_path):
+    """``amp`` is a run setting: a run started in fp32 resumes under bf16 autocast (a CPU with bf16 units
+    trains about twice as fast), the package says from which step, and the weights stay finite."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg, out, data_root=data_dir, device="cpu", max_steps=4, amp="off", log=_quiet,
+              should_stop=_stop_after(6))
+    log: list[str] = []
+    pkg = train(tiny_cfg, out, data_root=data_dir, device="cpu", max_steps=4, amp="bf16", resume=True, log=log.append)
+    assert any("autocast bfloat16" in m for m in log)
+    assert pkg.provenance["resumed_at"] == [{"stage": "denoiser", "step": 2, "amp": "bf16"}]
+    assert all(torch.isfinite(v.float()).all() for v in _weights(out / "tiny-smoke").values())
+    with pytest.raises(MedDiffSegError, match="amp must be one of"):
+        train(tiny_cfg, tmp_path / "other", data_root=data_dir, device="cpu", max_steps=4, amp="fp8", log=_quiet)
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_cfg, data_dir, tmp_path, capsys):
