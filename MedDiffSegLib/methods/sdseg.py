@@ -6,7 +6,9 @@ trainable image encoder produces a latent of the same spatial size that is conca
 the noisy mask latent ("concat latent fusion"); the denoiser predicts the noise ``ε``. Besides
 the usual noise MSE, a *latent-estimation* loss compares ``ẑ0 = (z_t − sqrt(1−ᾱ_t)·ε̂)/sqrt(ᾱ_t)``
 with ``z0``, which trains the model so that one reverse step from pure noise already gives
-the mask. Multi-step sampling with any scheduler remains available.
+the mask. Both terms are mean absolute errors with λ = 1, as in the paper's training
+(``loss_type: "l2"`` gives the squared-error variant). Multi-step sampling with any scheduler
+remains available.
 
 Our extension: an organ prompt (a class embedding in the denoiser); with ``num_organs=1`` this
 is the paper's single-class model. The mask autoencoder here is a small binary-mask
@@ -226,7 +228,8 @@ class LatentDiffusionSegmentation(LatentMaskMethod):
 class SDSeg(LatentDiffusionSegmentation):
     """SDSeg: ε-prediction with a latent-estimation loss, so one reverse step gives the mask.
 
-    Method-specific config: ``latent_loss_weight`` (λ in ``loss = MSE(ε̂, ε) + λ·MSE(ẑ0, z0)``).
+    Method-specific config: ``latent_loss_weight`` (λ in ``loss = |ε̂ − ε| + λ·|ẑ0 − z0|``, both means over
+    the latent) and ``loss_type`` (``"l1"``, the paper's mean absolute error, or ``"l2"``, squared error).
     """
 
     name = "sdseg"
@@ -235,11 +238,18 @@ class SDSeg(LatentDiffusionSegmentation):
 
     @classmethod
     def _method_defaults(cls) -> dict[str, Any]:
-        return {"latent_loss_weight": 1.0}
+        return {"latent_loss_weight": 1.0, "loss_type": "l1"}
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        if cfg["loss_type"] not in ("l1", "l2"):
+            raise ModelError(f"sdseg config: loss_type must be 'l1' or 'l2', got {cfg['loss_type']!r}")
 
     def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
-        noise_mse = F.mse_loss(prediction, noise)
+        distance = F.l1_loss if self.config["loss_type"] == "l1" else F.mse_loss
+        kind = "mae" if self.config["loss_type"] == "l1" else "mse"
+        noise_term = distance(prediction, noise)
         z0_hat = eps_to_x0(z_t, prediction, alpha_bar)  # latent estimation from the predicted noise
-        latent_mse = F.mse_loss(z0_hat, z0)
-        loss = noise_mse + self.config["latent_loss_weight"] * latent_mse
-        return {"loss": loss, "noise_mse": noise_mse, "latent_mse": latent_mse}
+        latent_term = distance(z0_hat, z0)
+        loss = noise_term + self.config["latent_loss_weight"] * latent_term
+        return {"loss": loss, f"noise_{kind}": noise_term, f"latent_{kind}": latent_term}

@@ -125,7 +125,7 @@ RECORDED: dict[str, dict[str, str]] = {
         "ddpm": "0100607cd291a1eebf72238fb9a5383ca76a5182e2e7e192f5df4e255bb05b51",
         "expanded": "7699b77263c6517bfa07ce23f339893942f5a801d32b78226d9b71a3f10aa2e5",
         "loss_autoencoder": "7e3ca48bc62c7852d229395f98f83ea64609731554f3c388369822031c3e9d2f",
-        "loss_denoiser": "ef5ab3692ec719488e270d78d2ddb4fa0b77b25f468fa4301624004a98946237",
+        "loss_denoiser": "f740ffe85a8ad19440e9aa9c306e50b3e290a2505b0d3dea31786ae111156870",  # sdseg loss: L1 (the paper's), re-recorded 2026-12-07
     },
     "guided+prompts": {
         "one_step": "22eb2d12ec8675e0745b1a67c7cc00e59d68546ee5a9d34bf74a45d8ca739b3f",
@@ -141,7 +141,7 @@ RECORDED: dict[str, dict[str, str]] = {
         "ddpm": "8e366d8b04c9bce00558f0f4bb206e9e3365c43d9bd98d996a29048099009793",
         "expanded": "e54e73bf03885417ccaf7de0d6bd450cee2b624fb914b31564ad1d027b3ee597",
         "loss_autoencoder": "7e3ca48bc62c7852d229395f98f83ea64609731554f3c388369822031c3e9d2f",
-        "loss_denoiser": "c9114043eb42bb4e5f5ad12ddd3085691e606cbf0754eb2e53f1826c4e5bb8f1",
+        "loss_denoiser": "a738c06134a19c3b292a66b1d5fb97de4b4dfe09f8920e4e77386459b8d2d49c",  # L1 loss, re-recorded 2026-12-07
     },
 }
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from MedDiffSegLib.errors import ModelError
 from MedDiffSegLib.methods.base import _METHODS, build_method
+from MedDiffSegLib.methods.sdseg import SDSeg
 from MedDiffSegLib.sampling import add_noise, alphas_cumprod, eps_to_x0
 from tinymodels import tiny_method
 
@@ -49,7 +51,27 @@ def test_sdseg_loss_vanishes_for_the_true_noise():
     z_t = add_noise(z0, eps, a)
     torch.testing.assert_close(eps_to_x0(z_t, eps, a), z0, rtol=0, atol=2e-4)
     terms = m.denoiser_loss(z0, z_t, eps, eps, a)
-    assert float(terms["noise_mse"]) == 0.0 and float(terms["latent_mse"]) < 1e-7
+    assert float(terms["noise_mae"]) == 0.0 and float(terms["latent_mae"]) < 1e-4
+
+
+def test_sdseg_loss_is_the_papers_mean_absolute_error_with_lambda_one():
+    """SDSeg trains with |ε̂ − ε| + λ·|ẑ0 − z0|, λ = 1 (loss_type "l2" gives the squared variant)."""
+    g = _gen(1)
+    z0 = torch.rand(2, 4, 4, 4, generator=g) * 2 - 1
+    eps, pred = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    a = torch.full((2, 1, 1, 1), 0.5)
+    z_t = add_noise(z0, eps, a)
+    m = _build("sdseg")
+    assert m.config["loss_type"] == "l1" and m.config["latent_loss_weight"] == 1.0
+    t = m.denoiser_loss(z0, z_t, eps, pred, a)
+    z0_hat = eps_to_x0(z_t, pred, a)
+    assert float(t["noise_mae"]) == pytest.approx(float((pred - eps).abs().mean()), rel=1e-6)
+    assert float(t["latent_mae"]) == pytest.approx(float((z0_hat - z0).abs().mean()), rel=1e-6)
+    assert float(t["loss"]) == pytest.approx(float(t["noise_mae"] + t["latent_mae"]), rel=1e-6)
+    sq = build_method("sdseg", {**SDSeg.tiny_config(2), "loss_type": "l2"}).denoiser_loss(z0, z_t, eps, pred, a)
+    assert float(sq["noise_mse"]) == pytest.approx(float(((pred - eps) ** 2).mean()), rel=1e-6)
+    with pytest.raises(ModelError, match="loss_type must be 'l1' or 'l2'"):
+        build_method("sdseg", {**SDSeg.tiny_config(2), "loss_type": "huber"})
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -108,7 +130,7 @@ def test_training_stages_and_gradients(name, images):
         assert all(p.grad is not None for p in trained), stage
         assert sum(float(p.grad.abs().sum()) for p in trained) > 0, stage
         assert all(p.grad is None for p in frozen), stage
-    expected_terms = {"sdseg": {"loss", "noise_mse", "latent_mse"}, "guided": {"loss", "x0_mse"}}[name]
+    expected_terms = {"sdseg": {"loss", "noise_mae", "latent_mae"}, "guided": {"loss", "x0_mse"}}[name]
     assert set(m.training_loss(images, masks, organs, _gen(3)).keys()) == expected_terms  # default = last stage
 
 
