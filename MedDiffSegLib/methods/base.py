@@ -208,8 +208,9 @@ class Method(nn.Module, abc.ABC):
         return self._alphas_cumprod[t.long().cpu()].to(device=device, dtype=torch.float32)
 
     # -- starting from another model -----------------------------------------------------------
-    def _pretrained_package_state(self, path) -> tuple[Any, dict[str, torch.Tensor], Any]:
-        """``(weights path, state dict, package or None)`` of a trained package of this method.
+    def _pretrained_package_state(self, path, same_method: bool = True) -> tuple[Any, dict[str, torch.Tensor], Any]:
+        """``(weights path, state dict, package or None)`` of a trained package of this method (of any
+        method with ``same_method=False``).
 
         ``path`` is a package folder (its sha256 is verified), an installed package's name, or
         a ``weights.safetensors`` file. Safetensors only: nothing is unpickled.
@@ -228,7 +229,7 @@ class Method(nn.Module, abc.ABC):
                 pkg.verify()
             except Exception as exc:
                 raise ModelError(f"cannot start from {path}: {exc}") from None
-            if pkg.method_name != self.name:
+            if same_method and pkg.method_name != self.name:
                 raise ModelError(f"cannot start from {path}: it is a {pkg.method_name!r} model, not {self.name!r}")
             p = pkg.weights_path
         if not p.is_file():

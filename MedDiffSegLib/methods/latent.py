@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ModelError
 from ..networks import DOWNSAMPLE
 from .base import Method
 
@@ -51,6 +52,48 @@ class LatentMaskMethod(Method):
     ``prompt_channels``) and :attr:`latent_multiple`, the factor the latent's height and width must
     be a multiple of for the denoiser.
     """
+
+    #: True once the mask autoencoder comes from another model (:meth:`load_mask_autoencoder`): the
+    #: autoencoder stage then leaves it out (``stage_parameters``, and its loss term where the stage
+    #: trains other networks too).
+    mask_autoencoder_fixed: bool = False
+
+    # -- a shared mask autoencoder -----------------------------------------------------------
+    def load_mask_autoencoder(self, path, version: str | None = None) -> dict[str, Any]:
+        """Take the mask autoencoder of another trained model, of any latent method, and keep it fixed.
+
+        The methods that diffuse a mask latent can share one autoencoder, so that a comparison
+        between them compares denoisers and not autoencoders (issue #24: "the autoencoder choices
+        of the accuracy issue"). ``path`` is a package folder (checked against its sha256), an
+        installed package's name, or a ``weights.safetensors``; ``version`` (optional) must then
+        be the package's. Every ``mask_autoencoder.*`` tensor must exist with this model's shape.
+        Returns a JSON-plain description for the provenance.
+        """
+        from ..registry.package import sha256_file
+
+        p, state, pkg = self._pretrained_package_state(path, same_method=False)
+        if version is not None and (pkg is None or pkg.version != str(version)):
+            found = "a weights file without a version" if pkg is None else f"version {pkg.version}"
+            raise ModelError(f"mask autoencoder from {path}: version {version} was asked for, found {found}")
+        mine = {k: v for k, v in self.state_dict().items() if k.startswith("mask_autoencoder.")}
+        missing = [k for k in mine if k not in state]
+        misshapen = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+        if missing or misshapen:
+            raise ModelError(f"mask autoencoder from {p} does not fit this model ({len(missing)} tensors missing, "
+                             f"{len(misshapen)} of another shape, e.g. {(missing + misshapen)[:3]}); "
+                             "use the same mask_* configuration")
+        with torch.no_grad():
+            for k, v in mine.items():
+                v.copy_(state[k].to(v.dtype))
+        self.mask_autoencoder_fixed = True
+        info: dict[str, Any] = {"path": str(p.resolve()), "sha256": sha256_file(p), "tensors": len(mine)}
+        if pkg is not None:
+            info.update({"package": pkg.name, "version": pkg.version, "method": pkg.method_name})
+        return info
+
+    def _mask_autoencoder_parameters(self) -> list[torch.nn.Parameter]:
+        """The mask autoencoder's parameters for the autoencoder stage (none once it is fixed)."""
+        return [] if self.mask_autoencoder_fixed else list(self.mask_autoencoder.parameters())
 
     # -- geometry ------------------------------------------------------------------------
     @property

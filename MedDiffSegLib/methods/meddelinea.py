@@ -245,7 +245,7 @@ class MedDelinea(LatentMaskMethod):
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         c = self.config
         if self._check_stage(stage) == "autoencoder":
-            return list(self.mask_autoencoder.parameters()) + list(self.image_autoencoder.parameters())
+            return self._mask_autoencoder_parameters() + list(self.image_autoencoder.parameters())
         params = list(self.denoiser.control.parameters())
         if not c["freeze_dit"]:
             params += list(self.denoiser.dit.parameters())
@@ -259,8 +259,10 @@ class MedDelinea(LatentMaskMethod):
         organs = self._check_batch(images, masks, organ_ids)
         masks = masks.to(torch.float32)
         if stage == "autoencoder":
-            m = self.mask_autoencoder.loss(masks)
             i = self.image_autoencoder.loss(images)
+            if self.mask_autoencoder_fixed:  # a shared mask autoencoder: only the image autoencoder trains
+                return {"loss": c["image_loss_weight"] * i["loss"], "image_l1": i["l1"]}
+            m = self.mask_autoencoder.loss(masks)
             loss = m["loss"] + c["image_loss_weight"] * i["loss"]
             return {"loss": loss, "mask_bce": m["bce"], "mask_dice": m["dice"], "image_l1": i["l1"]}
 

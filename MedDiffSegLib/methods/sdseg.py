@@ -203,7 +203,7 @@ class LatentDiffusionSegmentation(LatentMaskMethod):
     # -- training ------------------------------------------------------------------------
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         if self._check_stage(stage) == "autoencoder":
-            return list(self.mask_autoencoder.parameters())
+            return self._mask_autoencoder_parameters()
         extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
         return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
 

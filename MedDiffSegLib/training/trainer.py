@@ -134,6 +134,9 @@ class TrainConfig:
     soft_targets: bool = False
     #: interactive training (clicks simulated from the model's own errors), see training/interactive.py
     interactive: dict = field(default_factory=dict)
+    #: take a trained mask autoencoder and keep it fixed: a package name or folder, ``{"model": NAME,
+    #: "version": V}``, or a ``weights.safetensors`` (for latent methods; see ``_load_mask_autoencoder``)
+    mask_autoencoder_from: str | dict | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -377,8 +380,14 @@ def state_digest(method: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: Config keys added after runs had started: left out of the digest while at their default, so that
+#: the checkpoints of those runs still resume.
+_LATER_KEYS = {"mask_autoencoder_from": None}
+
+
 def config_digest(cfg: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    d = {k: v for k, v in cfg.to_dict().items() if not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _keep_rows(path: Path, order: dict[str, int], upto: tuple[int, int], header: list[str]) -> None:
@@ -604,6 +613,12 @@ class _Run:
             kwargs = {"organs": names} if "organs" in inspect.signature(load_pretrained).parameters else {}
             st.history["init_from"] = load_pretrained(Path(cfg.init_from).expanduser(), **kwargs)
             self.log(f"initialised from {st.history['init_from']['path']}")
+        if cfg.mask_autoencoder_from:
+            self._fix_mask_autoencoder(method, st, load=ckpt_path is None)
+        for stage in method.stages:
+            if int(cfg.stages.get(stage, {}).get("steps", STAGE_DEFAULTS["steps"])) > 0 and not method.stage_parameters(stage):
+                raise MedDiffSegError(f"stage {stage!r} has nothing to train (the mask autoencoder comes from "
+                                      f"'mask_autoencoder_from'): set stages.{stage}.steps to 0")
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         order = {s: i for i, s in enumerate(method.stages)}
@@ -754,6 +769,27 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _fix_mask_autoencoder(self, method, st: _Progress, load: bool) -> None:
+        """``mask_autoencoder_from``: a fresh run takes that model's mask autoencoder; every run keeps it fixed."""
+        src = self.cfg.mask_autoencoder_from
+        if not hasattr(method, "load_mask_autoencoder"):
+            raise MedDiffSegError(f"method {self.cfg.method!r} has no mask autoencoder ('mask_autoencoder_from' is for "
+                                  "the latent methods: sdseg, guided, meddelinea)")
+        if isinstance(src, dict):
+            unknown = set(src) - {"model", "version"}
+            if unknown or "model" not in src:
+                raise MedDiffSegError(f"mask_autoencoder_from: give a package name or path, or {{\"model\": ..., "
+                                      f"\"version\": ...}}; got {src!r}")
+            where, version = str(src["model"]), (None if src.get("version") is None else str(src["version"]))
+        else:
+            where, version = str(src), None
+        if load:  # on resume the (unchanged) autoencoder comes back with the checkpoint
+            st.history["mask_autoencoder_from"] = method.load_mask_autoencoder(where, version)
+            info = st.history["mask_autoencoder_from"]
+            self.log(f"mask autoencoder from {info.get('package', info['path'])} {info.get('version', '')}".rstrip()
+                     + " (kept fixed)")
+        method.mask_autoencoder_fixed = True
+
     def _validate(self, method, val_split, names, roi, stage, step, st, val_path, writer, gstep) -> None:
         inference = self.cfg.inference
         dice = validate(method, val_split.volumes, len(names), roi, device=self.device,
@@ -865,6 +901,8 @@ class _Run:
             "parameters_sha256": digest,
             "resumed_at": st.resumed_at,
             **({"init_from": st.history["init_from"]} if st.history.get("init_from") else {}),
+            **({"mask_autoencoder_from": st.history["mask_autoencoder_from"]}
+               if st.history.get("mask_autoencoder_from") else {}),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if self.ctx.enabled:

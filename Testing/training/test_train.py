@@ -218,6 +218,52 @@ def test_resume_may_change_mixed_precision_and_records_it(tiny_cfg, data_dir, tm
         train(tiny_cfg, tmp_path / "other", data_root=data_dir, device="cpu", max_steps=4, amp="fp8", log=_quiet)
 
 
+def test_a_shared_mask_autoencoder_is_taken_and_kept_fixed(tiny_cfg, reference_run, data_dir, tmp_path):
+    """``mask_autoencoder_from``: sdseg and meddelinea start from the guided package's mask autoencoder
+    and leave it as it is (meddelinea's autoencoder stage trains only its image autoencoder; its denoiser
+    stage, as in the paper, the decoder's last layer); the package records where it came from."""
+    src = reference_run / "tiny-smoke"
+    ae = {k: v for k, v in _weights(src).items() if k.startswith("mask_autoencoder.")}
+    assert ae
+    cfg = TrainConfig(**{**tiny_cfg.to_dict(), "method": "sdseg", "mask_autoencoder_from": str(src),
+                         "stages": {"autoencoder": {"steps": 0}, "denoiser": {"steps": 3, "lr": 0.001, "batch": 4}}})
+    pkg = train(cfg, tmp_path / "sdseg", data_root=data_dir, device="cpu", log=_quiet)
+    got = _weights(tmp_path / "sdseg" / "tiny-smoke")
+    assert all(torch.equal(got[k], v) for k, v in ae.items())
+    info = pkg.provenance["mask_autoencoder_from"]
+    assert info["package"] == "tiny-smoke" and info["method"] == "guided" and info["tensors"] == len(ae)
+
+    cfg_m = TrainConfig(**{**cfg.to_dict(), "method": "meddelinea",
+                           "mask_autoencoder_from": {"model": str(src), "version": "0.0.1"},
+                           "stages": {"autoencoder": {"steps": 2, "lr": 0.003, "batch": 4},
+                                      "denoiser": {"steps": 2, "lr": 0.001, "batch": 4}}})
+    train(cfg_m, tmp_path / "meddelinea", data_root=data_dir, device="cpu", log=_quiet)
+    got = _weights(tmp_path / "meddelinea" / "tiny-smoke")
+    changed = sorted(k for k, v in ae.items() if not torch.equal(got[k], v))
+    assert changed and all(k.startswith("mask_autoencoder.decoder.head.") for k in changed), changed
+    assert any(l.startswith("autoencoder,") and "image_l1" in l and "mask_bce" not in l
+               for l in (tmp_path / "meddelinea" / "train_log.csv").read_text().splitlines())
+
+    with pytest.raises(MedDiffSegError, match=r"stage 'autoencoder' has nothing to train.*steps to 0"):
+        train(TrainConfig(**{**cfg.to_dict(), "stages": tiny_cfg.stages}), tmp_path / "a", data_root=data_dir,
+              device="cpu", log=_quiet)
+    with pytest.raises(MedDiffSegError, match="version 9.9.9 was asked for, found version 0.0.1"):
+        train(TrainConfig(**{**cfg.to_dict(), "mask_autoencoder_from": {"model": str(src), "version": "9.9.9"}}),
+              tmp_path / "b", data_root=data_dir, device="cpu", log=_quiet)
+    with pytest.raises(MedDiffSegError, match="has no mask autoencoder"):
+        train(TrainConfig(**{**cfg.to_dict(), "method": "dts"}), tmp_path / "c", data_root=data_dir, device="cpu",
+              log=_quiet)
+
+
+def test_config_keys_added_later_keep_the_digest_of_older_runs(tiny_cfg):
+    """A key added after runs had started does not change their digest while at its default (so they resume)."""
+    from MedDiffSegLib.training.trainer import config_digest
+
+    d = tiny_cfg.to_dict()
+    assert config_digest(TrainConfig(**{**d, "mask_autoencoder_from": None})) == config_digest(tiny_cfg)
+    assert config_digest(TrainConfig(**{**d, "mask_autoencoder_from": "abdomen-ct"})) != config_digest(tiny_cfg)
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_cfg, data_dir, tmp_path, capsys):
     """A real SIGINT to `meddiffseg train`, exit 130, then `--resume`: same parameters as without the interruption."""
     ref = tmp_path / "ref"
