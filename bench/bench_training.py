@@ -2,13 +2,15 @@
 """Training throughput of a config, and where a step's time goes.
 
     OMP_NUM_THREADS=1 python bench/bench_training.py MedDiffSegLib/training/configs/abdomen-ct.json \
-        [--steps 30] [--stage denoiser] [--threads N]
+        [--steps 30] [--stage denoiser] [--threads N] [--amp bf16] [--method M]
 
 Loads the config's training data as ``meddiffseg train`` does, then times ``--steps`` steps of
 one stage, split into: drawing windows (sampler, incl. context slices and organ shifts),
 augmentation (MONAI transforms), forward + loss, backward, optimizer step. Prints one JSON
 document: seconds per step for each part (median over the steps after a warm-up step),
-windows per second, the batch size, threads and CPU. A benchmark, not a test.
+windows per second, the batch size, threads and CPU. ``--amp bf16`` times it under bf16 autocast
+(``meddiffseg train --amp bf16``); ``--method`` times another method on the same config (its
+default network). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--stage", help="stage to time (default: the method's last)")
     ap.add_argument("--threads", type=int, help="torch threads (default: as set by OMP_NUM_THREADS)")
+    ap.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast mode (default: off)")
+    ap.add_argument("--method", help="time this method instead of the config's (its default network)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -44,11 +48,11 @@ def main(argv=None) -> int:
     from MedDiffSegLib.training.data import SliceWindowSampler
     from MedDiffSegLib.training.interactive import interactive_settings, simulate_prompts
     from MedDiffSegLib.training.organs import organ_from_config
-    from MedDiffSegLib.training.trainer import TrainConfig, load_split, method_config_for
+    from MedDiffSegLib.training.trainer import TrainConfig, apply_overrides, load_split, method_config_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig.from_file(args.config)
+    cfg = apply_overrides(TrainConfig.from_file(args.config), method=args.method)
     root = Path(os.environ.get("MEDDIFFSEG_DATA") or REPO.parent / "shared" / "data")
     names = [organ_from_config(o).name for o in cfg.organs]
     spec = PreprocessSpec.from_dict(cfg.preprocessing)
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
             prompts = simulate_prompts(method, x, y, ids, rng, gen, interactive, spec.spacing)
         t.append(time.perf_counter())
         extra = {} if prompts is None else {"prompts": prompts}
-        loss = method.training_loss(x, y, ids, gen, stage=stage, **extra)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            loss = method.training_loss(x, y, ids, gen, stage=stage, **extra)["loss"]
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
             parts[k].append(b - a)
         parts["step"].append(t[-1] - t[0])
     med = {k: round(statistics.median(v), 4) for k, v in parts.items()}
-    out = {"config": str(args.config), "stage": stage, "batch": batch, "roi": roi,
+    out = {"config": str(args.config), "method": cfg.method, "amp": args.amp, "stage": stage, "batch": batch, "roi": roi,
            "context_slices": spec.context_slices, "steps_timed": args.steps,
            "seconds_per_step_median": med,
            "share": {k: round(v / med["step"], 3) for k, v in med.items() if k != "step"},
