@@ -1,73 +1,143 @@
 #!/usr/bin/env python
-"""Print the method comparison tables of docs/methods.md from the packages' recorded scores.
+"""Print the method comparison tables of docs/methods.md from the packages' protocol scores.
 
-    python bench/compare_models.py [PACKAGE ...]      # default: every built-in package
+    python bench/compare_models.py PACKAGE [PACKAGE ...] [--dataset btcv]
+    python bench/compare_models.py                    # every built-in package with protocol scores
 
-Each package's ``model.json`` holds under ``metrics.evaluation`` what ``bench/evaluate_model.sh``
-measured (written by ``bench/record_evaluation.py``). This prints two Markdown tables: the
-unseen patient (Dice, HD95) with the evaluation settings and parameters, and the Dice per organ
-on each training patient. Packages without recorded scores are listed with "—".
+Each package's ``model.json`` holds under ``metrics.protocol`` what ``bench/evaluate_protocol.py
+--record`` measured on the protocol's test patients (``bench/protocol.json``). This prints, for one
+dataset of the protocol:
+
+1. one row per package: method, parameters, steps × samples, the mean Dice over the benchmark
+   organs (mean ± sd over the test patients at the first seed, n, and the sd of that mean over
+   the seeds), mean HD95, failures (organs missed or hallucinated), seconds per case and the
+   training cost (wall time, amp, the number of processes);
+2. Dice per organ (mean ± sd over the patients; failures apart, marked ``(k failed)``), every organ
+   that any package scored.
+
+Packages without protocol scores for the dataset are listed with "—". Nothing is computed again:
+the numbers are the recorded ones, with the command that produced them in each package.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from record_evaluation import CASES  # noqa: E402  (the cases of evaluate_model.sh, unseen first)
-
-ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder", "aorta")
-UNSEEN, *TRAINING = CASES
 
 
 def _f(v, nd: int) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     if isinstance(v, str) or math.isinf(v):
         return "inf"
     return f"{v:.{nd}f}"
 
 
-def _organ(case: dict | None, organ: str, key: str, nd: int) -> str:
-    o = (case or {}).get("organs", {}).get(organ)
-    if o is None:
+def _results(pkg, dataset: str) -> tuple[dict | None, dict]:
+    """``(results of ``dataset`` or None, the protocol record)`` of a package."""
+    proto = pkg.metrics.get("protocol") or {}
+    return (proto.get("results") or {}).get(dataset), proto
+
+
+def _benchmark_organs(dataset: str) -> list[str]:
+    protocol = json.loads((REPO / "bench" / "protocol.json").read_text(encoding="utf-8"))
+    return list(protocol["datasets"][dataset]["organs"])
+
+
+def _first_seed(res: dict) -> dict:
+    per_seed = res["per_seed"]
+    return per_seed[sorted(per_seed, key=int)[0]]
+
+
+def _seed_sd_of_mean(res: dict, organs: list[str]) -> float | None:
+    """sd over the seeds of the mean Dice over ``organs`` (None with one seed)."""
+    means = []
+    for s in res["per_seed"].values():
+        vals = [s["organs"][o]["dice_mean"] for o in organs if o in s["organs"]]
+        if vals:
+            means.append(sum(vals) / len(vals))
+    if len(means) < 2:
+        return None
+    m = sum(means) / len(means)
+    return math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1))
+
+
+def _case_means(res: dict, organs: list[str]) -> list[float]:
+    """The mean Dice over ``organs`` of each test patient at the first seed."""
+    out = []
+    for per_organ in (res.get("dice_per_case_first_seed") or {}).values():
+        vals = [per_organ[o] for o in organs if per_organ.get(o) is not None]
+        if vals:
+            out.append(sum(vals) / len(vals))
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def _training(pkg) -> str:
+    prov = pkg.provenance
+    wall = prov.get("wall_time_s")
+    if wall is None:
         return "—"
-    text = _f(o[key], nd)
-    return f"{text} ({o['status']})" if o["status"] not in ("ok",) else text
+    procs = (prov.get("hardware") or {}).get("processes", 1)
+    amp = prov.get("amp", "off")
+    return f"{wall / 60:.0f} min × {procs} proc." + ("" if amp in ("off", None) else f", {amp}")
 
 
-def tables(packages) -> str:
-    lines = ["| package | method | parameters | steps × samples | unseen liver Dice | unseen liver HD95 (mm) | "
-             "training CTs: mean Dice | training CTs: mean HD95 (mm) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    per_organ = {case: [] for case in TRAINING}
+def tables(packages, dataset: str = "btcv") -> str:
+    bench = _benchmark_organs(dataset)
+    head = ("| package | method | parameters | steps × samples | mean Dice, 8 organs (± sd over patients, n) | "
+            "sd over seeds | mean HD95 (mm) | failures | s / case | training |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    organ_rows, scored = [], []
     for p in packages:
-        ev = p.metrics.get("evaluation", {})
-        st = p.metrics.get("settings", {})
+        res, proto = _results(p, dataset)
         params = p.provenance.get("parameters")
-        means, hd95 = [], []
-        for case in TRAINING:  # organs absent from both maps are left out of the means; failures count
-            organs = [o for o in ev.get(case, {}).get("organs", {}).values() if o["status"] != "both_empty"]
-            means.append(_f(sum(o["dice"] for o in organs) / len(organs), 3) if organs else "—")
-            hd = [math.inf if isinstance(o["hd95_mm"], str) else o["hd95_mm"] for o in organs]
-            hd95.append(_f(sum(hd) / len(hd), 1) if hd else "—")
-        setting = f"{st['steps']} × {st['samples']}" if st else "—"
-        lines.append(f"| `{p.name}` | `{p.method_name}` | {_f(params / 1e6 if params else None, 2)} M | {setting} | "
-                     f"{_organ(ev.get(UNSEEN), 'liver', 'dice', 3)} | {_organ(ev.get(UNSEEN), 'liver', 'hd95_mm', 2)} | "
-                     f"{' / '.join(means)} | {' / '.join(hd95)} |")
-        for case in TRAINING:
-            per_organ[case].append(f"| `{p.name}` | " + " | ".join(_organ(ev.get(case), o, "dice", 3) for o in ORGANS) + " |")
+        name = f"| `{p.name}` {p.version} | `{p.method_name}` | {_f(params / 1e6 if params else None, 2)} M |"
+        if res is None:
+            lines.append(f"{name} — | — | — | — | — | — | {_training(p)} |")
+            continue
+        first = _first_seed(res)
+        m, sd = _mean_sd(_case_means(res, bench))
+        hd = [first["organs"][o]["hd95_mean"] for o in bench if o in first["organs"]]
+        failures = sum(int(o.get("missed", 0)) + int(o.get("hallucinated", 0)) for o in first["organs"].values())
+        seed_sd = _seed_sd_of_mean(res, bench)
+        lines.append(f"{name} {proto.get('steps', '—')} × {proto.get('samples', '—')} | "
+                     f"{_f(m, 3)} ± {_f(sd, 3)} ({len(_case_means(res, bench))}) | "
+                     f"{_f(seed_sd, 4) if seed_sd is not None else '— (1 seed)'} | "
+                     f"{_f(sum(hd) / len(hd) if hd else None, 1)} | {failures} | "
+                     f"{_f(res.get('seconds_per_case_median'), 1)} | {_training(p)} |")
+        organ_rows.append((p, first))
+        scored.extend(o for o in first["organs"] if o not in scored)
+    organs = [o for o in bench if o in scored] + [o for o in scored if o not in bench]
     out = ["\n".join(lines)]
-    for case in TRAINING:
-        head = "| package | " + " | ".join(ORGANS) + " |"
-        out.append(f"Dice per organ, training patient `{case}`:\n\n{head}\n|" + " --- |" * (len(ORGANS) + 1) + "\n"
-                   + "\n".join(per_organ[case]))
+    if organ_rows:
+        head = "| package | " + " | ".join(organs) + " |"
+        rows = [head, "|" + " --- |" * (len(organs) + 1)]
+        for p, first in organ_rows:
+            cells = []
+            for o in organs:
+                s = first["organs"].get(o)
+                if s is None:
+                    cells.append("—")
+                    continue
+                fails = int(s.get("missed", 0)) + int(s.get("hallucinated", 0))
+                cells.append(f"{_f(s['dice_mean'], 3)} ± {_f(s['dice_sd'], 3)}" + (f" ({fails} failed)" if fails else ""))
+            rows.append(f"| `{p.name}` | " + " | ".join(cells) + " |")
+        out.append(f"Dice per organ on the `{dataset}` test patients (first seed, mean ± sd over the patients):\n\n"
+                   + "\n".join(rows))
     return "\n\n".join(out)
 
 
@@ -77,9 +147,10 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("packages", nargs="*", type=Path, help="package folders (default: the built-in ones)")
+    ap.add_argument("--dataset", default="btcv", help="protocol dataset to compare on (default: btcv)")
     args = ap.parse_args(argv)
     folders = args.packages or sorted(d for d in builtin_models_dir().iterdir() if (d / "model.json").is_file())
-    print(tables([ModelPackage.from_folder(f) for f in folders]))
+    print(tables([ModelPackage.from_folder(f) for f in folders], args.dataset))
     return 0
 
 

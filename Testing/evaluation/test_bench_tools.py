@@ -65,3 +65,24 @@ def test_cost_model_recovers_its_parts():
     assert c["per_pass_s"] == pytest.approx(0.03) and c["max_abs_residual_s"] < 1e-9
     with pytest.raises(SystemExit, match="network passes"):
         fit([{**points[0], "network_passes": None}])
+
+
+def test_compare_models_reports_the_recorded_protocol_scores(capsys):
+    """The comparison of docs/methods.md: the built-in CT default's recorded protocol scores, a package
+    without them as dashes; its headline equals the mean Dice over the benchmark organs it recorded."""
+    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry.store import builtin_models_dir
+
+    compare = _load("compare_models")
+    ct = ModelPackage.from_folder(builtin_models_dir() / "abdomen-ct")
+    res = ct.metrics["protocol"]["results"]["btcv"]
+    first = res["per_seed"][sorted(res["per_seed"], key=int)[0]]
+    unscored = ModelPackage.from_folder(builtin_models_dir() / "abdomen-mr")  # an MR model: no btcv scores
+    text = compare.tables([ct, unscored], "btcv")
+    row = next(line for line in text.splitlines() if line.startswith("| `abdomen-ct` "))
+    assert f"{first['mean_dice']:.3f} ± " in row and f"({first['cases']})" in row
+    assert next(line for line in text.splitlines() if line.startswith("| `abdomen-mr` ")).count("—") >= 6
+    organ_row = [line for line in text.splitlines() if line.startswith("| `abdomen-ct` |")][0]
+    assert f"{first['organs']['liver']['dice_mean']:.3f} ± " in organ_row
+    assert compare.main(["--dataset", "btcv", str(builtin_models_dir() / "abdomen-ct")]) == 0
+    assert "`abdomen-ct`" in capsys.readouterr().out
