@@ -13,7 +13,7 @@
 #   fp16check     the fp32 and fp16 packages on two test patients: per-organ Dice must agree
 #   postprocess   bench/choose_postprocessing.py --record   (the config's validation patients)
 #   calibrate     bench/fit_calibration.py --held-out --record (the same held-out patients)
-#   protocol      bench/evaluate_protocol.py --seeds 0 1 --record --doc docs/evaluation.md
+#   protocol      bench/evaluate_protocol.py --seeds 0 1 --precision fp32 --record --doc docs/evaluation.md
 #   uncertainty   bench/evaluate_uncertainty.py --settings 1x5 1x10 --doc docs/uncertainty.md
 #   interactive   bench/evaluate_interactive.py (auto, box, suggested, model-free; 5 samples)
 # Then copy OUT_DIR/<name> over MedDiffSegLib/models/<name>, write its MODEL_CARD.md, and commit once.
@@ -78,7 +78,7 @@ EOF
         has inference.calibration || python bench/fit_calibration.py "$PKG" --held-out --record ;;
     protocol)
         step protocol
-        has metrics.protocol || python bench/evaluate_protocol.py "$PKG" --seeds 0 1 --record \
+        has metrics.protocol || python bench/evaluate_protocol.py "$PKG" --seeds 0 1 --precision fp32 --record \
             --doc docs/evaluation.md --out "$REPORTS/protocol" ;;
     uncertainty)
         step uncertainty
