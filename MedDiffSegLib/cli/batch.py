@@ -94,7 +94,8 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", metavar="INPUTS",
                    help="folder of volumes, folder of DICOM series (one per subfolder), or CSV of id,path[,modality]")
     p.add_argument("--organ", action="append", required=True, metavar="ORGAN",
-                   help="organ to segment in every study (repeat for several; label i = the i-th --organ)")
+                   help="organ to segment in every study (repeat for several; label i = the i-th --organ), "
+                        "or 'all' for every organ of the model")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: DIR/<id>/ per study and DIR/batch.csv (created if missing)")
     add_run_options(p, modality_help="what the studies are, CT or MR, when the CSV does not say; a DICOM "

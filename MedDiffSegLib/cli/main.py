@@ -309,8 +309,8 @@ def _add_segment(sub) -> None:
     )
     p.add_argument("input", metavar="INPUT", help="volume file (NIfTI, NRRD, MHA) or a folder with one DICOM series")
     p.add_argument("--organ", action="append", required=True, metavar="ORGAN",
-                   help="organ to segment (repeat for several; label i = the i-th --organ). "
-                        "Names as listed by 'meddiffseg models info MODEL', e.g. liver")
+                   help="organ to segment (repeat for several; label i = the i-th --organ), or 'all' for every "
+                        "organ of the model in its order. Names as listed by 'meddiffseg models info MODEL', e.g. liver")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     add_run_options(
         p, modality_help="what INPUT is: CT or MR. Needed without --model for a file (NIfTI, NRRD, MHA have "

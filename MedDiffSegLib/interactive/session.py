@@ -205,6 +205,8 @@ class InteractiveSession:
     def canonical_name(self, organ: str) -> str:
         """The organ's name as the session's organs spell it (display names and case are accepted)."""
         ids = self.package.organ_ids([organ])
+        if len(ids) != 1:  # 'all'
+            raise InputError(f"a correction is for one organ; this result has: {', '.join(self.organs)}")
         name = self.package.organs[ids[0]].name
         if name not in self.organs:
             raise InputError(f"organ {organ!r} is not in this result; it has: {', '.join(self.organs)}")

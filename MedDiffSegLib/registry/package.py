@@ -37,6 +37,7 @@ from typing import Any
 from ..errors import ModelError
 from ..jsonfile import read_json_object
 from ..preprocessing import PreprocessSpec
+from .store import organ_ids
 
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -85,6 +86,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
 
 
 @dataclass
@@ -158,26 +160,11 @@ class ModelPackage:
         return [o.name for o in self.organs]
 
     def organ_ids(self, organs: list[str]) -> list[int]:
-        """Map organ names (case-insensitive, also display names) to ids; unknown names are an error."""
-        lookup: dict[str, int] = {}
-        for i, o in enumerate(self.organs):
-            lookup[o.name.lower()] = i
-            lookup[o.display_name.lower()] = i
-        ids, unknown = [], []
-        for name in organs:
-            key = name.strip().lower()
-            if key in lookup:
-                ids.append(lookup[key])
-            else:
-                unknown.append(name)
-        if unknown:
-            raise ModelError(
-                f"model {self.name!r} does not know organ(s) {', '.join(map(repr, unknown))}; "
-                f"it segments: {', '.join(self.organ_names)}"
-            )
-        if len(set(ids)) != len(ids):
-            raise ModelError(f"an organ was given twice: {organs}")
-        return ids
+        """Map organ names (case-insensitive, also display names) to ids; unknown names are an error.
+
+        ``["all"]`` alone means every organ of the model, in the model's order.
+        """
+        return organ_ids(self.name, self.organs, organs)
 
     def verify(self) -> None:
         """Raise :class:`ModelError` unless the weights file exists and matches ``weights_sha256``."""

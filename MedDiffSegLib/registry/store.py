@@ -78,6 +78,9 @@ if TYPE_CHECKING:  # imported lazily: .package imports the preprocessing spec, w
 
 log = logging.getLogger(__name__)
 
+#: The organ name that stands for every organ of a model (``--organ all``).
+ALL_ORGANS = "all"
+
 #: The package files (the same names as :mod:`.package`'s ``MODEL_JSON`` / ``WEIGHTS``; a test checks).
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -146,6 +149,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # -- package metadata without torch ------------------------------------------------------------------
 
 
+def organ_ids(model_name: str, known, organs) -> list[int]:
+    """Ids of the organ names ``organs`` (case-insensitive, also display names) among a model's ``known``
+    organs; ``["all"]`` alone is every organ in the model's order. Unknown or repeated names are an error."""
+    if [str(o).strip().lower() for o in organs] == [ALL_ORGANS]:
+        return list(range(len(known)))
+    if any(str(o).strip().lower() == ALL_ORGANS for o in organs):
+        raise ModelError(f"'{ALL_ORGANS}' means every organ of the model: give it alone, or name the organs")
+    lookup: dict[str, int] = {}
+    for i, o in enumerate(known):
+        lookup[o.name.lower()] = i
+        lookup[o.display_name.lower()] = i
+    ids, unknown = [], []
+    for name in organs:
+        key = str(name).strip().lower()
+        if key in lookup:
+            ids.append(lookup[key])
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ModelError(f"model {model_name!r} does not know organ(s) {', '.join(map(repr, unknown))}; "
+                         f"it segments: {', '.join(o.name for o in known)}")
+    if len(set(ids)) != len(ids):
+        raise ModelError(f"an organ was given twice: {list(organs)}")
+    return ids
+
+
 @dataclass(frozen=True)
 class OrganInfo:
     """An organ of a package as ``model.json`` lists it (the fields of ``package.Organ``)."""
@@ -202,24 +231,8 @@ class PackageInfo:
             return None
 
     def organ_ids(self, organs: list[str]) -> list[int]:
-        """Organ names (case-insensitive, also display names) -> ids, as ``ModelPackage.organ_ids``."""
-        lookup: dict[str, int] = {}
-        for i, o in enumerate(self.organs):
-            lookup[o.name.lower()] = i
-            lookup[o.display_name.lower()] = i
-        ids, unknown = [], []
-        for name in organs:
-            key = str(name).strip().lower()
-            if key in lookup:
-                ids.append(lookup[key])
-            else:
-                unknown.append(name)
-        if unknown:
-            raise ModelError(f"model {self.name!r} does not know organ(s) {', '.join(map(repr, unknown))}; "
-                             f"it segments: {', '.join(self.organ_names)}")
-        if len(set(ids)) != len(ids):
-            raise ModelError(f"an organ was given twice: {organs}")
-        return ids
+        """Organ names (case-insensitive, also display names; ``["all"]``) -> ids, as ``ModelPackage.organ_ids``."""
+        return organ_ids(self.name, self.organs, organs)
 
     def verify(self) -> None:
         """Raise :class:`ModelError` unless the weights file exists and matches ``weights_sha256``."""

@@ -154,6 +154,17 @@ def test_organ_given_twice(tmp_path, tiny_guided, small_volume, capsys):
     _assert_no_outputs(out)
 
 
+def test_organ_all_segments_every_organ_of_the_model_in_its_order(tmp_path, tiny_guided, small_volume, capsys):
+    out = tmp_path / "out"
+    assert main(_segment_argv(small_volume, out, tiny_guided, organs=("all",))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(o["label"], o["name"]) for o in summary["organs"]] == [(1, "liver"), (2, "spleen")]
+    bad = tmp_path / "bad"
+    assert main(_segment_argv(small_volume, bad, tiny_guided, organs=("all", "liver"))) == ModelError.exit_code
+    _assert_one_error_line(capsys.readouterr().err, "'all' means every organ")
+    _assert_no_outputs(bad)
+
+
 def test_corrupt_weights(tmp_path, tiny_guided, small_volume, capsys):
     bad = shutil.copytree(tiny_guided, tmp_path / "corrupt-model")
     with open(bad / "weights.safetensors", "r+b") as f:

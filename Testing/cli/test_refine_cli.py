@@ -96,7 +96,7 @@ def test_the_recorded_model_is_found_and_checked(tmp_path, volume, result, inter
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("case", ["outside", "organ", "no_summary", "same_out", "no_click", "bad_point"])
+@pytest.mark.parametrize("case", ["outside", "organ", "all_organs", "no_summary", "same_out", "no_click", "bad_point"])
 def test_bad_refine_writes_nothing(tmp_path, volume, result, interactive_pkg, case):
     out = tmp_path / "out"
     argv = ["refine", str(result), "--organ", "liver", "--click", _arg(_centre(volume)), "--model",
@@ -107,6 +107,8 @@ def test_bad_refine_writes_nothing(tmp_path, volume, result, interactive_pkg, ca
     elif case == "organ":
         argv[3] = "kidney_left"
         expected = ModelError.exit_code
+    elif case == "all_organs":  # 'all' is for segment; a correction is for one organ
+        argv[3] = "all"
     elif case == "no_summary":
         empty = tmp_path / "empty"
         empty.mkdir()
