@@ -241,6 +241,22 @@ class Method(nn.Module, abc.ABC):
             raise ModelError(f"cannot read pretrained weights {p}: {exc}") from None
         return p, state, pkg
 
+    def _copy_pretrained(self, state: dict[str, torch.Tensor], prefixes: tuple[str, ...], source, what: str,
+                         fix: str) -> int:
+        """Copy every tensor of this model whose name starts with one of ``prefixes`` from ``state`` (all must be
+        there with this model's shapes, else a :class:`ModelError` naming ``what``, ``source`` and the ``fix``).
+        Returns how many were copied."""
+        mine = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        missing = [k for k in mine if k not in state]
+        misshapen = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+        if missing or misshapen:
+            raise ModelError(f"{what} {source} do not fit this model ({len(missing)} tensors missing, "
+                             f"{len(misshapen)} of another shape, e.g. {(missing + misshapen)[:3]}); {fix}")
+        with torch.no_grad():
+            for k, v in mine.items():
+                v.copy_(state[k].to(v.dtype))
+        return len(mine)
+
     # -- training ------------------------------------------------------------------------
     def training_loss(
         self,

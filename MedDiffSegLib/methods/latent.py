@@ -75,18 +75,10 @@ class LatentMaskMethod(Method):
         if version is not None and (pkg is None or pkg.version != str(version)):
             found = "a weights file without a version" if pkg is None else f"version {pkg.version}"
             raise ModelError(f"mask autoencoder from {path}: version {version} was asked for, found {found}")
-        mine = {k: v for k, v in self.state_dict().items() if k.startswith("mask_autoencoder.")}
-        missing = [k for k in mine if k not in state]
-        misshapen = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-        if missing or misshapen:
-            raise ModelError(f"mask autoencoder from {p} does not fit this model ({len(missing)} tensors missing, "
-                             f"{len(misshapen)} of another shape, e.g. {(missing + misshapen)[:3]}); "
-                             "use the same mask_* configuration")
-        with torch.no_grad():
-            for k, v in mine.items():
-                v.copy_(state[k].to(v.dtype))
+        n = self._copy_pretrained(state, ("mask_autoencoder.",), p, "the mask autoencoder weights in",
+                                  "use the same mask_* configuration")
         self.mask_autoencoder_fixed = True
-        info: dict[str, Any] = {"path": str(p.resolve()), "sha256": sha256_file(p), "tensors": len(mine)}
+        info: dict[str, Any] = {"path": str(p.resolve()), "sha256": sha256_file(p), "tensors": n}
         if pkg is not None:
             info.update({"package": pkg.name, "version": pkg.version, "method": pkg.method_name})
         return info

@@ -228,19 +228,10 @@ class MedDelinea(LatentMaskMethod):
         from ..registry.package import sha256_file
 
         p, state, _ = self._pretrained_package_state(path)
-        mine = self.state_dict()
-        wanted = [k for k in mine if k.startswith(self.PRETRAINED_PREFIXES)]
-        missing = [k for k in wanted if k not in state]
-        misshapen = [k for k in wanted if k in state and state[k].shape != mine[k].shape]
-        if missing or misshapen:
-            raise ModelError(f"pretrained weights {p} do not fit this model ({len(missing)} tensors missing, "
-                             f"{len(misshapen)} of another shape, e.g. {(missing + misshapen)[:3]}); "
-                             "use the same autoencoder and DiT configuration")
-        with torch.no_grad():
-            for k in wanted:
-                mine[k].copy_(state[k])
+        n = self._copy_pretrained(state, self.PRETRAINED_PREFIXES, p, "pretrained weights",
+                                  "use the same autoencoder and DiT configuration")
         return {"path": str(p.resolve()), "sha256": sha256_file(p), "loaded": list(self.PRETRAINED_PREFIXES),
-                "tensors": len(wanted)}
+                "tensors": n}
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         c = self.config
