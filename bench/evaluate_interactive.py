@@ -2,7 +2,7 @@
 """Interactive correction under the CVPR 2025 interactive-segmentation protocol, on the test patients.
 
     python bench/evaluate_interactive.py MODEL [--clicks 5] [--variants auto box suggested model-free]
-        [--samples 1] [--cases A B ...] [--organs ...] [--out DIR] [--doc docs/interactive.md]
+        [--samples 1] [--cases A B ...] [--organs ...] [--out DIR] [--doc docs/interactive.md] [--label L]
 
 For every **test** case of ``bench/protocol.json`` of the model's modality (BTCV 6, CHAOS MR 5; used
 for nothing else) and every organ of the model the dataset labels, each variant starts from a
@@ -168,7 +168,20 @@ def summarise(per_case: dict[str, dict], variants: list[str], organs: list[str])
     return summary
 
 
-def markdown(summary: dict, command: str, hardware: str) -> str:
+def benchmark_mean(per_organ: dict, organs: list[str]) -> dict | None:
+    """The mean over ``organs`` (those scored) of each step's mean Dice, of the AUC and of the final Dice."""
+    rows = [per_organ[o] for o in organs if o in per_organ]
+    if not rows:
+        return None
+    n_steps = max(len(r["dice_mean"]) for r in rows)
+    return {"organs": [o for o in organs if o in per_organ],
+            "dice_mean": [float(np.mean([r["dice_mean"][min(i, len(r["dice_mean"]) - 1)] for r in rows]))
+                          for i in range(n_steps)],
+            "auc_mean": float(np.mean([r["auc_mean"] for r in rows])),
+            "final_mean": float(np.mean([r["final_mean"] for r in rows]))}
+
+
+def markdown(summary: dict, command: str, hardware: str, benchmark: list[str] | None = None) -> str:
     lines = [f"Command: `{command}`  ", f"Hardware: {hardware}", ""]
     for v, per in summary.items():
         if not per:
@@ -180,6 +193,11 @@ def markdown(summary: dict, command: str, hardware: str) -> str:
             sps = "-" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
             lines.append("| " + " | ".join([o, str(r["n"]), *(f"{d:.3f}" for d in r["dice_mean"]), f"{r['auc_mean']:.3f}",
                                             f"{r['final_mean']:.3f} ({r['final_sd']:.3f})", sps, str(r["failures"])]) + " |")
+        bm = benchmark_mean(per, benchmark or [])
+        if bm is not None:
+            lines.append("| " + " | ".join([f"**mean over the {len(bm['organs'])} benchmark organs**", "",
+                                            *(f"**{d:.3f}**" for d in bm["dice_mean"]), f"{bm['auc_mean']:.3f}",
+                                            f"{bm['final_mean']:.3f}", "", ""]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/interactive"))
     ap.add_argument("--doc", type=Path)
+    ap.add_argument("--label", default="default", help="names this run's tables in --doc (e.g. suggestions)")
     args = ap.parse_args(argv)
 
     from MedDiffSegLib.evaluation.protocol import protocol_cases
@@ -209,6 +228,7 @@ def main(argv=None) -> int:
              if c["role"] == "test"]
     per_case: dict[str, dict] = {}
     organs_all: list[str] = []
+    benchmark = [o for o in (cases[0].get("benchmark") or []) if o in pkg.organ_names] if cases else []
     for case in cases:
         organs = [o for o in case["organs"] if not args.organs or o in args.organs]
         organs_all += [o for o in organs if o not in organs_all]
@@ -220,18 +240,27 @@ def main(argv=None) -> int:
     summary = summarise(per_case, args.variants, organs_all)
     command = "python bench/evaluate_interactive.py " + " ".join(argv if argv is not None else sys.argv[1:])
     hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.device}"
+    means = {v: benchmark_mean(summary[v], benchmark) for v in args.variants}
     (args.out / "summary.json").write_text(json.dumps({"command": command, "model": pkg.name, "version": pkg.version,
-                                                       "summary": summary}, indent=1))
-    text = markdown(summary, command, hardware)
+                                                       "summary": summary, "benchmark_mean": means}, indent=1))
+    text = markdown(summary, command, hardware, benchmark)
     print(text)
     if args.doc:
-        start, end = f"<!-- interactive:{pkg.name}:start -->", f"<!-- interactive:{pkg.name}:end -->"
-        body = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else "# Interactive correction\n\n"
-        block = f"{start}\n{text.rstrip()}\n{end}"
-        body = (body[:body.index(start)] + block + body[body.index(end) + len(end):]) if start in body and end in body \
-            else body.rstrip() + "\n\n" + block + "\n"
-        args.doc.write_text(body, encoding="utf-8")
+        write_doc_block(args.doc, f"interactive:{pkg.name}:{args.label}", f"### {pkg.name} {pkg.version} — {args.label}\n\n"
+                        + text)
     return 0
+
+
+def write_doc_block(doc: Path, key: str, text: str) -> None:
+    """Put ``text`` between the markers ``key`` in ``doc`` (replacing what they held), atomically."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    body = doc.read_text(encoding="utf-8") if doc.is_file() else "# Interactive correction\n\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    body = (body[:body.index(start)] + block + body[body.index(end) + len(end):]) if start in body and end in body \
+        else body.rstrip() + "\n\n" + block + "\n"
+    tmp = doc.with_name(f".{doc.name}.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, doc)
 
 
 if __name__ == "__main__":

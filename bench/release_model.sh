@@ -15,7 +15,8 @@
 #   calibrate     bench/fit_calibration.py --held-out --record (the same held-out patients)
 #   protocol      bench/evaluate_protocol.py --seeds 0 1 --precision fp32 --record --doc docs/evaluation.md
 #   uncertainty   bench/evaluate_uncertainty.py --settings 1x5 1x10 --doc docs/uncertainty.md
-#   interactive   bench/evaluate_interactive.py (auto, box, suggested, model-free; 5 samples)
+#   interactive   bench/evaluate_interactive.py: oracle clicks (auto, box; 1 sample), then suggested and model-free
+#                 clicks against the oracle (5 samples, the benchmark organs)
 # Then copy OUT_DIR/<name> over MedDiffSegLib/models/<name>, write its MODEL_CARD.md, and commit once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ shift 2
 STEPS=${*:-fp16 fp16check postprocess calibrate protocol uncertainty interactive}
 NAME=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['name'])" "$SRC/model.json")
 PKG="$OUT/$NAME"
+MODALITY=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['preprocessing']['modality'])" "$SRC/model.json")
+BENCHMARK=$(python -c "import json,sys; d=json.load(open('bench/protocol.json'))['datasets']; \
+print(' '.join(next(v['organs'] for v in d.values() if v['modality'] == sys.argv[1])))" "$MODALITY")
 REPORTS="$OUT/reports"
 mkdir -p "$REPORTS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -86,8 +90,12 @@ EOF
             --settings 1x5 1x10 --doc docs/uncertainty.md --label calibrated --out "$REPORTS/uncertainty" ;;
     interactive)
         step interactive
-        python bench/evaluate_interactive.py "$PKG" --samples 5 \
-            --variants auto box suggested model-free --doc docs/interactive.md --out "$REPORTS/interactive" ;;
+        # the challenge's protocol (automatic result or box, then 5 oracle clicks), 1 sample; then the suggested
+        # and the model-free clicks against the oracle at 5 samples (suggestions need a variance)
+        python bench/evaluate_interactive.py "$PKG" --samples 1 --variants auto box --doc docs/interactive.md \
+            --label oracle --out "$REPORTS/interactive-oracle"
+        python bench/evaluate_interactive.py "$PKG" --samples 5 --variants auto suggested model-free \
+            --organs $BENCHMARK --doc docs/interactive.md --label suggestions --out "$REPORTS/interactive-suggestions" ;;
     *)
         echo "unknown step $s" >&2; exit 2 ;;
     esac

@@ -70,5 +70,15 @@ def test_a_case_runs_every_variant(ev, tmp_path):
     assert out["box"]["liver"]["dice"][0] == 0.0  # the box variant starts from the organ removed
     summary = ev.summarise({"synthetic": out}, list(ev.VARIANTS), ["liver", "spleen"])
     assert summary["auto"]["liver"]["n"] == 1 and len(summary["box"]["spleen"]["dice_mean"]) == 4
-    text = ev.markdown(summary, "cmd", "cpu")
+    text = ev.markdown(summary, "cmd", "cpu", ["liver", "spleen", "pancreas"])
     assert "**auto**" in text and "| liver | 1 |" in text
+    bm = ev.benchmark_mean(summary["auto"], ["liver", "spleen", "pancreas"])
+    assert bm["organs"] == ["liver", "spleen"]  # the organs scored
+    assert bm["dice_mean"][0] == pytest.approx((out["auto"]["liver"]["dice"][0] + out["auto"]["spleen"]["dice"][0]) / 2)
+    assert f"**{bm['dice_mean'][-1]:.3f}**" in text and "mean over the 2 benchmark organs" in text
+    doc = tmp_path / "doc.md"
+    ev.write_doc_block(doc, "interactive:m:a", "first")
+    ev.write_doc_block(doc, "interactive:m:b", "second")
+    ev.write_doc_block(doc, "interactive:m:a", "third")
+    body = doc.read_text()
+    assert "third" in body and "second" in body and "first" not in body
