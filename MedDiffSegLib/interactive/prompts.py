@@ -129,14 +129,16 @@ def deepest_point(labels: np.ndarray, index: int, box: tuple[slice, ...],
 
 
 def deepest_error(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
-                  min_size: int = 1) -> tuple[tuple[int, ...], bool] | None:
+                  min_size: int = 1, prefer: bool | None = None) -> tuple[tuple[int, ...], bool] | None:
     """The oracle's next click for ``pred`` against ``gt`` (bool arrays, 2D or 3D), or None when they agree.
 
     The largest fully connected error region (missed organ and over-segmentation are separate
     regions; a tie goes to the missed organ) is found; the click goes to its point farthest from
     the region's border (:func:`deepest_point`, in mm), positive when the region is missed organ
     (the CVPR 2025 interactive challenge's rule). Regions smaller than ``min_size`` voxels are
-    ignored. Returns ``(index, positive)``.
+    ignored. With ``prefer`` (True: missed organ, False: over-segmentation) the largest region of
+    that kind is taken whenever there is one (training uses it to show the model enough negative
+    clicks). Returns ``(index, positive)``.
     """
     from scipy import ndimage
 
@@ -151,6 +153,9 @@ def deepest_error(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
         k = int(np.argmax(sizes))
         if sizes[k] < min_size:
             continue
+        if positive == prefer:
+            best = (int(sizes[k]), positive, lab, k + 1)
+            break
         if best is None or sizes[k] > best[0]:
             best = (int(sizes[k]), positive, lab, k + 1)
     if best is None:
@@ -161,9 +166,9 @@ def deepest_error(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
 
 
 def error_click(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0),
-                min_pixels: int = 1) -> tuple[int, int, bool] | None:
+                min_pixels: int = 1, prefer: bool | None = None) -> tuple[int, int, bool] | None:
     """The oracle's next click on a 2D slice, ``(row, col, positive)``, or None (:func:`deepest_error`)."""
-    found = deepest_error(pred, gt, spacing_mm, min_pixels)
+    found = deepest_error(pred, gt, spacing_mm, min_pixels, prefer)
     if found is None:
         return None
     (r, c), positive = found

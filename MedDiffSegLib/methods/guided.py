@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import register_method
-from .sdseg import LatentDiffusionSegmentation
+from .sdseg import LatentDiffusionSegmentation, weighted_mean
 
 
 @register_method
@@ -27,6 +27,6 @@ class GuidedLatentDiffusion(LatentDiffusionSegmentation):
     summary = "organ-prompted latent diffusion predicting the mask latent"
     prediction_type = "sample"
 
-    def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
-        x0_mse = F.mse_loss(prediction, z0)
+    def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar, weights=None):
+        x0_mse = F.mse_loss(prediction, z0) if weights is None else weighted_mean((prediction - z0).square(), weights)
         return {"loss": x0_mse, "x0_mse": x0_mse}

@@ -36,7 +36,16 @@ from ..sampling import eps_to_x0
 from .base import LATENT_SCHEDULE, register_method
 from .latent import LATENT_RANGE, LatentMaskMethod, image_encoder_config, mask_autoencoder_config
 
-__all__ = ["LATENT_RANGE", "LatentDiffusionSegmentation", "SDSeg"]
+__all__ = ["LATENT_RANGE", "LatentDiffusionSegmentation", "SDSeg", "weighted_mean"]
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``values`` ``[B,C,h,w]``; with ``weights`` ``[B,1,h,w]`` the weighted mean
+    ``Σ w·v / Σ w`` over every element (the weights broadcast over the channels), so the loss keeps its scale."""
+    if weights is None:
+        return values.mean()
+    w = weights.to(values.dtype).expand_as(values)
+    return (w * values).sum() / w.sum()
 
 
 def _shared_default_config(num_organs: int, tiny: bool = False) -> dict[str, Any]:
@@ -207,21 +216,27 @@ class LatentDiffusionSegmentation(LatentMaskMethod):
         extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
         return list(self.image_encoder.parameters()) + list(self.denoiser.parameters()) + extra
 
-    def _stage_loss(self, stage, images, masks, organ_ids, generator, prompts=None) -> dict[str, torch.Tensor]:
+    def _stage_loss(self, stage, images, masks, organ_ids, generator, prompts=None,
+                    weights=None) -> dict[str, torch.Tensor]:
         self._check_windows(masks, "masks")
         if stage == "autoencoder":
             return self.mask_autoencoder.loss(masks)
         organs = self._check_batch(images, masks, organ_ids)
         z0, t, noise, alpha_bar, z_t = self._noised_mask_latent(masks, generator)
+        if weights is not None and (weights.shape[0] != z0.shape[0] or weights.shape[2:] != z0.shape[2:]):
+            raise ValueError(f"weights: expected [{z0.shape[0]}, 1, {z0.shape[2]}, {z0.shape[3]}] (the latent grid), "
+                             f"got {list(weights.shape)}")
         image_latent = self._with_prompts(self.image_encoder(images), prompts)
         pred = self.denoiser(z_t.to(image_latent.dtype), t, image_latent, organs).to(torch.float32)
-        return self.denoiser_loss(z0, z_t, noise, pred, alpha_bar)
+        return self.denoiser_loss(z0, z_t, noise, pred, alpha_bar, weights)
 
     @abc.abstractmethod
     def denoiser_loss(
-        self, z0: torch.Tensor, z_t: torch.Tensor, noise: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor
+        self, z0: torch.Tensor, z_t: torch.Tensor, noise: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms of the denoiser stage; ``"loss"`` is the total."""
+        """Loss terms of the denoiser stage; ``"loss"`` is the total. ``weights`` ``[B,1,h,w]`` (optional) weigh
+        the latent pixels (:func:`weighted_mean`)."""
 
 
 @register_method
@@ -245,9 +260,14 @@ class SDSeg(LatentDiffusionSegmentation):
         if cfg["loss_type"] not in ("l1", "l2"):
             raise ModelError(f"sdseg config: loss_type must be 'l1' or 'l2', got {cfg['loss_type']!r}")
 
-    def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar):
-        distance = F.l1_loss if self.config["loss_type"] == "l1" else F.mse_loss
-        kind = "mae" if self.config["loss_type"] == "l1" else "mse"
+    def denoiser_loss(self, z0, z_t, noise, prediction, alpha_bar, weights=None):
+        l1 = self.config["loss_type"] == "l1"
+        kind = "mae" if l1 else "mse"
+
+        def distance(a, b):
+            d = (a - b).abs() if l1 else (a - b).square()
+            return weighted_mean(d, weights)
+
         noise_term = distance(prediction, noise)
         z0_hat = eps_to_x0(z_t, prediction, alpha_bar)  # latent estimation from the predicted noise
         latent_term = distance(z0_hat, z0)

@@ -24,7 +24,17 @@ trained, so the clicks follow its current errors. Randomness comes from the trai
 The config's ``interactive`` block::
 
     {"no_click_fraction": 0.5, "box_fraction": 0.25, "max_clicks": 3,
-     "click_radius_mm": 30.0, "neighbour_fraction": 0.3}
+     "click_radius_mm": 30.0, "neighbour_fraction": 0.3,
+     "negative_fraction": 0.0, "error_weight": 0.0}
+
+Two options for a run that teaches corrections harder (both off by default):
+
+- ``negative_fraction``: the share of click rounds that click the largest *over-segmented* region
+  whenever the prediction has one, instead of the oracle's largest error of either kind (which
+  picks missed organ about three times as often, so negative clicks are learned late);
+- ``error_weight`` ``α``: the denoiser loss of a prompted row weighs each latent pixel by
+  ``1 + α·e``, with ``e`` the share of its 8×8 pixels where the previous mask the row was given
+  is wrong, so the loss looks where the correction has to happen (:func:`error_weights`).
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ from ..interactive.prompts import (
 )
 
 DEFAULTS = {"no_click_fraction": 0.5, "box_fraction": 0.25, "max_clicks": 3,
-            "click_radius_mm": DEFAULT_CLICK_RADIUS_MM, "neighbour_fraction": 0.3}
+            "click_radius_mm": DEFAULT_CLICK_RADIUS_MM, "neighbour_fraction": 0.3,
+            "negative_fraction": 0.0, "error_weight": 0.0}
 
 
 def interactive_settings(block: dict | None) -> dict | None:
@@ -60,13 +71,15 @@ def interactive_settings(block: dict | None) -> dict | None:
     if unknown:
         raise ValueError(f"unknown interactive settings {unknown}; known: {', '.join(DEFAULTS)}")
     s = {**DEFAULTS, **block}
-    for key in ("no_click_fraction", "box_fraction", "neighbour_fraction"):
+    for key in ("no_click_fraction", "box_fraction", "neighbour_fraction", "negative_fraction"):
         if not 0.0 <= float(s[key]) <= 1.0:
             raise ValueError(f"interactive.{key} must be in [0, 1], got {s[key]}")
     if int(s["max_clicks"]) < 1:
         raise ValueError(f"interactive.max_clicks must be >= 1, got {s['max_clicks']}")
     if float(s["click_radius_mm"]) <= 0:
         raise ValueError(f"interactive.click_radius_mm must be > 0, got {s['click_radius_mm']}")
+    if float(s["error_weight"]) < 0:
+        raise ValueError(f"interactive.error_weight must be >= 0, got {s['error_weight']}")
     return s
 
 
@@ -102,6 +115,7 @@ def simulate_prompts(method, images: torch.Tensor, masks: torch.Tensor, organ_id
     if rows.size == 0:
         return prompts
     radius = float(settings["click_radius_mm"])
+    negative = float(settings.get("negative_fraction", 0.0))
     gt = (masks[:, 0] >= 0.5).cpu().numpy()
     use_box = rng.random(b) < float(settings["box_fraction"])
     n_clicks = np.zeros(b, dtype=int)
@@ -133,7 +147,9 @@ def simulate_prompts(method, images: torch.Tensor, masks: torch.Tensor, organ_id
                 i = int(rows[k])
                 pred = (p >= 0.5).cpu().numpy()
                 prompts[i, PREVIOUS] = previous_map(p, (h, w))
-                found = error_click(pred, gt[i], spacing_mm)
+                # (no draw without negative_fraction: a run started before the option resumes bit for bit)
+                prefer = False if negative and rng.random() < negative else None
+                found = error_click(pred, gt[i], spacing_mm, prefer=prefer)
                 if found is None:
                     continue
                 dz = float(rng.uniform(0.0, 0.8 * radius)) if rng.random() < float(settings["neighbour_fraction"]) else 0.0
@@ -143,3 +159,18 @@ def simulate_prompts(method, images: torch.Tensor, masks: torch.Tensor, organ_id
     finally:
         method.train(was_training)
     return prompts
+
+
+def error_weights(prompts: torch.Tensor, masks: torch.Tensor, weight: float, factor: int) -> torch.Tensor | None:
+    """Per latent pixel loss weights ``[B,1,H/factor,W/factor]``: ``1 + weight·e`` (see the module docstring).
+
+    ``e`` is the share of the pixel's ``factor × factor`` block where the previous-mask channel
+    disagrees with the target (``masks >= 0.5``); rows without a previous mask weigh 1 everywhere.
+    None when ``weight`` is 0.
+    """
+    if weight <= 0:
+        return None
+    prev = prompts[:, PREVIOUS:PREVIOUS + 1]
+    wrong = ((prev > 0) != (masks >= 0.5)) & (prev != 0)
+    e = torch.nn.functional.avg_pool2d(wrong.float(), factor)
+    return 1.0 + float(weight) * e

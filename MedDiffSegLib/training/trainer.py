@@ -76,11 +76,12 @@ import torch
 from .. import __version__
 from ..errors import Cancelled, MedDiffSegError, ModelError
 from ..methods.base import _METHODS, _import_builtin_methods, available_methods, build_method
+from ..networks import DOWNSAMPLE
 from ..preprocessing import PreprocessSpec
 from ..preprocessing.spec import context_indices
 from ..registry import ModelPackage, save_package
 from .augment import augment_batch, augmentation_settings
-from .interactive import interactive_settings, simulate_prompts
+from .interactive import error_weights, interactive_settings, simulate_prompts
 from .checkpoint import (
     CheckpointError,
     b64,
@@ -416,8 +417,10 @@ class _StageLoss(torch.nn.Module):
         self.method = method
         self.stage = stage
 
-    def forward(self, images, masks, organ_ids, generator, prompts=None):
+    def forward(self, images, masks, organ_ids, generator, prompts=None, weights=None):
         extra = {} if prompts is None else {"prompts": prompts}
+        if weights is not None:
+            extra["weights"] = weights
         return self.method.training_loss(images, masks, organ_ids, generator=generator, stage=self.stage, **extra)
 
 
@@ -687,13 +690,14 @@ class _Run:
                     x, y, ids = sampler.batch(bs)
                     x, y = augment_batch(x, y, aug_rng, self.augmentation, soft=bool(cfg.soft_targets))
                     x, y, ids = x.to(self.device), y.to(self.device), ids.to(self.device)
-                    prompts = None
+                    prompts = weights = None
                     if self.interactive is not None and si == len(method.stages) - 1:
                         # clicks from the model's own errors (numpy choices from the augmentation stream)
                         with self._autocast():
                             prompts = simulate_prompts(method, x, y, ids, aug_rng, gen, self.interactive, spec.spacing)
+                        weights = error_weights(prompts, y, float(self.interactive["error_weight"]), DOWNSAMPLE)
                     with self._autocast():
-                        losses = loss_module(x, y, ids, gen, prompts)
+                        losses = loss_module(x, y, ids, gen, prompts, weights)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(losses["loss"]).backward()
                     scaler.unscale_(opt)

@@ -20,7 +20,7 @@ from MedDiffSegLib.interactive.prompts import (
     prompt_maps,
 )
 from MedDiffSegLib.methods.base import _METHODS, available_methods, build_method
-from MedDiffSegLib.training.interactive import interactive_settings, jittered_box, simulate_prompts
+from MedDiffSegLib.training.interactive import error_weights, interactive_settings, jittered_box, simulate_prompts
 
 H = W = 32
 
@@ -84,6 +84,11 @@ def test_error_click_is_deepest_inside_the_largest_error():
     r, c, positive = error_click(pred2, gt)
     assert not positive and pred2[r, c] and not gt[r, c]
     assert error_click(gt, gt) is None
+    # a preferred kind is taken whenever there is one, however small; otherwise the other kind
+    r, c, positive = error_click(pred, gt, prefer=False)
+    assert not positive and pred[r, c] and not gt[r, c] and r >= 28
+    assert error_click(pred2, gt, prefer=True)[2] is False  # no miss at all: the over-segmentation
+    assert error_click(pred, gt, prefer=True)[:2] == error_click(pred, gt)[:2]
 
 
 def test_jittered_box_surrounds_the_organ():
@@ -176,7 +181,9 @@ def test_interactive_settings_are_checked():
     assert interactive_settings({}) is None and interactive_settings(None) is None
     s = interactive_settings({"max_clicks": 2})
     assert s["max_clicks"] == 2 and s["no_click_fraction"] == 0.5
-    for bad in ({"max_click": 2}, {"no_click_fraction": 1.5}, {"max_clicks": 0}, {"click_radius_mm": -1}):
+    assert s["negative_fraction"] == 0.0 and s["error_weight"] == 0.0  # both off unless asked for
+    for bad in ({"max_click": 2}, {"no_click_fraction": 1.5}, {"max_clicks": 0}, {"click_radius_mm": -1},
+                {"negative_fraction": 2}, {"error_weight": -1}):
         with pytest.raises(ValueError):
             interactive_settings(bad)
 
@@ -208,6 +215,58 @@ def test_simulated_clicks_follow_the_models_errors():
             assert p[i, PREVIOUS].abs().sum() > 0
     again = simulate_prompts(m, x, y, ids, np.random.default_rng(0), torch.Generator().manual_seed(0), s, (2.0, 2.0))
     assert torch.equal(p, again)  # reproducible from the generators
+    # negative_fraction 0 draws nothing more (a run started before the option resumes bit for bit) ...
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    off = simulate_prompts(m, x, y, ids, rng_b, torch.Generator().manual_seed(0), {**s, "negative_fraction": 0.0},
+                           (2.0, 2.0))
+    simulate_prompts(m, x, y, ids, rng_a, torch.Generator().manual_seed(0), s, (2.0, 2.0))
+    assert torch.equal(off, p) and rng_a.random() == rng_b.random()
+    # ... and at 1 every round that has an over-segmentation clicks it: with an organ filling most of the
+    # window the oracle clicks the (larger) misses, the preference the false positives
+    big = torch.zeros_like(y)
+    big[:, :, 1:31, 1:31] = 1
+
+    def n_negative(fraction):
+        q = simulate_prompts(m, x, big, ids, np.random.default_rng(0), torch.Generator().manual_seed(0),
+                             {**s, "negative_fraction": fraction, "box_fraction": 0.0}, (2.0, 2.0))
+        return int((q[:, NEGATIVE] == 1).flatten(1).any(1).sum()), int((q[:, POSITIVE] == 1).flatten(1).any(1).sum())
+
+    (neg0, pos0), (neg1, pos1) = n_negative(0.0), n_negative(1.0)
+    assert neg1 > neg0 and pos1 < pos0
+
+
+def test_error_weights_look_where_the_previous_mask_is_wrong():
+    prompts = torch.zeros(3, 4, 16, 16)
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[:, :, :8, :8] = 1.0
+    prompts[0, PREVIOUS] = -1.0
+    prompts[0, PREVIOUS, :8, :8] = 1.0  # row 0: the previous mask is right
+    prompts[1, PREVIOUS] = -1.0  # row 1: it missed the organ (the top-left 8x8 block is wrong)
+    # row 2: no previous mask (an automatic row)
+    w = error_weights(prompts, masks, 3.0, 8)
+    assert w.shape == (3, 1, 2, 2)
+    assert torch.equal(w[0], torch.ones(1, 2, 2)) and torch.equal(w[2], torch.ones(1, 2, 2))
+    assert w[1, 0, 0, 0] == 4.0 and w[1, 0, 1, 1] == 1.0
+    assert error_weights(prompts, masks, 0.0, 8) is None
+
+
+@pytest.mark.parametrize("name", ["guided", "sdseg"])
+def test_weighted_denoiser_loss_is_the_weighted_mean_and_keeps_its_scale(name):
+    m = _model(name)
+    g = torch.Generator().manual_seed(3)
+    z0, noise, pred = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    a = torch.full((2, 1, 1, 1), 0.6)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    plain = m.denoiser_loss(z0, z_t, noise, pred, a)
+    ones = m.denoiser_loss(z0, z_t, noise, pred, a, torch.ones(2, 1, 4, 4))
+    assert all(torch.allclose(plain[k], ones[k]) for k in plain)  # uniform weights change nothing
+    w = torch.ones(2, 1, 4, 4)
+    w[0, 0, 0, 0] = 5.0
+    key = "x0_mse" if name == "guided" else "noise_mae"
+    target = z0 if name == "guided" else noise
+    d = (pred - target).square() if name == "guided" else (pred - target).abs()
+    expected = (w.expand_as(d) * d).sum() / w.expand_as(d).sum()
+    assert torch.allclose(m.denoiser_loss(z0, z_t, noise, pred, a, w)[key], expected)
 
 
 def test_interactive_training_config_writes_the_click_radius(tmp_path, data_dir):
@@ -227,3 +286,22 @@ def test_interactive_training_config_writes_the_click_radius(tmp_path, data_dir)
     assert meta["config"]["prompt_channels"] == 4
 
 
+
+
+def test_a_run_with_negative_clicks_preferred_and_error_weights_trains(tmp_path, data_dir):
+    """The two options of a correction-focused run reach the loss: the trainer weighs the latent pixels."""
+    import csv
+    import json
+
+    from MedDiffSegLib.training.trainer import TrainConfig, train
+
+    cfg = TrainConfig.from_file(Path(__file__).resolve().parents[1] / "training" / "tiny_config.json")
+    assert cfg.method in available_methods()  # imports the built-in methods
+    cfg.method_config = dict(_METHODS[cfg.method].tiny_config(len(cfg.organs)), prompt_channels=4)
+    cfg.interactive = {"click_radius_mm": 15.0, "max_clicks": 2, "negative_fraction": 0.5, "error_weight": 2.0}
+    cfg.stages = {"autoencoder": {"steps": 0}, "denoiser": {"steps": 3, "lr": 0.001, "batch": 4}}
+    cfg.validation = []
+    pkg = train(cfg, tmp_path / "run", data_root=data_dir, progress=False, log=lambda m: None)
+    rows = list(csv.reader(open(tmp_path / "run" / "train_log.csv")))[1:]
+    assert rows and all(np.isfinite(float(r[2])) for r in rows)
+    assert json.loads((pkg.path / "model.json").read_text())["inference"]["click_radius_mm"] == 15.0
