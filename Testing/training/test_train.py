@@ -385,3 +385,33 @@ def test_validation_samples_with_the_package_inference_defaults(tiny_cfg, data_d
     calls.clear()
     spy_validate(method, [vol], len(pkg.organ_names), 32)
     assert set(calls) == {(1, 1, None)}
+
+
+def test_a_checkpoint_becomes_a_package_that_segments_and_starts_another_run(tiny_cfg, data_dir, tmp_path):
+    """bench/package_checkpoint.py: the newest checkpoint of an unfinished run as a package (its weights
+    exactly, the config checked), which a second phase of training can start from (``init_from``)."""
+    from benchtools import load_bench
+
+    from MedDiffSegLib.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg, out, data_root=data_dir, device="cpu", max_steps=4, checkpoint_every=2, log=_quiet,
+              should_stop=_stop_after(6))
+    tool = load_bench("package_checkpoint")
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(apply_overrides(tiny_cfg, max_steps=4).to_dict()))
+    pkg = tool.package_checkpoint(out, cfg_path, tmp_path / "pkg")
+    tensors, meta = load_checkpoint(latest_checkpoint(out))
+    weights = _weights(pkg.path)
+    assert all(torch.equal(weights[k[len("model."):]], v) for k, v in tensors.items() if k.startswith("model."))
+    assert pkg.version == "0.0.1+step2" and pkg.provenance["from_checkpoint"]["stage"] == "denoiser"
+    pkg.verify()
+    # the config must be the run's
+    with pytest.raises(MedDiffSegError, match="another configuration"):
+        tool.package_checkpoint(out, TINY_CONFIG, tmp_path / "other")
+    # a second phase starts from it
+    phase2 = TrainConfig(**{**tiny_cfg.to_dict(), "init_from": str(pkg.path),
+                            "stages": {"autoencoder": {"steps": 0}, "denoiser": {"steps": 2, "lr": 0.001, "batch": 4}}})
+    done = train(phase2, tmp_path / "phase2", data_root=data_dir, device="cpu", log=_quiet)
+    assert done.provenance["init_from"]["version"] == "0.0.1+step2"
