@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from MedDiffSegLib.preprocessing import PreprocessSpec
     from MedDiffSegLib.training.augment import augment_batch, augmentation_settings
     from MedDiffSegLib.training.data import SliceWindowSampler
-    from MedDiffSegLib.training.interactive import interactive_settings, simulate_prompts
+    from MedDiffSegLib.networks import DOWNSAMPLE
+    from MedDiffSegLib.training.interactive import error_weights, interactive_settings, simulate_prompts
     from MedDiffSegLib.training.organs import organ_from_config
     from MedDiffSegLib.training.trainer import TrainConfig, apply_overrides, load_split, method_config_for
 
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
             prompts = simulate_prompts(method, x, y, ids, rng, gen, interactive, spec.spacing)
         t.append(time.perf_counter())
         extra = {} if prompts is None else {"prompts": prompts}
+        if prompts is not None and float(interactive["error_weight"]) > 0:  # as the trainer weighs the loss
+            extra["weights"] = error_weights(prompts, y, float(interactive["error_weight"]), DOWNSAMPLE)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             loss = method.training_loss(x, y, ids, gen, stage=stage, **extra)["loss"]
         t.append(time.perf_counter())
