@@ -110,12 +110,13 @@ def tables(packages, dataset: str = "btcv") -> str:
             lines.append(f"{name} — | — | — | — | — | — | {_training(p)} |")
             continue
         first = _first_seed(res)
-        m, sd = _mean_sd(_case_means(res, bench))
+        case_means = _case_means(res, bench)
+        m, sd = _mean_sd(case_means)
         hd = [first["organs"][o]["hd95_mean"] for o in bench if o in first["organs"]]
         failures = sum(int(o.get("missed", 0)) + int(o.get("hallucinated", 0)) for o in first["organs"].values())
         seed_sd = _seed_sd_of_mean(res, bench)
         lines.append(f"{name} {proto.get('steps', '—')} × {proto.get('samples', '—')} | "
-                     f"{_f(m, 3)} ± {_f(sd, 3)} ({len(_case_means(res, bench))}) | "
+                     f"{_f(m, 3)} ± {_f(sd, 3)} ({len(case_means)}) | "
                      f"{_f(seed_sd, 4) if seed_sd is not None else '— (1 seed)'} | "
                      f"{_f(sum(hd) / len(hd) if hd else None, 1)} | {failures} | "
                      f"{_f(res.get('seconds_per_case_median'), 1)} | {_training(p)} |")

@@ -42,6 +42,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from evaluate_protocol import write_doc_block  # noqa: E402  (the doc's marked blocks, as the other reports)
 
 VARIANTS = ("auto", "box", "suggested", "model-free")
 
@@ -247,20 +250,9 @@ def main(argv=None) -> int:
     print(text)
     if args.doc:
         write_doc_block(args.doc, f"interactive:{pkg.name}:{args.label}", f"### {pkg.name} {pkg.version} — {args.label}\n\n"
-                        + text)
+                        + text, title="# Interactive correction")
     return 0
 
-
-def write_doc_block(doc: Path, key: str, text: str) -> None:
-    """Put ``text`` between the markers ``key`` in ``doc`` (replacing what they held), atomically."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    body = doc.read_text(encoding="utf-8") if doc.is_file() else "# Interactive correction\n\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    body = (body[:body.index(start)] + block + body[body.index(end) + len(end):]) if start in body and end in body \
-        else body.rstrip() + "\n\n" + block + "\n"
-    tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, doc)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,11 @@ def _cases(protocol: dict, pkg, only: list[str] | None) -> list[dict]:
     return protocol_cases(protocol, pkg.preprocessing.modality, pkg.organ_names, _data_root(), only)
 
 
-def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
-    start, end = f"<!-- protocol:{model}:{label}:start -->", f"<!-- protocol:{model}:{label}:end -->"
-    body = doc.read_text(encoding="utf-8") if doc.is_file() else "# Evaluation under the real-data protocol\n\n"
+def write_doc_block(doc: Path, key: str, text: str, title: str = "# Evaluation under the real-data protocol") -> None:
+    """Put ``text`` between the markers ``<!-- KEY:start -->`` / ``<!-- KEY:end -->`` of ``doc``, replacing
+    what they held (appended when they are not there yet; a missing ``doc`` starts with ``title``); atomic."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    body = doc.read_text(encoding="utf-8") if doc.is_file() else f"{title}\n\n"
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in body and end in body:
         body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
@@ -59,6 +61,10 @@ def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
     tmp = doc.with_name(f".{doc.name}.tmp")
     tmp.write_text(body, encoding="utf-8")
     os.replace(tmp, doc)
+
+
+def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
+    write_doc_block(doc, f"protocol:{model}:{label}", text)
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ def package_checkpoint(run_dir: Path, config: Path, out_dir: Path, checkpoint: s
     from MedDiffSegLib.training import TrainConfig
     from MedDiffSegLib.training.checkpoint import latest_checkpoint, load_checkpoint
     from MedDiffSegLib.training.organs import organ_from_config
-    from MedDiffSegLib.training.trainer import config_digest, method_config_for
+    from MedDiffSegLib.training.trainer import config_digest, method_config_for, package_inference
 
     cfg = TrainConfig.from_file(config)
     path = (run_dir / "checkpoints" / checkpoint) if checkpoint else latest_checkpoint(run_dir)
@@ -44,11 +44,6 @@ def package_checkpoint(run_dir: Path, config: Path, out_dir: Path, checkpoint: s
     method = build_method(cfg.method, method_config_for(cfg, len(organs)))
     method.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     method.eval()
-    inference = dict(cfg.inference)
-    if cfg.interactive:
-        from MedDiffSegLib.training.interactive import interactive_settings
-
-        inference["click_radius_mm"] = float(interactive_settings(cfg.interactive)["click_radius_mm"])
     stage, step = meta["stage"], int(meta["step"])
     provenance = {"from_checkpoint": {"run": str(run_dir.resolve()), "checkpoint": path.name, "stage": stage,
                                       "step": step, "elapsed_s": round(float(meta.get("elapsed_s", 0.0)), 1),
@@ -56,7 +51,7 @@ def package_checkpoint(run_dir: Path, config: Path, out_dir: Path, checkpoint: s
                                       "resumed_at": meta.get("resumed_at", [])},
                   "config": cfg.to_dict(), "parameters": sum(p.numel() for p in method.parameters())}
     return save_package(out_dir / cfg.name, method, name=cfg.name, version=version or f"{cfg.version}+step{step}",
-                        organs=organs, preprocessing=PreprocessSpec.from_dict(cfg.preprocessing), inference=inference,
+                        organs=organs, preprocessing=PreprocessSpec.from_dict(cfg.preprocessing), inference=package_inference(cfg),
                         description=f"{cfg.description} (checkpoint {path.name} of an unfinished run: {stage} step {step})",
                         provenance=provenance, metrics={})
 

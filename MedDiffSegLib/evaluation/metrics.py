@@ -95,14 +95,13 @@ def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float])
         return 0.0, math.inf, math.inf, STATUS_MISSED
     # Cropping to the union (plus one voxel) changes neither the overlap nor the surfaces.
     pred, gt = _crop_to_union(pred, gt)
-    n_p, n_g = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
-    dice = 2.0 * int(np.count_nonzero(pred & gt)) / (n_p + n_g)
+    dice = 2.0 * int(np.count_nonzero(pred & gt)) / (int(np.count_nonzero(pred)) + int(np.count_nonzero(gt)))
     spacing = [float(s) for s in spacing_zyx]
     sp, sg = surface(pred), surface(gt)
     d_pg = distance_to(sg, spacing)[sp]  # every surface voxel of pred → the nearest surface voxel of gt
     d_gp = distance_to(sp, spacing)[sg]
     hd95 = max(float(np.percentile(d_pg, 95)), float(np.percentile(d_gp, 95)))
-    assd = float((d_pg.sum(dtype=np.float64) + d_gp.sum(dtype=np.float64)) / (d_pg.size + d_gp.size))
+    assd = float((d_pg.sum() + d_gp.sum()) / (d_pg.size + d_gp.size))
     return float(dice), hd95, assd, STATUS_OK
 
 

@@ -136,7 +136,7 @@ class TrainConfig:
     #: interactive training (clicks simulated from the model's own errors), see training/interactive.py
     interactive: dict = field(default_factory=dict)
     #: take a trained mask autoencoder and keep it fixed: a package name or folder, ``{"model": NAME,
-    #: "version": V}``, or a ``weights.safetensors`` (for latent methods; see ``_load_mask_autoencoder``)
+    #: "version": V}``, or a ``weights.safetensors`` (latent methods: ``LatentMaskMethod.load_mask_autoencoder``)
     mask_autoencoder_from: str | dict | None = None
 
     @classmethod
@@ -369,6 +369,16 @@ def _jsonable(x):
 
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def package_inference(cfg: TrainConfig) -> dict:
+    """The ``inference`` block a package of ``cfg`` declares: the config's, plus the click radius of an
+    interactive model (how clicks are encoded is part of the model)."""
+    inference = dict(cfg.inference)
+    settings = interactive_settings(cfg.interactive)
+    if settings is not None:
+        inference["click_radius_mm"] = float(settings["click_radius_mm"])
+    return inference
 
 
 def state_digest(method: torch.nn.Module) -> str:
@@ -920,11 +930,8 @@ class _Run:
                                       "protocol": "2D slices at the model spacing, 1 sample of the package's default "
                                                   "steps and scheduler, threshold 0.5"}}
         pkg_dir = self.out_dir / cfg.name
-        inference = dict(cfg.inference)
-        if self.interactive is not None:  # how clicks are encoded is part of the model
-            inference["click_radius_mm"] = float(self.interactive["click_radius_mm"])
         pkg = save_package(pkg_dir, method, name=cfg.name, version=cfg.version, organs=organs, preprocessing=spec,
-                           inference=inference, description=cfg.description, provenance=provenance,
+                           inference=package_inference(cfg), description=cfg.description, provenance=provenance,
                            metrics=metrics)
         export_zip(pkg, self.out_dir / f"{cfg.name}.zip")
         (self.out_dir / "history.json").write_text(json.dumps(_jsonable(st.history), indent=2))
