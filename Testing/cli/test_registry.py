@@ -396,7 +396,8 @@ def test_cli_models_info_of_the_shipped_default_is_short_and_local_paths_stay_in
     trained = pkg.provenance["data"]["train"][0]
     assert f"data:      {trained['name']} ({len(trained['cases'])} cases)" in out
     first_scores = " ".join(score_lines(pkg.metrics)[0].split())
-    assert first_scores.startswith("mean Dice on 6 btcv test patients: liver 0.91")
+    liver = pkg.metrics["protocol"]["results"]["btcv"]["per_seed"]["0"]["organs"]["liver"]["dice_mean"]
+    assert first_scores.startswith(f"mean Dice on 6 btcv test patients: liver {liver:.2f}, spleen ")
     assert first_scores in " ".join(out.split())  # wrapped, but all there
     assert f"card:      {pkg.path / 'MODEL_CARD.md'}" in out
     assert "init_from" not in out and "{" not in out and str(pkg.provenance["init_from"]["path"]) not in out
