@@ -91,7 +91,7 @@ The network is only asked for what can change the answer. A window with no voxel
 model's intensity window (:data:`EMPTY_WINDOW_LEVEL`: air beyond the body, padding) is outside the
 body: probability 0, variance 0, no network call. With ``adaptive=True`` (the default; it only
 matters for ``samples > 1``) each organ first gets one sample in every window of a batch; windows
-where that sample peaks below :data:`ADAPTIVE_FLOOR` (no trace of the organ) stop there, with that
+where that sample peaks below the package's floor (:func:`adaptive_floor`; no trace of the organ) stop there, with that
 sample as their mean and variance 0, and only the others get the remaining ``N - 1`` samples (from
 the batch's encoding, :meth:`~MedDiffSegLib.methods.base.Method.select_condition`). The ensemble
 is therefore spent where the organ is. What was drawn is reported in ``extras["sampling"]``
@@ -159,7 +159,19 @@ STAPLE_MAX_ITERATIONS = 100
 EMPTY_WINDOW_LEVEL = -0.999
 #: Adaptive sampling (``adaptive=True``): a window whose first sample of an organ peaks below this
 #: probability gets no further samples of that organ (its mean is that sample, its variance 0).
+#: A package may set its own (``inference.adaptive_floor``): a model trained on soft targets decodes
+#: a constant background above 0.01 (abdomen-ct 2.0.0: 0.012 everywhere), which this default would
+#: take for a trace of the organ in every window.
 ADAPTIVE_FLOOR = 0.01
+
+
+def adaptive_floor(package, threshold: float) -> float:
+    """The package's adaptive-sampling floor (``inference.adaptive_floor``, default :data:`ADAPTIVE_FLOOR`)."""
+    value = package.inference.get("adaptive_floor", ADAPTIVE_FLOOR)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < threshold:
+        raise ModelError(f"model {getattr(package, 'name', '?')!r}: inference.adaptive_floor must be a probability "
+                         f">= 0 and below the threshold {threshold}, got {value!r}")
+    return float(value)
 #: Body crop (``crop_body=True``): model-grid pixels of air kept around the body's in-plane box.
 BODY_MARGIN_PX = 8
 #: Post-processing of a chunk runs in slabs of slices whose per-organ float32 maps take about this much.
@@ -488,6 +500,7 @@ def segment_volume(
     if staple and samples < 2:
         raise InputError(f"STAPLE fuses several samples and needs samples >= 2, got samples={samples}")
     roi, overlap, swb, threshold = _inference_settings(package)
+    adaptive_floor(package, threshold)  # a bad package fails before any work
     keep_largest = largest_component_organs(package, [o.name for o in organ_objs], largest_component)
     spec = package.preprocessing
     dev = resolve_device(device)
@@ -558,6 +571,7 @@ class _VolumeRun:
         self.organ_ids, self.organ_objs, self.organs = organ_ids, organ_objs, organs
         self.samples, self.steps, self.seed, self.dev, self.scheduler = samples, steps, seed, dev, scheduler
         self.staple, self.largest_component = staple, largest_component
+        self.floor = adaptive_floor(package, threshold)
         self.keep_probabilities, self.adaptive, self.crop_body = keep_probabilities, adaptive, crop_body
         self.chunk_slices, self.roi, self.overlap, self.swb, self.threshold = chunk_slices, roi, overlap, swb, threshold
         self.spec, self.n_org, self.timings, self.report = spec, n_org, timings, report
@@ -679,7 +693,7 @@ class _VolumeRun:
         Work is skipped where it cannot change the answer (see "Speed" in the module docstring):
         windows with no voxel inside the model's intensity window (outside the body) get
         probability 0 without a network call, and with ``adaptive`` an organ whose first sample
-        has no trace of it in a window (peak probability below ``ADAPTIVE_FLOOR``) gets no more
+        has no trace of it in a window (peak probability below the package's ``adaptive_floor``) gets no more
         samples there (mean = that sample, variance 0).
         """
         self.check_cancel()
@@ -695,7 +709,7 @@ class _VolumeRun:
             for o in range(n_org):
                 if self.adaptive and samples > 1:
                     first = self.draw(cond, everyone, o, 1, h, w)  # [b', 1, h, w]
-                    rest = torch.nonzero(first.flatten(1).amax(dim=1) >= ADAPTIVE_FLOOR).flatten()
+                    rest = torch.nonzero(first.flatten(1).amax(dim=1) >= self.floor).flatten()
                     m, v = first[:, 0].clone(), torch.zeros_like(first[:, 0])  # stopped windows: that sample, no variance
                     full = None
                     if rest.numel():

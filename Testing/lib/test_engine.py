@@ -535,6 +535,39 @@ def test_adaptive_sampling_keeps_the_variance_where_the_organ_is(tmp_path):
     assert 0 < res.extras["sampling"]["organs"]["liver"]["windows_with_all_samples"] < res.extras["sampling"]["windows"]
 
 
+def test_a_package_sets_the_adaptive_floor_above_its_decoded_background(tmp_path):
+    """A model trained on soft targets decodes a constant background (abdomen-ct 2.0.0: 0.012): the
+    default floor (0.01) takes it for the organ everywhere; the package's inference.adaptive_floor does not."""
+    volume, truth = _organ_in_some_slices()
+    image = make_image(volume, spacing=(1.3, 0.9, 2.0), direction=np.eye(3).reshape(-1))
+
+    def with_background(method, level=0.012):
+        plain = method.sample
+
+        def sample(*args, **kwargs):
+            return level + (1.0 - level) * plain(*args, **kwargs)
+        method.sample = sample
+        return method
+
+    runs = {}
+    for floor in (None, 0.02):
+        extra = {} if floor is None else {"adaptive_floor": floor}
+        pkg, method = profile_package(tmp_path, samples=5, **extra)
+        res = segment_volume(image, pkg, ["liver"], method=with_background(method), keep_probabilities=True)
+        runs[floor] = res
+    windows = runs[None].extras["sampling"]["windows"]
+    default, floored = (runs[f].extras["sampling"]["organs"]["liver"] for f in (None, 0.02))
+    assert default["windows_with_all_samples"] == windows and default["samples_drawn"] == 5 * windows
+    assert 0 < floored["windows_with_all_samples"] < windows  # only the organ's windows get all 5
+    np.testing.assert_array_equal(arr(runs[0.02].labels), arr(runs[None].labels))
+    assert (arr(runs[0.02].labels) == 1).sum() == truth.sum()
+    for bad in (0.5, 0.9, -0.1, "0.02", True):
+        pkg, method = profile_package(tmp_path, adaptive_floor=bad)
+        with pytest.raises(ModelError, match="adaptive_floor"):
+            segment_volume(image, pkg, ["liver"], method=method, samples=2)
+        assert method.sample_rows == 0  # refused before any network call
+
+
 def test_windows_outside_the_body_are_not_sent_to_the_network(tmp_path):
     volume, truth = _organ_in_some_slices()
     volume[:5] = -1000.0  # air slices (below the window's floor)
