@@ -163,6 +163,10 @@ EMPTY_WINDOW_LEVEL = -0.999
 #: a constant background above 0.01 (abdomen-ct 2.0.0: 0.012 everywhere), which this default would
 #: take for a trace of the organ in every window.
 ADAPTIVE_FLOOR = 0.01
+#: Body crop (``crop_body=True``): model-grid pixels of air kept around the body's in-plane box.
+BODY_MARGIN_PX = 8
+#: Post-processing of a chunk runs in slabs of slices whose per-organ float32 maps take about this much.
+POST_SLAB_BYTES = 16 << 20
 
 
 def adaptive_floor(package, threshold: float) -> float:
@@ -172,10 +176,6 @@ def adaptive_floor(package, threshold: float) -> float:
         raise ModelError(f"model {getattr(package, 'name', '?')!r}: inference.adaptive_floor must be a probability "
                          f">= 0 and below the threshold {threshold}, got {value!r}")
     return float(value)
-#: Body crop (``crop_body=True``): model-grid pixels of air kept around the body's in-plane box.
-BODY_MARGIN_PX = 8
-#: Post-processing of a chunk runs in slabs of slices whose per-organ float32 maps take about this much.
-POST_SLAB_BYTES = 16 << 20
 
 
 def organ_seed(seed: int, organ_index: int) -> int:
