@@ -500,7 +500,7 @@ def segment_volume(
     if staple and samples < 2:
         raise InputError(f"STAPLE fuses several samples and needs samples >= 2, got samples={samples}")
     roi, overlap, swb, threshold = _inference_settings(package)
-    adaptive_floor(package, threshold)  # a bad package fails before any work
+    floor = adaptive_floor(package, threshold)  # a bad package fails before any work
     keep_largest = largest_component_organs(package, [o.name for o in organ_objs], largest_component)
     spec = package.preprocessing
     dev = resolve_device(device)
@@ -530,7 +530,7 @@ def segment_volume(
             result = _run(
                 image, package, method, organ_ids, organ_objs, organs, samples=samples, steps=steps, seed=seed,
                 dev=dev, scheduler=scheduler, staple=staple, largest_component=keep_largest,
-                keep_probabilities=keep_probabilities, adaptive=bool(adaptive), crop_body=bool(crop_body),
+                keep_probabilities=keep_probabilities, adaptive=bool(adaptive), floor=floor, crop_body=bool(crop_body),
                 chunk_slices=chunk_slices, roi=roi,
                 overlap=overlap,
                 swb=swb, threshold=threshold, spec=spec, n_org=n_org, timings=timings, report=report, amp_dtype=amp_dtype,
@@ -565,14 +565,13 @@ class _VolumeRun:
     """
 
     def __init__(self, image, package, method, organ_ids, organ_objs, organs, *, samples, steps, seed, dev,
-                 scheduler, staple, largest_component, keep_probabilities, adaptive, crop_body, chunk_slices, roi,
+                 scheduler, staple, largest_component, keep_probabilities, adaptive, floor, crop_body, chunk_slices, roi,
                  overlap, swb, threshold, spec, n_org, timings, report, check_cancel, amp_dtype):
         self.image, self.package, self.method = image, package, method
         self.organ_ids, self.organ_objs, self.organs = organ_ids, organ_objs, organs
         self.samples, self.steps, self.seed, self.dev, self.scheduler = samples, steps, seed, dev, scheduler
         self.staple, self.largest_component = staple, largest_component
-        self.floor = adaptive_floor(package, threshold)
-        self.keep_probabilities, self.adaptive, self.crop_body = keep_probabilities, adaptive, crop_body
+        self.keep_probabilities, self.adaptive, self.floor, self.crop_body = keep_probabilities, adaptive, floor, crop_body
         self.chunk_slices, self.roi, self.overlap, self.swb, self.threshold = chunk_slices, roi, overlap, swb, threshold
         self.spec, self.n_org, self.timings, self.report = spec, n_org, timings, report
         self.check_cancel, self.amp_dtype = check_cancel, amp_dtype
