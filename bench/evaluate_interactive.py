@@ -3,9 +3,12 @@
 
     python bench/evaluate_interactive.py MODEL [--clicks 5] [--variants auto box suggested model-free]
         [--samples 1] [--cases A B ...] [--organs ...] [--out DIR] [--doc docs/interactive.md] [--label L]
+        [--polarity user|model] [--suggest-variant NAME='{"reach_mm": 20}' ...] [--held-out]
 
 For every **test** case of ``bench/protocol.json`` of the model's modality (BTCV 6, CHAOS MR 5; used
-for nothing else) and every organ of the model the dataset labels, each variant starts from a
+for nothing else), or with ``--held-out`` every patient the model's training held out (its config's
+validation patients: where suggestion settings are chosen), and every organ of the model the
+dataset labels, each variant starts from a
 result and adds ``--clicks`` clicks, one at a time, each re-sampled by the model
 (:class:`~MedDiffSegLib.interactive.session.InteractiveSession`); Dice (input grid) after every
 step:
@@ -19,7 +22,15 @@ step:
 - ``suggested``: the automatic result, then clicks placed at the model's own first suggestion
   (:func:`~MedDiffSegLib.interactive.session.suggest_clicks`, from the uncertainty; needs
   ``--samples`` >= 2), or the model-free one when none stands out;
-- ``model-free``: the same with the model-free suggestion (the boundary band's largest region).
+- ``model-free``: the same with the model-free suggestion (the boundary band's largest region);
+- ``suggested-NAME`` (``--suggest-variant NAME=JSON``): ``suggested`` with other options of
+  ``suggest_clicks`` (several settings compared on one automatic result).
+
+A suggestion says where to look; whether the click there is positive or negative is decided, with
+``--polarity user`` (the default), as a radiologist would: by what is there (the ground truth at
+the point: organ, a positive click; not organ, a negative one), which may confirm a correct
+label. ``--polarity model`` takes the model's guess instead (positive outside the current mask,
+negative inside), as the first measurement did.
 
 Reports per variant and organ: Dice at each step (mean ± sd over cases, n), the area under the
 Dice-per-step curve (trapezoid, normalised to [0, 1]), the final Dice and the seconds per step;
@@ -76,7 +87,7 @@ def gt_box_mm(image, gt: np.ndarray) -> tuple[float, ...]:
 
 
 def run_case(case: dict, package, method, organs: list[str], variants: list[str], clicks: int, samples: int,
-             device: str, log=print) -> dict:
+             device: str, log=print, *, polarity: str = "user", suggest_options: dict[str, dict] | None = None) -> dict:
     """Every variant for every organ of one case; returns ``{variant: {organ: record}}``."""
     import SimpleITK as sitk
 
@@ -126,12 +137,16 @@ def run_case(case: dict, package, method, organs: list[str], variants: list[str]
                     (z, y, x), positive = found
                     point = image.TransformIndexToPhysicalPoint((x, y, z))
                 else:
-                    sug = [] if variant == "model-free" else session.suggest(organ, 1)
+                    options = (suggest_options or {}).get(variant, {})
+                    sug = [] if variant == "model-free" else session.suggest(organ, 1, **options)
                     if not sug:
                         sug = session.suggest(organ, 1, model_free=True)
                     if not sug:
                         break
                     point, positive = sug[0].point_mm, sug[0].positive
+                    if polarity == "user":  # the radiologist sees what is there
+                        x, y, z = image.TransformPhysicalPointToIndex(point)
+                        positive = bool(gt[z, y, x])
                 t = time.perf_counter()
                 if positive:
                     session.refine(organ, positive=[point])
@@ -210,6 +225,13 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--suggest-variant", action="append", default=[], metavar="NAME=JSON",
+                    help="also run suggested-NAME: suggested clicks with these suggest_clicks options")
+    ap.add_argument("--polarity", choices=("user", "model"), default="user",
+                    help="who decides a suggested click's polarity: the radiologist (ground truth at the point) or the "
+                         "model's guess")
+    ap.add_argument("--held-out", action="store_true",
+                    help="the patients the model's training held out (validation), instead of the protocol's test patients")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--cases", nargs="*")
     ap.add_argument("--organs", nargs="*")
@@ -219,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="default", help="names this run's tables in --doc (e.g. suggestions)")
     args = ap.parse_args(argv)
 
-    from MedDiffSegLib.evaluation.protocol import protocol_cases
+    from MedDiffSegLib.evaluation.protocol import held_out_cases, protocol_cases
     from MedDiffSegLib.registry import ModelPackage, resolve_model
 
     pkg = ModelPackage.from_folder(args.model) if Path(args.model).is_dir() else resolve_model(args.model)
@@ -227,26 +249,45 @@ def main(argv=None) -> int:
     method = pkg.load_method(args.device)
     protocol = json.loads((REPO / "bench" / "protocol.json").read_text())
     root = Path(os.environ.get("MEDDIFFSEG_DATA") or REPO.parent / "shared" / "data")
-    cases = [c for c in protocol_cases(protocol, pkg.preprocessing.modality, pkg.organ_names, root, args.cases)
-             if c["role"] == "test"]
+    if args.held_out:
+        cases = held_out_cases(protocol, (pkg.provenance or {}).get("config", {}), pkg.organ_names, root, args.cases)
+        if not cases:
+            ap.error(f"{pkg.name} records no held-out (validation) patients in its training config")
+    else:
+        cases = [c for c in protocol_cases(protocol, pkg.preprocessing.modality, pkg.organ_names, root, args.cases)
+                 if c["role"] == "test"]
+    suggest_options: dict[str, dict] = {}
+    for item in args.suggest_variant:
+        name, _, text = item.partition("=")
+        try:
+            suggest_options[f"suggested-{name}"] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            ap.error(f"--suggest-variant {item!r}: not NAME=JSON ({exc})")
+    variants = list(args.variants) + [v for v in suggest_options if v not in args.variants]
     per_case: dict[str, dict] = {}
     organs_all: list[str] = []
     benchmark = [o for o in (cases[0].get("benchmark") or []) if o in pkg.organ_names] if cases else []
     for case in cases:
         organs = [o for o in case["organs"] if not args.organs or o in args.organs]
         organs_all += [o for o in organs if o not in organs_all]
-        per_case[case["name"]] = run_case(case, pkg, method, organs, args.variants, args.clicks, args.samples,
-                                          args.device)
-        for v in args.variants:
+        per_case[case["name"]] = run_case(case, pkg, method, organs, variants, args.clicks, args.samples,
+                                          args.device, polarity=args.polarity, suggest_options=suggest_options)
+        for v in variants:
             (args.out / v).mkdir(parents=True, exist_ok=True)
             (args.out / v / f"{case['name']}.json").write_text(json.dumps(per_case[case["name"]][v], indent=1))
-    summary = summarise(per_case, args.variants, organs_all)
+    summary = summarise(per_case, variants, organs_all)
     command = "python bench/evaluate_interactive.py " + " ".join(argv if argv is not None else sys.argv[1:])
     hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.device}"
-    means = {v: benchmark_mean(summary[v], benchmark) for v in args.variants}
+    means = {v: benchmark_mean(summary[v], benchmark) for v in variants}
     (args.out / "summary.json").write_text(json.dumps({"command": command, "model": pkg.name, "version": pkg.version,
+                                                       "cases": list(per_case), "polarity": args.polarity,
+                                                       "suggest_options": suggest_options,
                                                        "summary": summary, "benchmark_mean": means}, indent=1))
     text = markdown(summary, command, hardware, benchmark)
+    if any(v not in ("auto", "box") for v in variants):
+        text = text.replace("\n\n", f"  \nCases: {', '.join(per_case)}; a suggested click's polarity: "
+                            + ("the radiologist's (ground truth at the point)" if args.polarity == "user"
+                               else "the model's guess") + "\n\n", 1)
     print(text)
     if args.doc:
         write_doc_block(args.doc, f"interactive:{pkg.name}:{args.label}", f"### {pkg.name} {pkg.version} — {args.label}\n\n"

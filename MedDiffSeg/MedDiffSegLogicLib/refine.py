@@ -795,8 +795,9 @@ class RefineController:
                 index = node.AddControlPointWorld(*ras)
                 node.SetNthControlPointLabel(index, self.suggestionLabel(organ, s))
                 node.SetNthControlPointDescription(
-                    index, f"click {'positive' if s.get('positive') else 'negative'} here; expected wrong volume "
-                           f"{float(s.get('expected_wrong_ml', 0.0)):.2f} mL")
+                    index, f"look here: {'probably organ the result misses' if s.get('positive') else 'probably not organ'}"
+                           f" (click positive where it is organ, negative where it is not); expected wrong volume "
+                           f"within reach {float(s.get('expected_wrong_ml', 0.0)):.2f} mL")
                 node.SetNthControlPointLocked(index, True)
         finally:
             self._muted = False

@@ -124,9 +124,11 @@ def _print_suggestions(found: list[dict]) -> None:
     if not found:
         print("no suggestion: the samples agree everywhere near the organ (or the result has one sample)")
     for i, x in enumerate(found, start=1):
-        kind = "click" if x["positive"] else "negative click"
-        print(f"{i}. {kind} at {','.join(f'{v:.1f}' for v in x['point_mm'])} (slice {x['slice']}): "
-              f"{100 * x['confidence']:.0f}% likely wrong there, about {x['expected_wrong_ml']:.1f} mL")
+        guess = "probably organ the result misses" if x["positive"] else "probably not organ"
+        print(f"{i}. look at {','.join(f'{v:.1f}' for v in x['point_mm'])} (slice {x['slice']}): {guess}; "
+              f"{100 * x['confidence']:.0f}% likely wrong there, about {x['expected_wrong_ml']:.1f} mL wrong within reach")
+    if found:
+        print("click there with --click if it is organ, --negative-click if it is not")
 
 
 def _cmd_refine(args) -> int:

@@ -172,3 +172,38 @@ def protocol_cases(protocol: dict, modality: str, organ_names: Sequence[str], da
         out.append({"group": e["name"], "name": e["name"], "image": root / e["image"], "label": root / e["label"],
                     "table": e["table"], "organs": organs, "role": e["what"]})
     return out
+
+
+def held_out_cases(protocol: dict, training_config: dict, organ_names: Sequence[str], data_root,
+                   only: Sequence[str] | None = None) -> list[dict]:
+    """The patients a model's training held out (its config's ``validation`` entries), as :func:`protocol_cases` lists them.
+
+    Choices (post-processing, calibration, suggestion settings) are made on these, never on the
+    protocol's test patients: a test patient among them is an :class:`~MedDiffSegLib.errors.InputError`.
+    Each entry's ``role`` is ``"validation"``; ``benchmark`` is the protocol's benchmark organs of that
+    dataset, when the protocol has the dataset.
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..training.datasets import read_dataset
+
+    root = Path(data_root)
+    tests = {c for d in protocol["datasets"].values() for c in d["test"]}
+    by_file = {d["dataset"]: d for d in protocol["datasets"].values()}
+    out = []
+    for e in training_config.get("validation") or []:
+        if "dataset" not in e:
+            continue
+        ds = read_dataset(root / e["dataset"])
+        organs = [o for o in organ_names if o in ds.labels]
+        for c in ds.cases("training"):
+            if c.name not in (e.get("cases") or []) or (only and c.name not in only):
+                continue
+            if c.name in tests:
+                raise InputError(f"{c.name} is a test patient of the protocol: choices are made on held-out training "
+                                 "patients only")
+            out.append({"group": e["dataset"].split("/")[0], "name": c.name, "image": c.image, "label": c.label,
+                        "table": ds.labels, "organs": organs, "role": "validation",
+                        "benchmark": list((by_file.get(e["dataset"]) or {}).get("organs") or [])})
+    return out

@@ -193,7 +193,8 @@ __all__ = ["load_session", "read_result_summary", "result_suggestions", "run_ref
 
 def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *, model_free: bool = False,
                        image: str | os.PathLike | None = None) -> list[dict]:
-    """Where to click next on ``organ`` of a result folder (no model needed: its maps and image geometry)."""
+    """Where to click next on ``organ`` of a result folder (no model needed: its maps and image geometry), away from
+    the organ's earlier clicks."""
     import SimpleITK as sitk
 
     from .session import suggest_clicks
@@ -210,6 +211,8 @@ def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *,
     if unc is None and not model_free:
         raise InputError(f"{folder} has no {UNCERTAINTY}; use --model-free")
     lab = sitk.GetArrayFromImage(labels)
+    earlier = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
+    avoid = [p for i in earlier if i.organ == entry["name"] for p in (*i.positive, *i.negative)]
     found = suggest_clicks(labels, lab, unc if unc is not None else np.zeros(lab.shape, np.float32),
-                           int(entry["label"]), entry["name"], k, model_free=model_free)
+                           int(entry["label"]), entry["name"], k, model_free=model_free, avoid=avoid)
     return [x.to_dict() for x in found]

@@ -102,10 +102,10 @@ class Suggestion:
 
     organ: str
     point_mm: Point  # LPS
-    positive: bool  # a positive click (organ probably missing there) or a negative one
-    confidence: float  # the region's mean chance that the current label is wrong
-    expected_wrong_ml: float  # the region's expected volume of wrong voxels
-    region_ml: float
+    positive: bool  # the model's guess: a positive click (organ probably missing there) or a negative one
+    confidence: float  # the chance that the current label at the point is wrong
+    expected_wrong_ml: float  # the expected volume of wrong voxels within the suggestion's reach
+    region_ml: float  # the volume of the uncertain voxels within its reach
     slice_index: int  # along the input's slice axis
 
     def to_dict(self) -> dict[str, Any]:
@@ -533,8 +533,10 @@ class InteractiveSession:
 
     # -- where to click next ------------------------------------------------------------------
     def suggest(self, organ: str, k: int = 3, **options) -> list["Suggestion"]:
-        """Up to ``k`` places where a click on ``organ`` is most likely to help (:func:`suggest_clicks`)."""
+        """Up to ``k`` places where a click on ``organ`` is most likely to help (:func:`suggest_clicks`), away
+        from the places this organ was already clicked."""
         name = self.canonical_name(organ)
+        options.setdefault("avoid", [p for i in self.interactions if i.organ == name for p in (*i.positive, *i.negative)])
         return suggest_clicks(self.image, self.view.from_canonical(self.labels_c), self.view.from_canonical(self.unc_c),
                               self.organs.index(name) + 1, name, k, **options)
 
@@ -557,57 +559,89 @@ class InteractiveSession:
 
 
 def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarray, label: int, organ: str, k: int = 3,
-                   *, band_mm: float = 10.0, min_variance: float = 0.02, model_free: bool = False) -> list[Suggestion]:
+                   *, band_mm: float = 10.0, min_variance: float = 0.02, reach_mm: float = 10.0,
+                   avoid: Sequence[Point] = (), avoid_mm: float = 10.0, model_free: bool = False) -> list[Suggestion]:
     """Up to ``k`` places where a click on the organ with ``label`` is most likely to help, best first.
 
     ``labels`` and ``uncertainty`` are the result's maps as arrays on ``image``'s grid (``[z, y, x]``).
     From the uncertainty map (the samples' variance ``v`` of the organ's probability; for samples
     that are each 0 or 1, ``v = p(1 - p)``, so the chance that the current label is wrong there is
-    ``e = (1 - sqrt(1 - 4v)) / 2``): within ``band_mm`` of the organ's mask, on voxels that are this
-    organ or background, the voxels with ``v >= min_variance`` are grouped into 3D connected regions,
-    ranked by their expected number of wrong voxels (the sum of ``e``). The suggested point is the
-    region's voxel deepest inside it; its click is positive when that voxel is outside the current
-    mask (the organ is probably missing there) and negative inside it. ``confidence`` is ``e``
-    averaged over the region: the chance that the click lands on a wrong voxel.
+    ``e = (1 - sqrt(1 - 4v)) / 2``), the candidates are the voxels within ``band_mm`` of the organ's
+    mask, this organ or background, with ``v >= min_variance``. A click corrects a neighbourhood, not
+    a voxel, so the candidates are ranked by the expected number of wrong voxels around them (``e``
+    smoothed with a Gaussian of ``reach_mm / 2``): the best is the candidate with the most expected
+    error within reach, the next the best one farther than ``reach_mm`` from it, and so on. Places
+    within ``avoid_mm`` of ``avoid`` (LPS mm: the organ's earlier clicks) are not suggested again.
 
-    ``model_free`` ignores the uncertainty and ranks the regions of a band of 2 voxels on both sides
-    of the mask's boundary by size: the reference a suggestion must beat (it also works with 1
-    sample). Returns an empty list when nothing stands out (e.g. a 1-sample result, whose
-    uncertainty map is all zero).
+    Each suggestion's ``positive`` is the model's guess (the point is outside the current mask: the
+    organ probably missing there; inside: probably over-segmented); the radiologist who looks at
+    the point decides. ``confidence`` is ``e`` at the point (the chance its current label is wrong),
+    ``expected_wrong_ml`` the sum of ``e`` over the candidates within ``reach_mm`` of it and
+    ``region_ml`` their volume.
+
+    ``model_free`` ignores the uncertainty and ranks the 3D regions of a band of 2 voxels on both
+    sides of the mask's boundary by size, each suggested at its deepest voxel: the reference a
+    suggestion must beat (it also works with 1 sample). Returns an empty list when nothing stands
+    out (e.g. a 1-sample result, whose uncertainty map is all zero).
     """
     from scipy import ndimage
 
     from ..io.geometry import CanonicalView
 
-    mask = np.asarray(labels) == label
+    labels = np.asarray(labels)
+    mask = labels == label
     if not mask.any():
         return []
-    sp = tuple(float(v) for v in image.GetSpacing()[::-1])  # [z, y, x]
-    mine = (np.asarray(labels) == 0) | mask
-    if model_free:
-        cand = ((mask & ~ndimage.binary_erosion(mask, iterations=2))
-                | (ndimage.binary_dilation(mask, iterations=2) & ~mask)) & mine
-        err = cand.astype(np.float32)
-    else:
-        unc = np.asarray(uncertainty, dtype=np.float32)
-        near = ndimage.distance_transform_edt(~mask, sampling=sp) <= band_mm
-        err = (1.0 - np.sqrt(1.0 - 4.0 * np.clip(unc, 0.0, 0.25))) / 2.0
-        cand = near & mine & (unc >= min_variance)
-    regions, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return []
-    mass = ndimage.sum_labels(err, regions, index=np.arange(1, n + 1))
-    size = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+    sp = np.array([float(v) for v in image.GetSpacing()[::-1]])  # [z, y, x]
     voxel_ml = float(np.prod(sp)) / 1000.0
+    # Everything happens in the box of the mask grown by the band (or by 3 voxels for the model-free band).
+    margin = np.full(3, 3) if model_free else np.ceil(band_mm / sp).astype(int) + 1
+    nz = np.nonzero(mask)
+    crop = tuple(slice(max(0, int(a.min()) - m), min(n, int(a.max()) + m + 1))
+                 for a, m, n in zip(nz, margin, mask.shape))
+    origin = np.array([c.start for c in crop])
+    mask_c = mask[crop]
+    mine = (labels[crop] == 0) | mask_c
+    grid = np.ogrid[tuple(slice(0, n) for n in mask_c.shape)]
+
+    def within(centre_zyx, radius_mm: float) -> np.ndarray:
+        d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre_zyx, sp))
+        return d2 <= radius_mm ** 2
+
+    allowed = np.ones(mask_c.shape, dtype=bool)
+    for p in avoid:
+        allowed &= ~within(np.array(image.TransformPhysicalPointToContinuousIndex(tuple(map(float, p)))[::-1]) - origin,
+                           avoid_mm)
     view = CanonicalView.from_image(image, "LPS")
-    boxes = ndimage.find_objects(regions)  # every region's box in one pass
-    out: list[Suggestion] = []
-    for r in np.argsort(-mass, kind="stable")[:k]:
-        z, y, x = deepest_point(regions, int(r) + 1, boxes[r], sp)
+
+    def suggestion(zyx, confidence: float, wrong: float, size: float) -> Suggestion:
+        z, y, x = (int(v) for v in np.asarray(zyx) + origin)
         point = image.TransformIndexToPhysicalPoint((x, y, z))
         kk = int(round(view.canonical_of_input_index((z, y, x))[0]))
-        out.append(Suggestion(organ=organ, point_mm=tuple(float(v) for v in point), positive=not bool(mask[z, y, x]),
-                              confidence=float(mass[r] / size[r]), expected_wrong_ml=float(mass[r]) * voxel_ml,
-                              region_ml=float(size[r]) * voxel_ml,
-                              slice_index=int(view.input_index_of_canonical_slice(kk)[1])))
+        return Suggestion(organ=organ, point_mm=tuple(float(v) for v in point), positive=not bool(mask[z, y, x]),
+                          confidence=confidence, expected_wrong_ml=wrong * voxel_ml, region_ml=size * voxel_ml,
+                          slice_index=int(view.input_index_of_canonical_slice(kk)[1]))
+
+    if model_free:
+        cand = ((mask_c & ~ndimage.binary_erosion(mask_c, iterations=2))
+                | (ndimage.binary_dilation(mask_c, iterations=2) & ~mask_c)) & mine & allowed
+        regions, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+        size = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+        boxes = ndimage.find_objects(regions)
+        return [suggestion(deepest_point(regions, int(r) + 1, boxes[r], sp), 1.0, float(size[r]), float(size[r]))
+                for r in np.argsort(-size, kind="stable")[:k]]
+    unc = np.clip(np.asarray(np.asarray(uncertainty)[crop], dtype=np.float32), 0.0, 0.25)
+    near = ndimage.distance_transform_edt(~mask_c, sampling=sp) <= band_mm
+    cand = near & mine & allowed & (unc >= min_variance)
+    err = np.where(cand, (1.0 - np.sqrt(1.0 - 4.0 * unc)) / 2.0, 0.0).astype(np.float32)
+    density = ndimage.gaussian_filter(err, sigma=tuple(reach_mm / 2.0 / sp), mode="constant")
+    density[~cand] = -1.0
+    out: list[Suggestion] = []
+    while len(out) < k:
+        at = np.unravel_index(int(np.argmax(density)), density.shape)
+        if density[at] <= 0.0:
+            break
+        ball = within(np.array(at), reach_mm)
+        out.append(suggestion(at, float(err[at]), float(err[ball].sum()), float((ball & cand).sum())))
+        density[ball] = -1.0  # the next suggestion is out of this one's reach
     return out

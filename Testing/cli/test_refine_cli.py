@@ -145,11 +145,19 @@ def test_suggest_reads_a_result_without_the_model(tmp_path, volume, interactive_
     found = json.loads(capsys.readouterr().out)
     unc = sitk.GetArrayFromImage(sitk.ReadImage(str(res / "uncertainty.nii.gz")))
     ref = sitk.ReadImage(str(volume))
-    assert len(found) <= 2
+    assert 1 <= len(found) <= 2
     for x in found:
         z, y, xx = np.array(ref.TransformPhysicalPointToIndex(x["point_mm"]))[::-1]
         assert unc[z, y, xx] >= 0.02 and 0 < x["confidence"] <= 0.5
     assert main(["suggest", str(res), "--organ", "liver", "--model-free"]) == 0
-    assert "at " in capsys.readouterr().out
+    assert "look at " in capsys.readouterr().out
+    # a refined result's suggestions keep away from the organ's recorded clicks
+    clicked = tuple(found[0]["point_mm"])
+    assert main(["refine", str(res), "--organ", "liver", "--click", ",".join(map(str, clicked)), "--model",
+                 str(interactive_pkg), "--out", str(tmp_path / "r1"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["suggest", str(tmp_path / "r1"), "--organ", "liver", "-k", "5", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert all(np.linalg.norm(np.subtract(x["point_mm"], clicked)) > 10.0 for x in again)
     assert main(["suggest", str(res), "--organ", "pancreas"]) == InputError.exit_code
     assert main(["suggest", str(tmp_path), "--organ", "liver"]) == InputError.exit_code

@@ -82,3 +82,34 @@ def test_a_case_runs_every_variant(ev, tmp_path):
     ev.write_doc_block(doc, "interactive:m:a", "third")
     body = doc.read_text()
     assert "third" in body and "second" in body and "first" not in body
+
+
+def test_a_suggested_clicks_polarity_is_the_radiologists_or_the_models(ev, tmp_path, monkeypatch):
+    """The suggestion says where; with polarity "user" what is there decides positive or negative."""
+    from MedDiffSegLib.interactive.session import InteractiveSession, Suggestion
+
+    pkg = make_tiny_package(tmp_path / "pkg", "guided", prompt_channels=4, name="tiny-interactive", samples=1)
+    arr = np.full((8, 40, 48), -500, np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.0, 5.0))
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[2:6, 12:24, 10:22] = 5
+    gt = sitk.GetImageFromArray(lab)
+    gt.CopyInformation(img)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(gt, str(tmp_path / "gt.nii.gz"))
+    case = {"name": "synthetic", "image": tmp_path / "ct.nii.gz", "label": tmp_path / "gt.nii.gz", "table": {"liver": 5}}
+    inside_organ = img.TransformIndexToPhysicalPoint((15, 18, 3))  # liver in the ground truth
+    seen = []
+
+    def suggest(self, organ, k=3, **options):  # the model guesses "over-segmented" at a point that is organ
+        seen.append(options)
+        return [Suggestion(organ, inside_organ, False, 0.5, 1.0, 1.0, 3)]
+
+    monkeypatch.setattr(InteractiveSession, "suggest", suggest)
+    method = pkg.load_method("cpu")
+    user = ev.run_case(case, pkg, method, ["liver"], ["suggested-x"], 2, 2, "cpu", log=lambda m: None,
+                       suggest_options={"suggested-x": {"reach_mm": 7.0}})
+    assert user["suggested-x"]["liver"]["clicks"] == ["positive", "positive"] and seen[0] == {"reach_mm": 7.0}
+    model = ev.run_case(case, pkg, method, ["liver"], ["suggested"], 2, 2, "cpu", log=lambda m: None, polarity="model")
+    assert model["suggested"]["liver"]["clicks"] == ["negative", "negative"]

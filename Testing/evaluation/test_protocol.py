@@ -94,3 +94,22 @@ def test_the_headline_mean_is_over_the_benchmark_organs():
     assert agg["mean_dice"] == pytest.approx(0.725) and agg["mean_dice_all"] == pytest.approx((0.85 + 0.6 + 0.2) / 3)
     assert "mean over the 2 benchmark organs" in markdown_table(agg) and "mean over all 3 organs" in markdown_table(agg)
     assert aggregate(reports)["mean_dice"] == pytest.approx((0.85 + 0.6 + 0.2) / 3)
+
+
+def test_held_out_cases_are_the_validation_patients_and_never_test_patients(data_dir):
+    from MedDiffSegLib.errors import InputError
+    from MedDiffSegLib.evaluation.protocol import held_out_cases
+
+    protocol = json.loads((REPO / "bench" / "protocol.json").read_text())
+    config = {"validation": [{"dataset": "btcv/dataset.json", "cases": ["btcv_0005", "btcv_0024"]}]}
+    cases = held_out_cases(protocol, config, ["liver", "pancreas", "not_in_btcv"], data_dir)
+    assert [c["name"] for c in cases] == ["btcv_0005", "btcv_0024"]
+    assert all(c["role"] == "validation" and c["organs"] == ["liver", "pancreas"] and Path(c["image"]).is_file()
+               for c in cases)
+    assert cases[0]["benchmark"] == protocol["datasets"]["btcv"]["organs"]
+    assert [c["name"] for c in held_out_cases(protocol, config, ["liver"], data_dir, only=["btcv_0024"])] == ["btcv_0024"]
+    assert held_out_cases(protocol, {}, ["liver"], data_dir) == []
+    test_patient = protocol["datasets"]["btcv"]["test"][0]
+    with pytest.raises(InputError, match=f"{test_patient} is a test patient"):
+        held_out_cases(protocol, {"validation": [{"dataset": "btcv/dataset.json", "cases": [test_patient]}]},
+                       ["liver"], data_dir)

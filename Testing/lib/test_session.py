@@ -225,6 +225,45 @@ def test_suggestions_rank_uncertain_regions_near_the_organ(tmp_path):
     assert flat.suggest("liver") == []
 
 
+def test_suggestions_take_the_most_expected_error_within_reach_and_avoid_earlier_clicks(tmp_path):
+    img, labels = _case()
+    before = sitk.GetArrayFromImage(labels)
+    unc = np.zeros(before.shape, np.float32)
+    # two small doubts side by side below the liver (10 mm apart), and one larger doubt above it
+    blocks = {"a": np.s_[9:11, 18:20, 10:12], "b": np.s_[9:11, 18:20, 15:17], "c": np.s_[9:11, 5:7, 11:17]}
+    for b in blocks.values():
+        unc[b] = 0.2  # a: 8 voxels, b: 8 voxels, c: 24 voxels, all background within the 10 mm band
+    u = sitk.GetImageFromArray(unc)
+    u.CopyInformation(img)
+    pkg, method = _package(tmp_path)
+    sess = InteractiveSession(img, pkg, ["liver", "spleen"], labels, u, method=method)
+    e = (1 - math.sqrt(1 - 4 * 0.2)) / 2
+
+    def block_of(s):
+        z, y, x = np.array(img.TransformPhysicalPointToIndex(s.point_mm))[::-1]
+        return next(n for n, b in blocks.items() if b[0].start <= z < b[0].stop and b[1].start <= y < b[1].stop
+                    and b[2].start <= x < b[2].stop)
+
+    # a short reach: the densest doubt first, and the two small ones are two places
+    near = sess.suggest("liver", k=10, reach_mm=4.5)
+    hits = [block_of(s) for s in near]
+    assert hits[0] == "c" and hits.count("a") == 1 and hits.count("b") == 1
+    # reach 12 mm: the two small doubts are one place to click (16 voxels within reach), the other stays apart
+    wide = sess.suggest("liver", k=5, reach_mm=12.0)
+    assert len(wide) == 2
+    assert block_of(wide[0]) == "c" and block_of(wide[1]) in "ab"
+    zyx = [np.array(img.TransformPhysicalPointToIndex(s.point_mm))[::-1] for s in wide]
+    assert all(before[tuple(z)] == 0 and s.positive for z, s in zip(zyx, wide))
+    assert all(s.confidence == pytest.approx(e, rel=1e-4) for s in wide)
+    assert [round(s.expected_wrong_ml / (e * 0.012)) for s in wide] == [24, 16]
+    # a place already clicked is not suggested again: a click at the first suggestion moves it on
+    first = wide[0]
+    sess.interactions.append(Interaction(organ="liver", positive=[first.point_mm]))
+    after = sess.suggest("liver", k=5, reach_mm=12.0)
+    assert len(after) == 1 and np.linalg.norm(np.subtract(after[0].point_mm, first.point_mm)) > 10.0
+    assert sess.suggest("liver", k=5, reach_mm=12.0, avoid=()) == wide  # the session's clicks are the default
+
+
 def test_undo_and_redo_restore_the_maps_exactly(tmp_path):
     img, labels = _case()
     sess, method = _session(tmp_path, img, labels, noise=True, samples=3)
