@@ -559,7 +559,7 @@ class InteractiveSession:
 
 
 def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarray, label: int, organ: str, k: int = 3,
-                   *, band_mm: float = 10.0, min_variance: float = 0.02, reach_mm: float = 10.0,
+                   *, band_mm: float = 10.0, min_variance: float = 0.02, reach_mm: float = 20.0,
                    avoid: Sequence[Point] = (), avoid_mm: float = 10.0, model_free: bool = False) -> list[Suggestion]:
     """Up to ``k`` places where a click on the organ with ``label`` is most likely to help, best first.
 

@@ -209,7 +209,7 @@ def test_suggestions_rank_uncertain_regions_near_the_organ(tmp_path):
     u.CopyInformation(img)
     pkg, method = _package(tmp_path)
     sess = InteractiveSession(img, pkg, ["liver", "spleen"], labels, u, method=method)
-    first, second = sess.suggest("liver", k=5)
+    first, second = sess.suggest("liver", k=5, reach_mm=10.0)  # the two doubts are over 10 mm apart
     zyx = np.array(img.TransformPhysicalPointToIndex(first.point_mm))[::-1]
     assert 8 <= zyx[0] < 13 and 18 <= zyx[1] < 22 and 10 <= zyx[2] < 16 and first.positive
     e = (1 - math.sqrt(1 - 4 * 0.24)) / 2
