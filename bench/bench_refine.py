@@ -12,7 +12,8 @@ are where a real result would have them.
 
 It times, in one process: opening the session (model load, reading, preprocessing), the first
 click (slices encoded for the first time), a second click nearby (encodings from the cache), a
-click on other slices, and a box. Prints one JSON object with the hardware.
+click on other slices, and a box; then three suggestions of where to click next for the organ and for
+the liver (the largest organ: the slowest). Prints one JSON object with the hardware.
 
     python bench/bench_refine.py [--model PKG] [--organ pancreas] [--samples 1] [--device cpu] [--json-out F]
 """
@@ -124,12 +125,22 @@ def main(argv=None) -> int:
         inter = session.refine(args.organ, **kw)
         timings.append({"interaction": what, "seconds": round(time.perf_counter() - t0, 3),
                         "slices": len(inter.slices), "changed_voxels": inter.changed_voxels})
+    # where to click next, refreshed after every correction (its cost is the organ's box: distance map and
+    # smoothing; it does not depend on the uncertainty's values)
+    suggestions = []
+    for organ in dict.fromkeys([args.organ, "liver"]):
+        if organ in organs:
+            t0 = time.perf_counter()
+            found = session.suggest(organ, 3)
+            suggestions.append({"organ": organ, "seconds": round(time.perf_counter() - t0, 3), "found": len(found),
+                                "organ_ml": round(float((session.labels_c == organs.index(organ) + 1).sum())
+                                                  * float(np.prod(session.spacing_kji)) / 1000.0, 1)})
     result = {
         "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "device": args.device},
         "volume": vol_info, "model": package.name, "click_radius_mm": session.radius_mm, "organ": args.organ,
         "samples": args.samples, "read_s": round(t_read, 2), "open_session_s": round(t_open, 2),
-        "interactions": timings,
+        "interactions": timings, "suggestions": suggestions,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
     }
     print(json.dumps(result, indent=1))
