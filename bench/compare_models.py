@@ -17,6 +17,13 @@ dataset of the protocol:
 
 Packages without protocol scores for the dataset are listed with "—". Nothing is computed again:
 the numbers are the recorded ones, with the command that produced them in each package.
+
+With ``--extras DIR`` (what ``bench/evaluate_seeds.sh`` writes beside the packages) a third table
+gives, per package, how far its uncertainty can be trusted and what a volume costs:
+``DIR/uncertainty/<package>/summary.json`` (``bench/evaluate_uncertainty.py --settings 1x5``:
+near-organ AUROC of the variance and of the entropy, ECE, over the organ-cases of the test
+patients) and ``DIR/speed/<package>.one.json`` and ``.all.json`` (``bench/bench_segment.py --json-out``, 1 sample:
+seconds and peak memory for the liver alone and for all the package's organs, per 512×512×200 CT).
 """
 
 from __future__ import annotations
@@ -142,6 +149,37 @@ def tables(packages, dataset: str = "btcv") -> str:
     return "\n\n".join(out)
 
 
+def extras_table(packages, extras: Path, setting: str = "1x5") -> str:
+    """Uncertainty (near-organ AUROC, ECE at ``setting``) and cost per 512×512×200 volume, from ``extras``."""
+    head = (f"| package | AUROC near, variance ({setting}) | AUROC near, entropy | ECE near | organ-cases | "
+            "s / volume, 1 organ × 1 sample | s / volume, all organs × 1 sample | peak memory (MB) |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    hardware = set()
+    for p in packages:
+        cells = ["—"] * 7
+        unc = extras / "uncertainty" / p.name / "summary.json"
+        if unc.is_file():
+            agg = (json.loads(unc.read_text()).get("settings") or {}).get(setting) or {}
+            for i, key in enumerate(("variance_auroc_near", "entropy_auroc_near", "ece_near")):
+                m, sd, n = agg.get(key) or (None, None, 0)
+                cells[i] = f"{_f(m, 3)} ± {_f(sd, 3)}" if m is not None else "—"
+                cells[3] = str(n) if n else cells[3]
+        runs = {}
+        for what in ("one", "all"):  # bench_segment.py --json-out files: one organ, and every organ
+            f = extras / "speed" / f"{p.name}.{what}.json"
+            ok = [r for r in (json.loads(f.read_text()).get("runs") or []) if "error" not in r] if f.is_file() else []
+            if ok:
+                runs[what] = ok[0]
+                hardware.add(f"{ok[0].get('device')}, {ok[0].get('cpu_count')} cores, "
+                             f"{ok[0].get('torch_threads')} torch threads")
+        cells[4] = _f(runs["one"]["wall_seconds"], 1) if "one" in runs else "—"
+        cells[5] = _f(runs["all"]["wall_seconds"], 1) if "all" in runs else "—"
+        cells[6] = _f(max(r["peak_rss_mb"] for r in runs.values()), 0) if runs else "—"
+        lines.append(f"| `{p.name}` | " + " | ".join(cells) + " |")
+    note = f"\n\nHardware: {'; '.join(sorted(hardware))}" if hardware else ""
+    return "\n".join(lines) + note
+
+
 def main(argv=None) -> int:
     from MedDiffSegLib.registry import ModelPackage
     from MedDiffSegLib.registry.store import builtin_models_dir
@@ -149,9 +187,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("packages", nargs="*", type=Path, help="package folders (default: the built-in ones)")
     ap.add_argument("--dataset", default="btcv", help="protocol dataset to compare on (default: btcv)")
+    ap.add_argument("--extras", type=Path, help="also the uncertainty and cost table from this folder (see above)")
     args = ap.parse_args(argv)
     folders = args.packages or sorted(d for d in builtin_models_dir().iterdir() if (d / "model.json").is_file())
-    print(tables([ModelPackage.from_folder(f) for f in folders], args.dataset))
+    packages = [ModelPackage.from_folder(f) for f in folders]
+    print(tables(packages, args.dataset))
+    if args.extras:
+        print("\n" + extras_table(packages, args.extras))
     return 0
 
 

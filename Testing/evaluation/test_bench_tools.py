@@ -86,3 +86,29 @@ def test_compare_models_reports_the_recorded_protocol_scores(capsys):
     assert f"{first['organs']['liver']['dice_mean']:.3f} ± " in organ_row
     assert compare.main(["--dataset", "btcv", str(builtin_models_dir() / "abdomen-ct")]) == 0
     assert "`abdomen-ct`" in capsys.readouterr().out
+
+
+def test_compare_models_extras_read_the_uncertainty_and_speed_files(tmp_path):
+    """--extras: a package's near-organ AUROC / ECE from evaluate_uncertainty's summary, its seconds and peak
+    memory from bench_segment's --json-out files; a package without them is dashes; a failed run is not read."""
+    import json
+
+    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry.store import builtin_models_dir
+
+    compare = _load("compare_models")
+    ct = ModelPackage.from_folder(builtin_models_dir() / "abdomen-ct")
+    mr = ModelPackage.from_folder(builtin_models_dir() / "abdomen-mr")
+    (tmp_path / "uncertainty" / ct.name).mkdir(parents=True)
+    (tmp_path / "uncertainty" / ct.name / "summary.json").write_text(json.dumps({"settings": {"1x5": {
+        "variance_auroc_near": [0.778, 0.106, 78], "entropy_auroc_near": [0.825, 0.098, 78], "ece_near": [0.058, 0.034, 78]}}}))
+    (tmp_path / "speed").mkdir()
+    run = {"device": "cpu (test)", "cpu_count": 2, "torch_threads": 2}
+    (tmp_path / "speed" / f"{ct.name}.one.json").write_text(json.dumps({"runs": [dict(run, wall_seconds=11.5, peak_rss_mb=2100.0)]}))
+    (tmp_path / "speed" / f"{ct.name}.all.json").write_text(json.dumps({"runs": [dict(run, wall_seconds=88.25, peak_rss_mb=3900.4)]}))
+    (tmp_path / "speed" / f"{mr.name}.one.json").write_text(json.dumps({"runs": [{"samples": 1, "error": "boom"}]}))
+    text = compare.extras_table([ct, mr], tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| `abdomen-ct` "))
+    assert row.split(" | ")[1:] == ["0.778 ± 0.106", "0.825 ± 0.098", "0.058 ± 0.034", "78", "11.5", "88.2", "3900 |"]
+    assert next(line for line in text.splitlines() if line.startswith("| `abdomen-mr` ")).count("—") == 7
+    assert "Hardware: cpu (test), 2 cores, 2 torch threads" in text
