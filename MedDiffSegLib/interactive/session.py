@@ -601,16 +601,20 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
     origin = np.array([c.start for c in crop])
     mask_c = mask[crop]
     mine = (labels[crop] == 0) | mask_c
-    grid = np.ogrid[tuple(slice(0, n) for n in mask_c.shape)]
-
-    def within(centre_zyx, radius_mm: float) -> np.ndarray:
-        d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre_zyx, sp))
-        return d2 <= radius_mm ** 2
+    def within(centre_zyx, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:
+        """The ball of ``radius_mm`` around ``centre_zyx`` (crop voxels): its box in the crop and the ball in that box."""
+        c = np.asarray(centre_zyx, dtype=np.float64)
+        lo = np.clip(np.floor(c - radius_mm / sp).astype(int), 0, mask_c.shape)
+        hi = np.clip(np.ceil(c + radius_mm / sp).astype(int) + 1, 0, mask_c.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        grid = np.ogrid[box]
+        return box, sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, sp)) <= radius_mm ** 2
 
     allowed = np.ones(mask_c.shape, dtype=bool)
     for p in avoid:
-        allowed &= ~within(np.array(image.TransformPhysicalPointToContinuousIndex(tuple(map(float, p)))[::-1]) - origin,
+        box, ball = within(np.array(image.TransformPhysicalPointToContinuousIndex(tuple(map(float, p)))[::-1]) - origin,
                            avoid_mm)
+        allowed[box] &= ~ball
     view = CanonicalView.from_image(image, "LPS")
 
     def suggestion(zyx, confidence: float, wrong: float, size: float) -> Suggestion:
@@ -629,7 +633,7 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
         boxes = ndimage.find_objects(regions)
         return [suggestion(deepest_point(regions, int(r) + 1, boxes[r], sp), 1.0, float(size[r]), float(size[r]))
                 for r in np.argsort(-size, kind="stable")[:k]]
-    unc = np.clip(np.asarray(np.asarray(uncertainty)[crop], dtype=np.float32), 0.0, 0.25)
+    unc = np.clip(np.asarray(uncertainty)[crop].astype(np.float32, copy=False), 0.0, 0.25)
     # the band: distance to the mask in mm (ITK's Maurer transform: a third of scipy's EDT time on an organ's box)
     mask_img = sitk.GetImageFromArray(mask_c.astype(np.uint8))
     mask_img.SetSpacing(tuple(float(v) for v in sp[::-1]))
@@ -637,7 +641,7 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
                                             useImageSpacing=True)
     near = sitk.GetArrayFromImage(distance) <= band_mm
     cand = near & mine & allowed & (unc >= min_variance)
-    err = np.where(cand, (1.0 - np.sqrt(1.0 - 4.0 * unc)) / 2.0, 0.0).astype(np.float32)
+    err = np.where(cand, (1.0 - np.sqrt(1.0 - 4.0 * unc)) / 2.0, np.float32(0.0))
     density = ndimage.gaussian_filter(err, sigma=tuple(reach_mm / 2.0 / sp), mode="constant")
     density[~cand] = -1.0
     out: list[Suggestion] = []
@@ -645,7 +649,7 @@ def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarra
         at = np.unravel_index(int(np.argmax(density)), density.shape)
         if density[at] <= 0.0:
             break
-        ball = within(np.array(at), reach_mm)
-        out.append(suggestion(at, float(err[at]), float(err[ball].sum()), float((ball & cand).sum())))
-        density[ball] = -1.0  # the next suggestion is out of this one's reach
+        box, ball = within(at, reach_mm)
+        out.append(suggestion(at, float(err[at]), float(err[box][ball].sum()), float((ball & cand[box]).sum())))
+        density[box][ball] = -1.0  # the next suggestion is out of this one's reach
     return out
