@@ -197,7 +197,7 @@ def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *,
     the organ's earlier clicks."""
     import SimpleITK as sitk
 
-    from .session import suggest_clicks
+    from .session import clicked_points, suggest_clicks
 
     folder = Path(result_dir).expanduser()
     summary = read_result_summary(folder)
@@ -211,8 +211,7 @@ def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *,
     if unc is None and not model_free:
         raise InputError(f"{folder} has no {UNCERTAINTY}; use --model-free")
     lab = sitk.GetArrayFromImage(labels)
-    earlier = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
-    avoid = [p for i in earlier if i.organ == entry["name"] for p in (*i.positive, *i.negative)]
+    avoid = clicked_points([Interaction.from_dict(d) for d in summary.get("interactions") or []], entry["name"])
     found = suggest_clicks(labels, lab, unc if unc is not None else np.zeros(lab.shape, np.float32),
                            int(entry["label"]), entry["name"], k, model_free=model_free, avoid=avoid)
     return [x.to_dict() for x in found]

@@ -536,7 +536,7 @@ class InteractiveSession:
         """Up to ``k`` places where a click on ``organ`` is most likely to help (:func:`suggest_clicks`), away
         from the places this organ was already clicked."""
         name = self.canonical_name(organ)
-        options.setdefault("avoid", [p for i in self.interactions if i.organ == name for p in (*i.positive, *i.negative)])
+        options.setdefault("avoid", clicked_points(self.interactions, name))
         return suggest_clicks(self.image, self.view.from_canonical(self.labels_c), self.view.from_canonical(self.unc_c),
                               self.organs.index(name) + 1, name, k, **options)
 
@@ -556,6 +556,11 @@ class InteractiveSession:
     def uncertainty(self) -> sitk.Image:
         """The current uncertainty map on the image's grid (float32)."""
         return self.volume.to_image(self.unc_c)
+
+
+def clicked_points(interactions: Sequence[Interaction], organ: str) -> list[Point]:
+    """Every click (positive and negative, LPS mm) recorded for ``organ``: the places a suggestion avoids."""
+    return [p for i in interactions if i.organ == organ for p in (*i.positive, *i.negative)]
 
 
 def suggest_clicks(image: sitk.Image, labels: np.ndarray, uncertainty: np.ndarray, label: int, organ: str, k: int = 3,
