@@ -21,7 +21,8 @@ step:
   box) as the first step, then oracle clicks;
 - ``suggested``: the automatic result, then clicks placed at the model's own first suggestion
   (:func:`~MedDiffSegLib.interactive.session.suggest_clicks`, from the uncertainty; needs
-  ``--samples`` >= 2), or the model-free one when none stands out;
+  ``--samples`` >= 2; ``{"use_probability": true}`` ranks by the organ's calibrated mean
+  probability instead, kept up to date by the session), or the model-free one when none stands out;
 - ``model-free``: the same with the model-free suggestion (the boundary band's largest region);
 - ``suggested-NAME`` (``--suggest-variant NAME=JSON``): ``suggested`` with other options of
   ``suggest_clicks`` (several settings compared on one automatic result).
@@ -100,14 +101,16 @@ def run_case(case: dict, package, method, organs: list[str], variants: list[str]
     gt_all = sitk.GetArrayFromImage(_labels_on_image_grid(sitk.ReadImage(str(case["label"])), image))
     spacing = tuple(float(v) for v in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
-    auto = segment_volume(image, package, organs, samples=samples, seed=0, device=device, method=method)
+    want_probability = any(o.get("use_probability") for o in (suggest_options or {}).values())
+    auto = segment_volume(image, package, organs, samples=samples, seed=0, device=device, method=method,
+                          keep_probabilities=want_probability)
     t_auto = time.perf_counter() - t0
-    start_labels, start_unc = auto.labels, auto.uncertainty
-    session = InteractiveSession(image, package, organs, start_labels, start_unc, method=method, device=device,
-                                 samples=samples)
+    session = InteractiveSession(image, package, organs, auto.labels, auto.uncertainty, method=method, device=device,
+                                 samples=samples, probabilities=auto.probabilities)
     session.encode_all()
     start_lab = session.labels_c.copy()
     start_u = session.unc_c.copy()
+    start_p = {label: q.copy() for label, q in session.prob_c.items()}
     out: dict = {v: {} for v in variants}
     for organ in organs:
         label = organs.index(organ) + 1
@@ -115,6 +118,8 @@ def run_case(case: dict, package, method, organs: list[str], variants: list[str]
         for variant in variants:
             session.labels_c[...] = start_lab
             session.unc_c[...] = start_u
+            for lab_, q in start_p.items():
+                session.prob_c[lab_][...] = q
             session.interactions.clear()
             if variant == "box":
                 session.labels_c[session.labels_c == label] = 0

@@ -14,7 +14,8 @@ earlier 'refine') with clicks: --click marks a point that belongs to the organ, 
 one that does not, --box the region the organ lies in. The model re-samples the organ on the
 slices the correction reaches (within the model's click radius of a click, and the box's
 slices), following the change from slice to slice, and writes the corrected result to --out:
-the same files as 'segment', with every correction recorded in summary.json.
+the same files as 'segment', with every correction recorded in summary.json (and, for a
+result saved with --save-probabilities, its probability maps: the corrected organ's re-sampled).
 
 Points are world coordinates in millimetres in the LPS convention, as SimpleITK and ITK
 report them (3D Slicer shows RAS: negate its first two numbers).

@@ -3,7 +3,9 @@
 :func:`load_session` opens an earlier result (a ``segment`` or ``refine`` output folder) as an
 :class:`~MedDiffSegLib.interactive.session.InteractiveSession`: the image named in its
 ``summary.json`` (or given), the model that made it (checked against the recorded sha256), its
-label and uncertainty maps and its earlier corrections. :func:`run_refine` applies one correction
+label and uncertainty maps, its probability maps where it has them (``segment
+--save-probabilities``: the corrected organ's map is re-sampled with it, the others are carried
+over) and its earlier corrections. :func:`run_refine` applies one correction
 and writes the same outputs as ``segment`` into another folder, atomically; its ``summary.json``
 keeps the earlier summary's record and adds the correction to ``interactions``.
 """
@@ -20,7 +22,8 @@ import numpy as np
 
 from ..errors import InputError, ModelError, OutputError
 from ..jsonfile import read_json_object
-from ..inference.pipeline import SEGMENTATION, SUMMARY, UNCERTAINTY, _check_output_dir, place_outputs
+from ..inference.pipeline import (SEGMENTATION, SUMMARY, UNCERTAINTY, _check_output_dir, place_outputs,
+                                  probability_filename)
 from .session import Interaction, InteractiveSession, Point
 
 
@@ -77,12 +80,11 @@ def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | No
     package.verify()
     organs = [o["name"] for o in sorted(summary["organs"], key=lambda o: int(o["label"]))]
     labels = sitk.ReadImage(str(folder / SEGMENTATION))
+    if labels.GetSize() == img.GetSize() and np.allclose(labels.GetSpacing(), img.GetSpacing(), atol=1e-3):
+        labels.CopyInformation(img)  # written on the image's grid: take its exact geometry (NIfTI rounds it)
     unc_path = folder / UNCERTAINTY
-    uncertainty = sitk.ReadImage(str(unc_path), sitk.sitkFloat32) if unc_path.is_file() else None
-    for m in (labels, uncertainty):
-        if m is not None:  # written on the image's grid: take its exact geometry (NIfTI rounds it)
-            if m.GetSize() == img.GetSize() and np.allclose(m.GetSpacing(), img.GetSpacing(), atol=1e-3):
-                m.CopyInformation(img)
+    uncertainty = _read_on_grid(unc_path, img) if unc_path.is_file() else None
+    probabilities = {organ: _read_on_grid(folder / name, img) for organ, name in result_probabilities(summary, folder).items()}
     settings = summary.get("settings") or {}
     interactions = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
     locked = list(dict.fromkeys([*(summary.get("locked") or []), *locked]))
@@ -90,8 +92,29 @@ def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | No
         img, package, organs, sitk.Cast(labels, sitk.sitkUInt8), uncertainty, device=device,
         samples=int(samples if samples is not None else settings.get("samples", 1)),
         seed=int(seed if seed is not None else settings.get("seed", 0)), precision=precision, locked=locked,
-        interactions=interactions)
+        interactions=interactions, probabilities=probabilities)
     return session, summary, image_path
+
+
+def result_probabilities(summary: dict, folder: Path) -> dict[str, str]:
+    """organ -> file name of the probability maps a result folder holds (``segment --save-probabilities``)."""
+    listed = ((summary.get("outputs") or {}).get("probabilities") or {})
+    if not isinstance(listed, dict):
+        raise InputError(f"{folder / SUMMARY}: outputs.probabilities is not a mapping of organ to file")
+    missing = [str(f) for f in listed.values() if not (folder / str(f)).is_file()]
+    if missing:
+        raise InputError(f"{folder} lacks {', '.join(missing)} (listed in its {SUMMARY}): the result is incomplete")
+    return {str(o): str(f) for o, f in listed.items()}
+
+
+def _read_on_grid(path: Path, image):
+    """A float32 map written on ``image``'s grid, with the image's exact geometry (NIfTI rounds it)."""
+    import SimpleITK as sitk
+
+    m = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    if m.GetSize() == image.GetSize() and np.allclose(m.GetSpacing(), image.GetSpacing(), atol=1e-3):
+        m.CopyInformation(image)
+    return m
 
 
 def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ: str, *,
@@ -129,10 +152,13 @@ def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ:
     labels, uncertainty = session.labels, session.uncertainty
     stored = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
     stored.CopyInformation(uncertainty)
+    probability_files = {organ: probability_filename(organ) for organ in session.probabilities}
 
     def write(staging: Path) -> None:
         write_image_atomic(labels, staging / SEGMENTATION)
         write_image_atomic(stored, staging / UNCERTAINTY)
+        for organ, prob in session.probabilities.items():  # the corrected organ's map changed; the others carried over
+            write_image_atomic(prob, staging / probability_files[organ])
 
     suggestions = [x.to_dict() for x in session.suggest(inter.organ, 3)]
 
@@ -142,7 +168,7 @@ def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ:
         out["suggestions"] = {inter.organ: suggestions}
         return out
 
-    return place_outputs(out, to_create, write, [SEGMENTATION, UNCERTAINTY], make_summary,
+    return place_outputs(out, to_create, write, [SEGMENTATION, UNCERTAINTY, *probability_files.values()], make_summary,
                          should_cancel_check(should_cancel))
 
 
@@ -181,14 +207,16 @@ def refined_summary(before: dict, session: InteractiveSession, labels, uncertain
             entry["max_uncertainty_slice"] = entry["max_uncertainty_position_mm"] = None
     summary["interactions"] = [i.to_dict() for i in session.interactions]
     summary["locked"] = sorted(session.locked)
-    summary["outputs"] = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY, "probabilities": {}}
+    summary["outputs"] = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY,
+                          "probabilities": {organ: probability_filename(organ) for organ in session.probabilities}}
     summary.setdefault("input", {})["path"] = str(image_path.absolute())
     summary["refine"] = {"samples": session.samples, "seed": session.seed, "click_radius_mm": session.radius_mm,
                          "timings_s": {k: round(float(v), 4) for k, v in timings.items()}}
     return summary
 
 
-__all__ = ["load_session", "read_result_summary", "result_suggestions", "run_refine", "refined_summary"]
+__all__ = ["load_session", "result_probabilities", "read_result_summary", "result_suggestions", "run_refine",
+           "refined_summary"]
 
 
 def result_suggestions(result_dir: str | os.PathLike, organ: str, k: int = 3, *, model_free: bool = False,

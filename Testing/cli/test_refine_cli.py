@@ -161,3 +161,37 @@ def test_suggest_reads_a_result_without_the_model(tmp_path, volume, interactive_
     assert all(np.linalg.norm(np.subtract(x["point_mm"], clicked)) > 10.0 for x in again)
     assert main(["suggest", str(res), "--organ", "pancreas"]) == InputError.exit_code
     assert main(["suggest", str(tmp_path), "--organ", "liver"]) == InputError.exit_code
+
+
+def test_probability_maps_are_carried_through_refine(tmp_path, volume, interactive_pkg):
+    res = tmp_path / "res"
+    assert main(["segment", str(volume), "--out", str(res), "--model", str(interactive_pkg), "--organ", "liver",
+                 "--organ", "spleen", "--samples", "1", "--quiet", "--save-probabilities"]) == 0
+    click = _centre(volume)
+    out = tmp_path / "r1"
+    assert main(["refine", str(res), "--organ", "liver", "--click", _arg(click), "--model", str(interactive_pkg),
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"]["probabilities"] == {"liver": "probability_liver.nii.gz",
+                                                   "spleen": "probability_spleen.nii.gz"}
+    ref = sitk.ReadImage(str(volume))
+
+    def prob(folder, organ):
+        img = sitk.ReadImage(str(folder / f"probability_{organ}.nii.gz"))
+        assert img.GetSize() == ref.GetSize() and np.allclose(img.GetOrigin(), ref.GetOrigin())
+        return sitk.GetArrayFromImage(img)
+
+    # the spleen's map is carried over as it was; the liver's changed, on the re-sampled slices only (axis z here)
+    assert np.array_equal(prob(out, "spleen"), prob(res, "spleen"))
+    changed = np.flatnonzero((prob(out, "liver") != prob(res, "liver")).any(axis=(1, 2)))
+    assert changed.size and set(changed) <= set(summary["interactions"][0]["slices"])
+    # the re-sampled liver probability agrees with the corrected labels where the liver took background
+    before = sitk.GetArrayFromImage(sitk.ReadImage(str(res / "segmentation.nii.gz")))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    gained = (lab == 1) & (before == 0)
+    assert not gained.any() or float(prob(out, "liver")[gained].min()) >= 0.5
+    # a listed probability map that is gone: the folder is incomplete, and refine writes nothing
+    (out / "probability_spleen.nii.gz").unlink()
+    assert main(["refine", str(out), "--organ", "liver", "--click", _arg(click), "--model", str(interactive_pkg),
+                 "--out", str(tmp_path / "r2"), "--quiet"]) == InputError.exit_code
+    assert not (tmp_path / "r2").exists()

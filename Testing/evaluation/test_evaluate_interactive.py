@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -113,3 +115,52 @@ def test_a_suggested_clicks_polarity_is_the_radiologists_or_the_models(ev, tmp_p
     assert user["suggested-x"]["liver"]["clicks"] == ["positive", "positive"] and seen[0] == {"reach_mm": 7.0}
     model = ev.run_case(case, pkg, method, ["liver"], ["suggested"], 2, 2, "cpu", log=lambda m: None, polarity="model")
     assert model["suggested"]["liver"]["clicks"] == ["negative", "negative"]
+
+
+def test_a_probability_variant_gets_the_automatic_results_probabilities(ev, tmp_path, monkeypatch):
+    """``{"use_probability": true}``: the session is given the automatic result's probability maps, and each
+    variant starts from them again (as from its labels and variance)."""
+    from MedDiffSegLib.interactive.session import InteractiveSession
+
+    pkg = make_tiny_package(tmp_path / "pkg", "guided", prompt_channels=4, name="tiny-interactive", samples=1)
+    arr = np.full((8, 40, 48), -500, np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.0, 5.0))
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[2:6, 12:24, 10:22] = 5
+    gt = sitk.GetImageFromArray(lab)
+    gt.CopyInformation(img)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(gt, str(tmp_path / "gt.nii.gz"))
+    case = {"name": "synthetic", "image": tmp_path / "ct.nii.gz", "label": tmp_path / "gt.nii.gz", "table": {"liver": 5}}
+    seen = []
+    real_suggest = InteractiveSession.suggest
+
+    def suggest(self, organ, k=3, **options):
+        seen.append((options.get("use_probability", False), sorted(self.prob_c), self.prob_c[1].copy()))
+        return real_suggest(self, organ, k, **options)
+
+    def automatic(image, package, organs, **kw):  # a result shifted off the truth, with its smoothed mask as probability
+        assert kw["keep_probabilities"] is True
+        shifted = np.roll(lab == 5, 3, axis=2)
+
+        def on_grid(a):
+            out = sitk.GetImageFromArray(a)
+            out.CopyInformation(image)
+            return out
+        return SimpleNamespace(labels=on_grid(shifted.astype(np.uint8)), uncertainty=on_grid(np.zeros(lab.shape, np.float32)),
+                               probabilities={"liver": sitk.SmoothingRecursiveGaussian(on_grid(shifted.astype(np.float32)), 4.0)})
+
+    monkeypatch.setattr(InteractiveSession, "suggest", suggest)
+    monkeypatch.setattr("MedDiffSegLib.inference.engine.segment_volume", automatic)
+    method = pkg.load_method("cpu")
+    out = ev.run_case(case, pkg, method, ["liver"], ["suggested-a", "suggested-b"], 2, 2, "cpu", log=lambda m: None,
+                      suggest_options={"suggested-a": {"use_probability": True}, "suggested-b": {"use_probability": True}})
+    assert set(out) >= {"suggested-a", "suggested-b"}
+    firsts = [s for s in seen if s[0]]
+    assert firsts and all(labels == [1] for _, labels, _ in firsts)
+    # the second variant starts from the automatic result's probability, not from where the first left it
+    n_a = len(out["suggested-a"]["liver"]["clicks"])
+    assert n_a == 2 and len(firsts) == 4
+    assert not np.array_equal(firsts[0][2], firsts[1][2])  # a's click re-sampled the liver's probability
+    assert np.array_equal(firsts[0][2], firsts[n_a][2])

@@ -320,3 +320,69 @@ def test_a_locked_organ_is_not_changed_by_undo_or_redo(tmp_path):
     with pytest.raises(InputError, match="liver is locked"):
         sess.redo()
     assert sess.can_redo
+
+
+def _probability(img: sitk.Image, p: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(p.astype(np.float32))
+    out.CopyInformation(img)
+    return out
+
+
+def test_suggestions_can_read_the_organs_probability(tmp_path):
+    img, labels = _case()
+    before = sitk.GetArrayFromImage(labels)
+    p = (before == 1).astype(np.float32)
+    p[8:13, 18:22, 10:16] = 0.4  # below the liver (outside it): the probability says 40 % organ, 120 voxels
+    p[9:11, 10:12, 12:14] = 0.7  # inside the liver: 30 % not organ, 8 voxels
+    pkg, method = _package(tmp_path)
+    # no variance at all: only the probability can point there
+    sess = InteractiveSession(img, pkg, ["liver", "spleen"], labels, method=method,
+                              probabilities={"liver": _probability(img, p)})
+    first, second = sess.suggest("liver", k=5, reach_mm=10.0, use_probability=True)
+    zyx = np.array(img.TransformPhysicalPointToIndex(first.point_mm))[::-1]
+    assert 8 <= zyx[0] < 13 and 18 <= zyx[1] < 22 and 10 <= zyx[2] < 16 and first.positive
+    assert first.confidence == pytest.approx(0.4, abs=1 / 255)  # 8-bit storage
+    assert first.expected_wrong_ml == pytest.approx(120 * 0.4 * 0.012, rel=1e-2)
+    zyx2 = np.array(img.TransformPhysicalPointToIndex(second.point_mm))[::-1]
+    assert before[tuple(zyx2)] == 1 and not second.positive
+    assert second.confidence == pytest.approx(0.3, abs=1 / 255)
+    assert sess.suggest("liver") == []  # by default from the variance: all zero here
+    assert sess.suggest("spleen", use_probability=True) == []  # no probability for the spleen, no variance
+    # suggest_clicks reads float probabilities and the session's 8-bit codes alike
+    from MedDiffSegLib.interactive.session import suggest_clicks
+    zero = np.zeros(before.shape, np.float32)
+    as_float = suggest_clicks(img, before, zero, 1, "liver", 5, reach_mm=10.0, probability=p)
+    as_codes = suggest_clicks(img, before, zero, 1, "liver", 5, reach_mm=10.0,
+                              probability=np.rint(p * 255).astype(np.uint8))
+    assert [s.point_mm for s in as_float] == [s.point_mm for s in as_codes] == [first.point_mm, second.point_mm]
+
+
+def test_a_correction_updates_only_its_organs_probability_and_undo_restores_it(tmp_path):
+    img, labels = _case()
+    before = sitk.GetArrayFromImage(labels)
+    p0 = (before == 1).astype(np.float32)
+    sess, _ = _session(tmp_path, img, labels, probabilities={"Liver": _probability(img, p0)})
+    assert list(sess.probabilities) == ["liver"]
+    click = img.TransformIndexToPhysicalPoint((12, 27, 10))
+    sess.refine("liver", positive=[click])
+    p1 = sitk.GetArrayFromImage(sess.probabilities["liver"])
+    ball = _ball(img, click, RADIUS / 2 - 0.01)
+    assert np.all(p1[ball] == 1.0) and np.all(p1[~_ball(img, click, RADIUS) & (before == 0)] == 0.0)
+    assert sess.probabilities["liver"].GetOrigin() == img.GetOrigin()
+    sess.refine("spleen", negative=[img.TransformIndexToPhysicalPoint((28, 12, 9))])  # the spleen has no map
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p1)
+    sess.undo()
+    sess.undo()
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p0)
+    sess.redo()
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p1)
+
+
+def test_a_probability_map_of_another_grid_or_organ_is_refused(tmp_path):
+    img, labels = _case()
+    small = sitk.Image(10, 10, 10, sitk.sitkFloat32)
+    with pytest.raises(InputError, match="probability map of liver is not on the image's voxel grid"):
+        _session(tmp_path, img, labels, probabilities={"liver": small})
+    good = _probability(img, np.zeros(sitk.GetArrayFromImage(labels).shape))
+    with pytest.raises(ModelError, match="does not know organ.*pancreas"):
+        _session(tmp_path, img, labels, probabilities={"pancreas": good})
