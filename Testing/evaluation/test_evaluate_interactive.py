@@ -86,10 +86,8 @@ def test_a_case_runs_every_variant(ev, tmp_path):
     assert "third" in body and "second" in body and "first" not in body
 
 
-def test_a_suggested_clicks_polarity_is_the_radiologists_or_the_models(ev, tmp_path, monkeypatch):
-    """The suggestion says where; with polarity "user" what is there decides positive or negative."""
-    from MedDiffSegLib.interactive.session import InteractiveSession, Suggestion
-
+def _synthetic_case(tmp_path):
+    """A tiny interactive package and an 8×40×48 case whose liver (label 5) is a block: (package, image, labels, case)."""
     pkg = make_tiny_package(tmp_path / "pkg", "guided", prompt_channels=4, name="tiny-interactive", samples=1)
     arr = np.full((8, 40, 48), -500, np.int16)
     img = sitk.GetImageFromArray(arr)
@@ -101,6 +99,14 @@ def test_a_suggested_clicks_polarity_is_the_radiologists_or_the_models(ev, tmp_p
     sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
     sitk.WriteImage(gt, str(tmp_path / "gt.nii.gz"))
     case = {"name": "synthetic", "image": tmp_path / "ct.nii.gz", "label": tmp_path / "gt.nii.gz", "table": {"liver": 5}}
+    return pkg, img, lab, case
+
+
+def test_a_suggested_clicks_polarity_is_the_radiologists_or_the_models(ev, tmp_path, monkeypatch):
+    """The suggestion says where; with polarity "user" what is there decides positive or negative."""
+    from MedDiffSegLib.interactive.session import InteractiveSession, Suggestion
+
+    pkg, img, lab, case = _synthetic_case(tmp_path)
     inside_organ = img.TransformIndexToPhysicalPoint((15, 18, 3))  # liver in the ground truth
     seen = []
 
@@ -122,17 +128,7 @@ def test_a_probability_variant_gets_the_automatic_results_probabilities(ev, tmp_
     variant starts from them again (as from its labels and variance)."""
     from MedDiffSegLib.interactive.session import InteractiveSession
 
-    pkg = make_tiny_package(tmp_path / "pkg", "guided", prompt_channels=4, name="tiny-interactive", samples=1)
-    arr = np.full((8, 40, 48), -500, np.int16)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing((4.0, 4.0, 5.0))
-    lab = np.zeros(arr.shape, np.uint8)
-    lab[2:6, 12:24, 10:22] = 5
-    gt = sitk.GetImageFromArray(lab)
-    gt.CopyInformation(img)
-    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
-    sitk.WriteImage(gt, str(tmp_path / "gt.nii.gz"))
-    case = {"name": "synthetic", "image": tmp_path / "ct.nii.gz", "label": tmp_path / "gt.nii.gz", "table": {"liver": 5}}
+    pkg, img, lab, case = _synthetic_case(tmp_path)
     seen = []
     real_suggest = InteractiveSession.suggest
 
