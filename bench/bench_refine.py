@@ -13,11 +13,12 @@ are where a real result would have them.
 It times, in one process: opening the session (model load, reading, preprocessing), the first
 click (slices encoded for the first time), a second click nearby (encodings from the cache), a
 click on other slices, and a box; then three suggestions of where to click next for the organ and for
-the liver (the largest organ: the slowest), from the organ's probability (each organ's mask smoothed
-by 2 mm stands in for it, kept up to date by the clicks) and from the variance. Prints one JSON
-object with the hardware.
+the liver (the largest organ: the slowest). With ``--probabilities`` the session also keeps each
+organ's probability map (the mask smoothed by 2 mm stands in for it; each click re-samples it) and
+the suggestions are timed from it as well. Prints one JSON object with the hardware.
 
-    python bench/bench_refine.py [--model PKG] [--organ pancreas] [--samples 1] [--device cpu] [--json-out F]
+    python bench/bench_refine.py [--model PKG] [--organ pancreas] [--samples 1] [--device cpu] [--probabilities]
+        [--json-out F]
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--organ", default="pancreas")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--probabilities", action="store_true",
+                    help="give the session probability maps (a result saved with --save-probabilities): each click "
+                         "also re-samples the organ's map, and the suggestions are timed from it too")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
 
@@ -107,10 +111,10 @@ def main(argv=None) -> int:
         mine[lab == table[o]] = i
     labels = sitk.GetImageFromArray(mine)
     labels.CopyInformation(image)
-    # each organ's probability map (what a result saved with its probabilities carries): its mask smoothed by 2 mm,
-    # so that the band around the boundary holds probabilities between 0 and 1 as a model's would
+    # with --probabilities, each organ's probability map (what a result saved with --save-probabilities carries):
+    # its mask smoothed by 2 mm, so that the band around the boundary holds probabilities between 0 and 1
     probabilities = {}
-    for i, o in enumerate(organs, start=1):
+    for i, o in enumerate(organs if args.probabilities else [], start=1):
         m = sitk.GetImageFromArray((mine == i).astype(np.float32))
         m.CopyInformation(image)
         probabilities[o] = sitk.SmoothingRecursiveGaussian(m, 2.0)
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
     suggestions = []
     for organ in dict.fromkeys([args.organ, "liver"]):
         if organ in organs:
-            for source, use_probability in (("probability", True), ("variance", False)):
+            for source, use_probability in (("variance", False), ("probability", True))[:1 + args.probabilities]:
                 t0 = time.perf_counter()
                 found = session.suggest(organ, 3, use_probability=use_probability)
                 suggestions.append({"organ": organ, "from": source, "seconds": round(time.perf_counter() - t0, 3),
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
         "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "device": args.device},
         "volume": vol_info, "model": package.name, "click_radius_mm": session.radius_mm, "organ": args.organ,
-        "samples": args.samples, "read_s": round(t_read, 2), "open_session_s": round(t_open, 2),
+        "samples": args.samples, "probabilities": bool(args.probabilities), "read_s": round(t_read, 2), "open_session_s": round(t_open, 2),
         "interactions": timings, "suggestions": suggestions,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
     }
