@@ -152,13 +152,13 @@ def run_refine(result_dir: str | os.PathLike, out_dir: str | os.PathLike, organ:
     labels, uncertainty = session.labels, session.uncertainty
     stored = sitk.GetImageFromArray(variance_for_storage(sitk.GetArrayViewFromImage(uncertainty)))
     stored.CopyInformation(uncertainty)
-    probability_files = {organ: probability_filename(organ) for organ in session.probabilities}
+    probability_files = {organ: probability_filename(organ) for organ in session.probability_organs}
 
     def write(staging: Path) -> None:
         write_image_atomic(labels, staging / SEGMENTATION)
         write_image_atomic(stored, staging / UNCERTAINTY)
-        for organ, prob in session.probabilities.items():  # the corrected organ's map changed; the others carried over
-            write_image_atomic(prob, staging / probability_files[organ])
+        for organ, name in probability_files.items():  # the corrected organ's map changed; the others carried over
+            write_image_atomic(session.probability(organ), staging / name)  # one organ's float32 volume at a time
 
     suggestions = [x.to_dict() for x in session.suggest(inter.organ, 3)]
 
@@ -208,7 +208,7 @@ def refined_summary(before: dict, session: InteractiveSession, labels, uncertain
     summary["interactions"] = [i.to_dict() for i in session.interactions]
     summary["locked"] = sorted(session.locked)
     summary["outputs"] = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY,
-                          "probabilities": {organ: probability_filename(organ) for organ in session.probabilities}}
+                          "probabilities": {organ: probability_filename(organ) for organ in session.probability_organs}}
     summary.setdefault("input", {})["path"] = str(image_path.absolute())
     summary["refine"] = {"samples": session.samples, "seed": session.seed, "click_radius_mm": session.radius_mm,
                          "timings_s": {k: round(float(v), 4) for k, v in timings.items()}}

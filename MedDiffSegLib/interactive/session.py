@@ -153,7 +153,7 @@ class InteractiveSession:
     ``uncertainty``: its uncertainty map (float32) or None. ``organs``: the organ names in label order.
     ``probabilities``: organ -> its calibrated mean probability (as ``segment --save-probabilities``
     writes it), for the organs that have one: each correction of the organ updates it, so that a
-    refined result's probability maps agree with its labels (:attr:`probabilities`).
+    refined result's probability maps agree with its labels (:meth:`probability`).
     ``samples`` per correction (the variance needs 2 or more), ``seed`` for the noise.
     """
 
@@ -587,11 +587,19 @@ class InteractiveSession:
         return self.volume.to_image(self.unc_c)
 
     @property
-    def probabilities(self) -> dict[str, sitk.Image]:
-        """The organs' current calibrated mean probabilities on the image's grid (float32), for the organs
-        the session was given one for."""
-        return {self.organs[label - 1]: self.volume.to_image(dequantise_probability(q))
-                for label, q in sorted(self.prob_c.items())}
+    def probability_organs(self) -> list[str]:
+        """The organs the session keeps a probability map of, in label order."""
+        return [self.organs[label - 1] for label in sorted(self.prob_c)]
+
+    def probability(self, organ: str) -> sitk.Image:
+        """The organ's current calibrated mean probability on the image's grid (float32; one volume built
+        per call)."""
+        name = self.canonical_name(organ)
+        label = self.organs.index(name) + 1
+        if label not in self.prob_c:
+            raise InputError(f"this session keeps no probability map of {name}; it has: "
+                             f"{', '.join(self.probability_organs) or 'none'}")
+        return self.volume.to_image(dequantise_probability(self.prob_c[label]))
 
 
 def clicked_points(interactions: Sequence[Interaction], organ: str) -> list[Point]:

@@ -362,20 +362,22 @@ def test_a_correction_updates_only_its_organs_probability_and_undo_restores_it(t
     before = sitk.GetArrayFromImage(labels)
     p0 = (before == 1).astype(np.float32)
     sess, _ = _session(tmp_path, img, labels, probabilities={"Liver": _probability(img, p0)})
-    assert list(sess.probabilities) == ["liver"]
+    assert sess.probability_organs == ["liver"]
+    with pytest.raises(InputError, match="no probability map of spleen"):
+        sess.probability("spleen")
     click = img.TransformIndexToPhysicalPoint((12, 27, 10))
     sess.refine("liver", positive=[click])
-    p1 = sitk.GetArrayFromImage(sess.probabilities["liver"])
+    p1 = sitk.GetArrayFromImage(sess.probability("liver"))
     ball = _ball(img, click, RADIUS / 2 - 0.01)
     assert np.all(p1[ball] == 1.0) and np.all(p1[~_ball(img, click, RADIUS) & (before == 0)] == 0.0)
-    assert sess.probabilities["liver"].GetOrigin() == img.GetOrigin()
+    assert sess.probability("liver").GetOrigin() == img.GetOrigin()
     sess.refine("spleen", negative=[img.TransformIndexToPhysicalPoint((28, 12, 9))])  # the spleen has no map
-    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p1)
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probability("liver")), p1)
     sess.undo()
     sess.undo()
-    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p0)
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probability("liver")), p0)
     sess.redo()
-    assert np.array_equal(sitk.GetArrayFromImage(sess.probabilities["liver"]), p1)
+    assert np.array_equal(sitk.GetArrayFromImage(sess.probability("liver")), p1)
 
 
 def test_a_probability_map_of_another_grid_or_organ_is_refused(tmp_path):
