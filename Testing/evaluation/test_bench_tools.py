@@ -112,3 +112,35 @@ def test_compare_models_extras_read_the_uncertainty_and_speed_files(tmp_path):
     assert row.split(" | ")[1:] == ["0.778 ± 0.106", "0.825 ± 0.098", "0.058 ± 0.034", "78", "11.5", "88.2", "3900 |"]
     assert next(line for line in text.splitlines() if line.startswith("| `abdomen-mr` ")).count("—") == 7
     assert "Hardware: cpu (test), 2 cores, 2 torch threads" in text
+
+
+def test_model_card_says_what_the_package_records(tmp_path):
+    """bench/model_card.py: the card's numbers are the package's own (training patients, stages, the protocol's
+    headline and per-organ Dice, the extras), its limitations the releaser's; written atomically."""
+    import json
+
+    from MedDiffSegLib.registry import ModelPackage
+    from MedDiffSegLib.registry.store import builtin_models_dir
+
+    cards = _load("model_card")
+    ct = ModelPackage.from_folder(builtin_models_dir() / "abdomen-ct")
+    limits = tmp_path / "limits.md"
+    limits.write_text("It misses the gallbladder of one patient in six.\n")
+    (tmp_path / "uncertainty" / ct.name).mkdir(parents=True)
+    (tmp_path / "uncertainty" / ct.name / "summary.json").write_text(json.dumps({"settings": {"1x5": {
+        "variance_auroc_near": [0.778, 0.106, 78], "entropy_auroc_near": [0.825, 0.098, 78], "ece_near": [0.058, 0.034, 78]}}}))
+    out = tmp_path / "CARD.md"
+    assert cards.main([str(ct.path), "--limitations", str(limits), "--extras", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith(f"# Model card: `abdomen-ct` {ct.version}\n")
+    assert text.rstrip().endswith("## Limitations\n\nIt misses the gallbladder of one patient in six.")
+    train = ct.provenance["data"]["train"][0]["cases"]
+    assert f"Training patients: {len(train)} ({', '.join(train)})" in text
+    res = ct.metrics["protocol"]["results"]["btcv"]
+    first = res["per_seed"][sorted(res["per_seed"], key=int)[0]]
+    assert f"{first['organs']['liver']['dice_mean']:.3f} ± " in text
+    assert "| `abdomen-ct` | 0.778 ± 0.106 | 0.825 ± 0.098 | 0.058 ± 0.034 | 78 |" in text
+    assert "HU window [" in text
+    assert not list(tmp_path.glob(".card-*"))  # the temporary file was renamed
+    mr = cards.card(ModelPackage.from_folder(builtin_models_dir() / "abdomen-mr"), "none known")
+    assert "HU window" not in mr and "Uncertainty and cost" not in mr
