@@ -5,12 +5,14 @@
         [--t 10 100 300 600 900 999] [--seed 1]
 
 Draws ``--windows`` foreground windows of one BTCV case (each with an organ the case labels as the
-prompt, as training draws them), encodes their masks with the package's mask autoencoder, noises
-the latent at each fixed ``t`` with the package's schedule, and estimates the latent from the
-denoiser's ε (``eps_to_x0``, SDSeg's latent estimation). Prints, per ``t``: ᾱ_t, the ε error, the
-latent estimate's error (mean absolute, latent units; the latents' sd is printed first) and the
-Dice of the decoded estimate against the windows' masks. A 1-step sampler starts at the last
-timestep: where the estimate is poor, a 1-step segmentation is too. Not a test.
+prompt, as training draws them), encodes their masks with the package's mask autoencoder (a latent
+method, e.g. SDSeg) or takes them as the pixel-space target ``2·mask − 1`` (MedSegDiff-V2), noises
+that at each fixed ``t`` with the package's schedule, and estimates it from the denoiser's ε
+(``eps_to_x0``, SDSeg's latent estimation). Prints, per ``t``: ᾱ_t, the ε error, the estimate's
+error (mean absolute; the target's sd is printed first) and the Dice of the (decoded) estimate
+against the windows' masks; for MedSegDiff-V2 also the Dice of its condition model's own anchor
+prediction. A sampler starts at the last timestep: where the estimate is poor there, the first
+steps are too. Not a test.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def main(argv=None) -> int:
     pkg = ModelPackage.from_folder(args.package)
     pkg.verify()
     method = pkg.load_method("cpu").eval()
-    if getattr(method, "prediction_type", None) != "epsilon" or not hasattr(method, "mask_autoencoder"):
-        ap.error(f"{pkg.name} is not a latent ε-prediction model (method {pkg.method_name})")
+    pixel = pkg.method_name == "medsegdiff_v2"
+    if getattr(method, "prediction_type", None) != "epsilon" or not (pixel or hasattr(method, "mask_autoencoder")):
+        ap.error(f"{pkg.name} is neither a latent ε-prediction model nor MedSegDiff-V2 (method {pkg.method_name})")
     root = Path(os.environ.get("MEDDIFFSEG_DATA") or REPO.parent / "shared" / "data")
     ds = read_dataset(root / "btcv" / "dataset.json")
     case = next((c for c in ds.cases("training") if c.name == args.case), None)
@@ -63,21 +66,42 @@ def main(argv=None) -> int:
         return float((2 * (p * g).sum() + 1e-6) / (p.sum() + g.sum() + 1e-6))
 
     with torch.no_grad():
-        z0 = method.mask_autoencoder.encode(masks).float()
-        rec = (torch.sigmoid(method.mask_autoencoder.decode(z0)) > 0.5).float()
         print(f"{pkg.name} {pkg.version}: {args.windows} windows of {args.case} ({', '.join(organs[i] for i in ids.tolist())})")
-        print(f"autoencoder round trip Dice {dice(rec, masks):.3f}; latent sd {float(z0.std()):.3f}")
-        cond = method.image_encoder(images.float())
-        print("| t | ᾱ_t | ε MAE | latent estimate MAE | decoded Dice |\n| --- | --- | --- | --- | --- |")
+        if pixel:  # the mask itself is diffused; the condition model's anchor also predicts it directly
+            z0 = masks * 2 - 1
+            cond = method.condition(images.float())
+            logits, semantic = cond.anchor_logits[cond.rows, ids][:, None], cond.semantic[cond.rows]
+            anchor = (method.anchor(images.float())[torch.arange(len(ids)), ids][:, None] > 0.5).float()
+            print(f"anchor (condition model) Dice {dice(anchor, masks):.3f}; target sd {float(z0.std()):.3f}")
+
+            def predict_eps(z_t, t):
+                return method.diffusion_model(z_t, t, ids, logits, semantic).float()
+
+            def to_mask(z0_hat):
+                return (z0_hat > 0).float()
+        else:
+            z0 = method.mask_autoencoder.encode(masks).float()
+            rec = (torch.sigmoid(method.mask_autoencoder.decode(z0)) > 0.5).float()
+            print(f"autoencoder round trip Dice {dice(rec, masks):.3f}; latent sd {float(z0.std()):.3f}")
+            cond = method.image_encoder(images.float())
+
+            def predict_eps(z_t, t):
+                return method.denoiser(z_t, t, cond, ids).float()
+
+            def to_mask(z0_hat):
+                return (torch.sigmoid(method.mask_autoencoder.decode(z0_hat.clamp(-1, 1))) > 0.5).float()
+        what = "mask" if pixel else "latent"
+        print(f"| t | ᾱ_t | ε MAE | {what} estimate MAE | {'thresholded' if pixel else 'decoded'} Dice |\n"
+              "| --- | --- | --- | --- | --- |")
         for tv in args.t:
             t = torch.full((args.windows,), tv, dtype=torch.long)
             alpha_bar = method._alpha_bar(t, z0.device)
             noise = torch.randn_like(z0)
             a = alpha_bar.view(-1, 1, 1, 1)
             z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            eps = method.denoiser(z_t, t, cond, ids).float()
+            eps = predict_eps(z_t, t)
             z0_hat = eps_to_x0(z_t, eps, alpha_bar)
-            pred = (torch.sigmoid(method.mask_autoencoder.decode(z0_hat.clamp(-1, 1))) > 0.5).float()
+            pred = to_mask(z0_hat)
             print(f"| {tv} | {float(alpha_bar[0]):.4f} | {float((eps - noise).abs().mean()):.4f} | "
                   f"{float((z0_hat - z0).abs().mean()):.4f} | {dice(pred, masks):.3f} |")
     return 0

@@ -144,3 +144,22 @@ def test_model_card_says_what_the_package_records(tmp_path):
     assert not list(tmp_path.glob(".card-*"))  # the temporary file was renamed
     mr = cards.card(ModelPackage.from_folder(builtin_models_dir() / "abdomen-mr"), "none known")
     assert "HU window" not in mr and "Uncertainty and cost" not in mr
+
+
+@pytest.mark.parametrize("method", ["sdseg", "medsegdiff_v2"])
+def test_diagnose_latent_estimate_prints_the_estimate_per_timestep(method, data_dir, tmp_path, capsys, monkeypatch):
+    """bench/diagnose_latent_estimate.py on a latent (SDSeg) and a pixel (MedSegDiff-V2) ε-model: one table row per
+    t, ᾱ_t falling with t, Dice in [0, 1]; an x0-predicting method is refused."""
+    from tinymodels import make_tiny_package
+
+    monkeypatch.setenv("MEDDIFFSEG_DATA", str(data_dir))
+    diag = _load("diagnose_latent_estimate")
+    pkg = make_tiny_package(tmp_path / method, method)
+    assert diag.main([str(pkg.path), "--windows", "2", "--t", "10", "999", "--slices", "60", "64"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 10 ") or line.startswith("| 999 ")]
+    assert [r[0] for r in rows] == ["| 10", "| 999"]
+    alpha = [float(r[1]) for r in rows]
+    assert 1.0 > alpha[0] > alpha[1] >= 0.0
+    assert all(0.0 <= float(r[4].rstrip(" |")) <= 1.0 for r in rows)
+    with pytest.raises(SystemExit):
+        diag.main([str(make_tiny_package(tmp_path / "guided", "guided").path), "--windows", "2"])
