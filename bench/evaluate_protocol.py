@@ -2,7 +2,7 @@
 """Score a model package under the real-data protocol (bench/protocol.json): test patients only.
 
     python bench/evaluate_protocol.py MODEL [--seeds 0 1 2] [--samples N] [--steps K]
-        [--out DIR] [--doc docs/evaluation.md] [--record] [--cases A B ...] [--label TEXT]
+        [--out DIR] [--doc docs/evaluation.md] [--record] [--cases A B ...] [--label TEXT] [--resume]
 
 For every dataset of ``bench/protocol.json`` whose modality is the package's, each **test**
 case (patients used for nothing else: no training, no tuning, no choice between runs) is
@@ -67,6 +67,24 @@ def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
     write_doc_block(doc, f"protocol:{model}:{label}", text)
 
 
+def _write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _earlier_report(path: Path, made_with: dict) -> dict | None:
+    """The case report at ``path`` when it was made with exactly ``made_with`` (weights, settings), else None."""
+    if not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rep if isinstance(rep, dict) and rep.get("made_with") == made_with else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="installed package name or package folder")
@@ -85,6 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="default", help="names this evaluation in --doc (e.g. an ablation arm)")
     ap.add_argument("--record", action="store_true", help="record the summary in the package's model.json")
     ap.add_argument("--cases", nargs="+", help="score only these cases (a quick check; not for reporting)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the case reports already in --out that were made with the same weights and settings "
+                         "(an interrupted run continues where it stopped)")
     ap.add_argument("--from-summary", type=Path, metavar="SUMMARY_JSON",
                     help="compute nothing: take the numbers of an earlier run's summary.json (it must be of MODEL's "
                          "weights, same sha256) and only print / --doc / --record them")
@@ -131,23 +152,31 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             reports = []
             for c in group_cases:
-                image = images[c["name"]]
-                t0 = time.perf_counter()
-                res = segment_volume(image, pkg, c["organs"], samples=samples, steps=steps, seed=seed, method=method,
-                                     adaptive=args.adaptive, crop_body=args.crop_body, precision=args.precision)
-                seconds = time.perf_counter() - t0
-                times.append(seconds)
-                specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]
-                rep = evaluate(res.labels, truths[c["name"]], specs)
-                rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2)})
+                dst = out / group / f"seed{seed}" / f"{c['name']}.json"
+                made_with = {"weights_sha256": pkg.weights_sha256, "samples": samples, "steps": steps,
+                             "organs": list(c["organs"]), "precision": args.precision, "adaptive": args.adaptive,
+                             "crop_body": args.crop_body}
+                rep = _earlier_report(dst, made_with) if args.resume else None
+                if rep is None:
+                    t0 = time.perf_counter()
+                    res = segment_volume(images[c["name"]], pkg, c["organs"], samples=samples, steps=steps, seed=seed,
+                                         method=method, adaptive=args.adaptive, crop_body=args.crop_body,
+                                         precision=args.precision)
+                    seconds = time.perf_counter() - t0
+                    specs = [LabelSpec(o, i + 1, int(c["table"][o])) for i, o in enumerate(c["organs"])]
+                    rep = evaluate(res.labels, truths[c["name"]], specs)
+                    rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2),
+                                "made_with": made_with})
+                    _write_json_atomic(dst, to_json_ready(rep))
+                    how = f"{seconds:.1f} s"
+                else:
+                    how = "the earlier report"
+                times.append(float(rep["segment_seconds"]))
                 reports.append(rep)
                 if seed == args.seeds[0]:
                     per_case[c["name"]] = {o["name"]: round(float(o["dice"]), 4) for o in rep["organs"]}
-                dst = out / group / f"seed{seed}" / f"{c['name']}.json"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_text(json.dumps(to_json_ready(rep), indent=1), encoding="utf-8")
                 dice = ", ".join(f"{o['name']} {o['dice']:.3f}" for o in rep["organs"])
-                print(f"[{group} seed {seed}] {c['name']}: {dice} ({seconds:.1f} s)", file=sys.stderr)
+                print(f"[{group} seed {seed}] {c['name']}: {dice} ({how})", file=sys.stderr)
             per_seed.append(aggregate(reports, [o for o in pkg.organ_names if o in group_cases[0]["organs"]],
                                       benchmark=group_cases[0].get("benchmark") or None))
         results[group] = {"role": group_cases[0]["role"], "cases": [c["name"] for c in group_cases],

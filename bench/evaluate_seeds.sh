@@ -10,7 +10,8 @@
 # (bench/evaluate_uncertainty.py, seed 0, into RUNS_DIR/uncertainty/<name>/) on the same queues; last,
 # alone on the machine, the seconds and peak memory per 512×512×200 CT (bench/bench_segment.py, 1
 # sample: the liver, then all organs; RUNS_DIR/speed/<name>.{one,all}.json). Whatever is already
-# there is skipped, so the same command resumes. Then
+# there is skipped, and a package's scoring continues from its case reports (evaluate_protocol.py --resume), so
+# the same command resumes. Then
 #   python bench/compare_models.py RUNS_DIR/*/abdomen-ct-* MedDiffSegLib/models/abdomen-ct --extras RUNS_DIR
 # prints the comparison of docs/methods.md.
 set -euo pipefail
@@ -24,7 +25,7 @@ score() {  # score PACKAGE_DIR
         echo "$1: already scored"
         return 0
     fi
-    python bench/evaluate_protocol.py "$1" --seeds 0 1 2 --record --out "$RUNS/eval/$(basename "$1")" \
+    python bench/evaluate_protocol.py "$1" --seeds 0 1 2 --record --resume --out "$RUNS/eval/$(basename "$1")" \
         >>"$RUNS/eval-$(basename "$1").log" 2>&1 && echo "$1: scored" || { echo "$1: failed (see log)"; return 1; }
 }
 

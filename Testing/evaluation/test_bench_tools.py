@@ -163,3 +163,31 @@ def test_diagnose_latent_estimate_prints_the_estimate_per_timestep(method, data_
     assert all(0.0 <= float(r[4].rstrip(" |")) <= 1.0 for r in rows)
     with pytest.raises(SystemExit):
         diag.main([str(make_tiny_package(tmp_path / "guided", "guided").path), "--windows", "2"])
+
+
+def test_evaluate_protocol_resumes_from_the_reports_made_with_the_same_weights_and_settings(data_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--resume: a case report of the same weights and settings is reused (the case is not segmented again and the
+    summary is the same); other settings are segmented again."""
+    import json
+
+    from tinymodels import make_tiny_package
+
+    monkeypatch.setenv("MEDDIFFSEG_DATA", str(data_dir))
+    ev = _load("evaluate_protocol")
+    pkg = make_tiny_package(tmp_path / "pkg", "guided", spacing=(8.0, 8.0), samples=1, steps=1)
+    out = tmp_path / "out"
+    argv = [str(pkg.path), "--cases", "btcv_0007", "--out", str(out), "--resume"]
+    assert ev.main(argv) == 0
+    first = json.loads((out / "summary.json").read_text())
+    report = out / "btcv" / "seed0" / "btcv_0007.json"
+    assert json.loads(report.read_text())["made_with"]["weights_sha256"] == pkg.weights_sha256
+    stamp = report.stat().st_mtime_ns
+    capsys.readouterr()
+    assert ev.main(argv) == 0
+    assert "btcv_0007: " in (err := capsys.readouterr().err) and "(the earlier report)" in err
+    assert report.stat().st_mtime_ns == stamp  # reused, not rewritten
+    again = json.loads((out / "summary.json").read_text())
+    assert again["results"] == first["results"]
+    assert ev.main(argv + ["--steps", "2"]) == 0  # other settings: segmented again
+    assert report.stat().st_mtime_ns != stamp and json.loads(report.read_text())["made_with"]["steps"] == 2
