@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -84,7 +84,7 @@ def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | No
         labels.CopyInformation(img)  # written on the image's grid: take its exact geometry (NIfTI rounds it)
     unc_path = folder / UNCERTAINTY
     uncertainty = _read_on_grid(unc_path, img) if unc_path.is_file() else None
-    probabilities = {organ: _read_on_grid(folder / name, img) for organ, name in result_probabilities(summary, folder).items()}
+    probabilities = _MapsOnGrid({organ: folder / name for organ, name in result_probabilities(summary, folder).items()}, img)
     settings = summary.get("settings") or {}
     interactions = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
     locked = list(dict.fromkeys([*(summary.get("locked") or []), *locked]))
@@ -105,6 +105,22 @@ def result_probabilities(summary: dict, folder: Path) -> dict[str, str]:
     if missing:
         raise InputError(f"{folder} lacks {', '.join(missing)} (listed in its {SUMMARY}): the result is incomplete")
     return {str(o): str(f) for o, f in listed.items()}
+
+
+class _MapsOnGrid(Mapping):
+    """organ -> its map read from file on access (one organ's float32 volume in memory at a time)."""
+
+    def __init__(self, paths: dict[str, Path], image):
+        self._paths, self._image = paths, image
+
+    def __getitem__(self, organ: str):
+        return _read_on_grid(self._paths[organ], self._image)
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
 
 def _read_on_grid(path: Path, image):

@@ -167,15 +167,16 @@ class InteractiveSession:
 
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError("the image must be a scalar 3D volume")
-        probabilities = dict(probabilities or {})
-        for what, img in (("label map", labels), ("uncertainty map", uncertainty),
-                          *((f"probability map of {o}", m) for o, m in probabilities.items())):
+        def check_grid(what: str, img: sitk.Image | None) -> None:
             if img is not None and (img.GetSize() != image.GetSize()
                                     or not np.allclose(img.GetSpacing(), image.GetSpacing(), atol=1e-4)
                                     or not np.allclose(img.GetOrigin(), image.GetOrigin(), atol=1e-3)
                                     or not np.allclose(img.GetDirection(), image.GetDirection(), atol=1e-5)):
                 raise InputError(f"the {what} is not on the image's voxel grid (size {img.GetSize()} vs "
                                  f"{image.GetSize()}): it was not made from this image")
+
+        check_grid("label map", labels)
+        check_grid("uncertainty map", uncertainty)
         self.package = package
         self.organs = [str(o) for o in organs]
         self._ids = package.organ_ids(self.organs)  # unknown organs are an error here
@@ -215,11 +216,13 @@ class InteractiveSession:
                       if uncertainty is not None else np.zeros(self.labels_c.shape, dtype=np.float32))
         # The organs' calibrated mean probabilities, where the caller has them (label -> 8-bit codes, canonical),
         # each kept up to date by the organ's corrections.
+        # One organ's float32 map at a time: a lazy mapping (as load_session passes) reads each when it is reached.
         self.temperatures = temperatures(package.inference, self.organs, package.name)
-        self.prob_c: dict[int, np.ndarray] = {
-            self.organs.index(self.canonical_name(o)) + 1:
-                quantise_probability(self.view.to_canonical(sitk.GetArrayViewFromImage(m)))
-            for o, m in probabilities.items()}
+        self.prob_c: dict[int, np.ndarray] = {}
+        for o, m in (probabilities or {}).items():
+            label = self.organs.index(self.canonical_name(o)) + 1
+            check_grid(f"probability map of {o}", m)
+            self.prob_c[label] = quantise_probability(self.view.to_canonical(sitk.GetArrayViewFromImage(m)))
         self._inputs: dict[int, torch.Tensor] = {}  # canonical slice -> network input [1, C, h, w]
         self._encoded: dict[int, torch.Tensor] = {}  # canonical slice -> image encoding (one-window slices)
         self._window_codes: dict[tuple[int, int], torch.Tensor] = {}  # (slice, MONAI batch) -> encodings
