@@ -67,13 +67,6 @@ def _write_doc(doc: Path, model: str, label: str, text: str) -> None:
     write_doc_block(doc, f"protocol:{model}:{label}", text)
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _earlier_report(path: Path, made_with: dict) -> dict | None:
     """The case report at ``path`` when it was made with exactly ``made_with`` (weights, settings), else None."""
     if not path.is_file():
@@ -120,7 +113,7 @@ def main(argv=None) -> int:
     from MedDiffSegLib.inference.device import device_description
     from MedDiffSegLib.io import read_volume
     from MedDiffSegLib.registry import resolve_model
-    from MedDiffSegLib.registry.package import update_metrics
+    from MedDiffSegLib.registry.package import _write_json_atomic, update_metrics
 
     protocol = json.loads(args.protocol.read_text(encoding="utf-8"))
     pkg = resolve_model(args.model)
@@ -167,6 +160,7 @@ def main(argv=None) -> int:
                     rep = evaluate(res.labels, truths[c["name"]], specs)
                     rep.update({"case": c["name"], "seed": seed, "segment_seconds": round(seconds, 2),
                                 "made_with": made_with})
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     _write_json_atomic(dst, to_json_ready(rep))
                     how = f"{seconds:.1f} s"
                 else:

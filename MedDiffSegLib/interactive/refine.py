@@ -79,9 +79,7 @@ def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | No
         package = model if isinstance(model, ModelPackage) else resolve_model(model)
     package.verify()
     organs = [o["name"] for o in sorted(summary["organs"], key=lambda o: int(o["label"]))]
-    labels = sitk.ReadImage(str(folder / SEGMENTATION))
-    if labels.GetSize() == img.GetSize() and np.allclose(labels.GetSpacing(), img.GetSpacing(), atol=1e-3):
-        labels.CopyInformation(img)  # written on the image's grid: take its exact geometry (NIfTI rounds it)
+    labels = _read_on_grid(folder / SEGMENTATION, img, sitk.sitkUInt8)
     unc_path = folder / UNCERTAINTY
     uncertainty = _read_on_grid(unc_path, img) if unc_path.is_file() else None
     probabilities = _MapsOnGrid({organ: folder / name for organ, name in result_probabilities(summary, folder).items()}, img)
@@ -89,7 +87,7 @@ def load_session(result_dir: str | os.PathLike, *, image: str | os.PathLike | No
     interactions = [Interaction.from_dict(d) for d in summary.get("interactions") or []]
     locked = list(dict.fromkeys([*(summary.get("locked") or []), *locked]))
     session = InteractiveSession(
-        img, package, organs, sitk.Cast(labels, sitk.sitkUInt8), uncertainty, device=device,
+        img, package, organs, labels, uncertainty, device=device,
         samples=int(samples if samples is not None else settings.get("samples", 1)),
         seed=int(seed if seed is not None else settings.get("seed", 0)), precision=precision, locked=locked,
         interactions=interactions, probabilities=probabilities)
@@ -123,11 +121,12 @@ class _MapsOnGrid(Mapping):
         return len(self._paths)
 
 
-def _read_on_grid(path: Path, image):
-    """A float32 map written on ``image``'s grid, with the image's exact geometry (NIfTI rounds it)."""
+def _read_on_grid(path: Path, image, pixel_type=None):
+    """A map written on ``image``'s grid (float32 unless ``pixel_type``), with the image's exact geometry (NIfTI
+    rounds it)."""
     import SimpleITK as sitk
 
-    m = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    m = sitk.ReadImage(str(path), sitk.sitkFloat32 if pixel_type is None else pixel_type)
     if m.GetSize() == image.GetSize() and np.allclose(m.GetSpacing(), image.GetSpacing(), atol=1e-3):
         m.CopyInformation(image)
     return m
