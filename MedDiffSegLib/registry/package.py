@@ -35,13 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from ..jsonfile import read_json_object
 from ..preprocessing import PreprocessSpec
-from .store import organ_ids
-
-MODEL_JSON = "model.json"
-WEIGHTS = "weights.safetensors"
-FORMAT_VERSION = 1
+from .store import FORMAT_VERSION, MODEL_JSON, WEIGHTS, check_organ_names, organ_ids, read_model_json
 
 DEFAULT_INFERENCE = {
     "roi_size": [256, 256],
@@ -110,21 +105,9 @@ class ModelPackage:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "ModelPackage":
         folder = Path(folder)
-        meta_path = folder / MODEL_JSON
-        if not meta_path.is_file():
-            raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
-        meta = read_json_object(meta_path, ModelError)
-        if meta.get("format") != FORMAT_VERSION:
-            raise ModelError(f"{meta_path}: unsupported package format {meta.get('format')!r} (this version reads {FORMAT_VERSION})")
-        missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]
-        if missing:
-            raise ModelError(f"{meta_path} lacks required keys: {', '.join(missing)}")
+        meta_path, meta = read_model_json(folder)
         organs = [Organ.from_dict(o) for o in meta["organs"]]
-        if not organs:
-            raise ModelError(f"{meta_path} lists no organs")
-        names = [o.name for o in organs]
-        if len(set(names)) != len(names):
-            raise ModelError(f"{meta_path} lists an organ twice: {names}")
+        check_organ_names(meta_path, [o.name for o in organs])
         inference = dict(DEFAULT_INFERENCE)
         inference.update(meta.get("inference", {}))
         return cls(

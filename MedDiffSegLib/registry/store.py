@@ -81,10 +81,10 @@ log = logging.getLogger(__name__)
 #: The organ name that stands for every organ of a model (``--organ all``).
 ALL_ORGANS = "all"
 
-#: The package files (the same names as :mod:`.package`'s ``MODEL_JSON`` / ``WEIGHTS``; a test checks).
+#: The package files (:mod:`.package` takes these names from here).
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
-#: The ``model.json`` format this version reads (the same as ``package.FORMAT_VERSION``).
+#: The ``model.json`` format this version reads and writes.
 FORMAT_VERSION = 1
 
 #: Deprecated: the one default model before defaults were per modality, kept for existing imports; it
@@ -250,11 +250,9 @@ class PackageInfo:
         return ModelPackage.from_folder(self.path)
 
 
-def read_package_info(folder: str | os.PathLike) -> PackageInfo:
-    """Read a package folder's ``model.json`` without torch; the same errors as ``ModelPackage.from_folder``
-    for a missing file, a wrong format, missing keys, organs without codes, no or repeated organs, and
-    for a modality other than CT or MR (the preprocessing spec itself is checked only when loaded)."""
-    folder = Path(folder)
+def read_model_json(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``folder``'s ``model.json`` path and contents, checked for the format version and the required keys
+    (what every reader of a package checks first, with or without torch)."""
     meta_path = folder / MODEL_JSON
     if not meta_path.is_file():
         raise ModelError(f"{folder} is not a model package: {MODEL_JSON} not found")
@@ -264,6 +262,23 @@ def read_package_info(folder: str | os.PathLike) -> PackageInfo:
     missing = [k for k in ("name", "version", "method", "config", "organs", "preprocessing", "weights_sha256") if k not in meta]
     if missing:
         raise ModelError(f"{meta_path} lacks required keys: {', '.join(missing)}")
+    return meta_path, meta
+
+
+def check_organ_names(meta_path: Path, names: list[str]) -> None:
+    """A package lists at least one organ, and none twice."""
+    if not names:
+        raise ModelError(f"{meta_path} lists no organs")
+    if len(set(names)) != len(names):
+        raise ModelError(f"{meta_path} lists an organ twice: {names}")
+
+
+def read_package_info(folder: str | os.PathLike) -> PackageInfo:
+    """Read a package folder's ``model.json`` without torch; the same errors as ``ModelPackage.from_folder``
+    for a missing file, a wrong format, missing keys, organs without codes, no or repeated organs, and
+    for a modality other than CT or MR (the preprocessing spec itself is checked only when loaded)."""
+    folder = Path(folder)
+    meta_path, meta = read_model_json(folder)
     organs = []
     for o in meta["organs"] if isinstance(meta["organs"], list) else []:
         if not isinstance(o, dict):
@@ -276,11 +291,7 @@ def read_package_info(folder: str | os.PathLike) -> PackageInfo:
             raise ModelError(f"organ entry {o.get('name', '?')!r} lacks required key {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{meta_path}: organ entry {o.get('name', '?')!r} is malformed: {exc}") from None
-    if not organs:
-        raise ModelError(f"{meta_path} lists no organs")
-    names = [o.name for o in organs]
-    if len(set(names)) != len(names):
-        raise ModelError(f"{meta_path} lists an organ twice: {names}")
+    check_organ_names(meta_path, [o.name for o in organs])
     pre = meta["preprocessing"] if isinstance(meta["preprocessing"], dict) else {}
     modality = pre.get("modality", "CT")
     if modality not in MODALITIES:
