@@ -126,6 +126,9 @@ def main(argv=None) -> int:
             return 2
         return _report(summary, pkg, args, update_metrics)
     method = pkg.load_method("cpu")  # verifies the sha256
+    # the package's inference settings (post-processing, threshold, calibration...) change the labels as much as the
+    # weights do: a report made before `choose_postprocessing.py --record`, say, is not reused after it
+    inference = json.loads(json.dumps(pkg.inference))
     cases = _cases(protocol, pkg, args.cases)
     if not cases:
         print(f"no protocol case fits {pkg.name} ({pkg.preprocessing.modality})", file=sys.stderr)
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
                 dst = out / group / f"seed{seed}" / f"{c['name']}.json"
                 made_with = {"weights_sha256": pkg.weights_sha256, "samples": samples, "steps": steps,
                              "organs": list(c["organs"]), "precision": args.precision, "adaptive": args.adaptive,
-                             "crop_body": args.crop_body}
+                             "crop_body": args.crop_body, "inference": inference}
                 rep = _earlier_report(dst, made_with) if args.resume else None
                 if rep is None:
                     t0 = time.perf_counter()

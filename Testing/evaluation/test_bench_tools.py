@@ -191,3 +191,13 @@ def test_evaluate_protocol_resumes_from_the_reports_made_with_the_same_weights_a
     assert again["results"] == first["results"]
     assert ev.main(argv + ["--steps", "2"]) == 0  # other settings: segmented again
     assert report.stat().st_mtime_ns != stamp and json.loads(report.read_text())["made_with"]["steps"] == 2
+    # the package's own settings changed (post-processing recorded into model.json, weights untouched): again
+    from MedDiffSegLib.registry.package import update_inference
+
+    assert ev.main(argv) == 0
+    stamp = report.stat().st_mtime_ns
+    update_inference(pkg.path, {"largest_component": [pkg.organ_names[0]]})
+    capsys.readouterr()
+    assert ev.main(argv) == 0
+    assert "(the earlier report)" not in capsys.readouterr().err and report.stat().st_mtime_ns != stamp
+    assert json.loads(report.read_text())["made_with"]["inference"]["largest_component"] == [pkg.organ_names[0]]
