@@ -79,6 +79,7 @@ def card(pkg, limitations: str, extras: Path | None = None, dataset: str = "btcv
         f"- Inference defaults: {inf.get('steps', 1)} step(s) ({inf.get('scheduler') or 'the method sampler'}), "
         f"{inf.get('samples', 1)} sample(s), windows {'×'.join(str(r) for r in inf.get('roi_size', []))}, "
         f"overlap {inf.get('overlap', '—')}, threshold {inf.get('threshold', 0.5)}.",
+        _postprocessing(inf),
         "",
         "## How it was trained",
         f"- Data: {TERMS}",
@@ -117,6 +118,17 @@ def card(pkg, limitations: str, extras: Path | None = None, dataset: str = "btcv
         lines += ["", "## Uncertainty and cost", "", extras_table([pkg], extras)]
     lines += ["", "## Limitations", "", limitations.strip(), ""]
     return "\n".join(lines)
+
+
+def _postprocessing(inf: dict) -> str:
+    """The post-processing the engine applies by default (``inference.largest_component``), and where it was chosen."""
+    organs = inf.get("largest_component") or []
+    if not organs:
+        return "- Post-processing: none (every connected component is kept)."
+    chosen = inf.get("postprocessing_chosen_on")
+    where = f", chosen on the held-out patients {', '.join(chosen)}" if chosen else ""
+    return (f"- Post-processing: only the largest 3D connected component is kept for {', '.join(organs)}{where} "
+            "(`--no-largest-component` turns it off).")
 
 
 def main(argv=None) -> int:

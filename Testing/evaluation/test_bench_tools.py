@@ -141,9 +141,16 @@ def test_model_card_says_what_the_package_records(tmp_path):
     assert f"{first['organs']['liver']['dice_mean']:.3f} ± " in text
     assert "| `abdomen-ct` | 0.778 ± 0.106 | 0.825 ± 0.098 | 0.058 ± 0.034 | 78 |" in text
     assert "HU window [" in text
+    lc = ct.inference["largest_component"]  # the post-processing the engine applies, and where it was chosen
+    assert (f"only the largest 3D connected component is kept for {', '.join(lc)}, chosen on the held-out patients "
+            f"{', '.join(ct.inference['postprocessing_chosen_on'])}") in text
     assert not list(tmp_path.glob(".card-*"))  # the temporary file was renamed
     mr = cards.card(ModelPackage.from_folder(builtin_models_dir() / "abdomen-mr"), "none known")
     assert "HU window" not in mr and "Uncertainty and cost" not in mr
+    from tinymodels import make_tiny_package
+
+    bare = make_tiny_package(tmp_path / "tiny", "guided")  # no post-processing chosen
+    assert "Post-processing: none" in cards.card(bare, "none known")
 
 
 @pytest.mark.parametrize("method", ["sdseg", "medsegdiff_v2"])
