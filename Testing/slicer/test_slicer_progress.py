@@ -131,7 +131,13 @@ def test_score_summary_prefers_the_unseen_evaluation_of_the_shipped_model():
     from MedDiffSegLib.registry import ModelPackage
     from MedDiffSegLib.registry.store import builtin_models_dir
 
-    pkg = ModelPackage.from_folder(builtin_models_dir() / "abdomen-ct-dts")  # scored on dcmqi's unseen CT
+    # a shipped package scored on dcmqi's unseen CT (the seed methods' first packages, until each is retrained)
+    legacy = sorted(d for d in builtin_models_dir().iterdir()
+                    if '"dcmqi-ct-3slice"' in (d / "model.json").read_text(encoding="utf-8"))
+    if not legacy:
+        pytest.skip("no shipped package records the dcmqi evaluation any more")
+    pkg = ModelPackage.from_folder(legacy[0])
+    assert "protocol" not in pkg.metrics and "validation" in pkg.metrics  # the unseen score wins over validation
     liver = pkg.metrics["evaluation"]["dcmqi-ct-3slice"]["organs"]["liver"]["dice"]
     assert presets.scoreSummary(pkg.metrics) == f"Dice on unseen dcmqi-ct-3slice: liver {liver:.2f}"
 
