@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     method = pkg.load_method("cpu")  # verifies the sha256
     # the package's inference settings (post-processing, threshold, calibration...) change the labels as much as the
     # weights do: a report made before `choose_postprocessing.py --record`, say, is not reused after it
-    inference = json.loads(json.dumps(pkg.inference))
+    inference = to_json_ready(pkg.inference)  # as the report stores it, so a stored one compares equal
     cases = _cases(protocol, pkg, args.cases)
     if not cases:
         print(f"no protocol case fits {pkg.name} ({pkg.preprocessing.modality})", file=sys.stderr)
